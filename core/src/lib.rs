@@ -1,0 +1,17 @@
+//! tollgate-core: what the gateway and the control API must agree on — the key format and its
+//! hashing, the limits type and its validation, layered configuration loading, the invalidation
+//! message and its Redis channel, and the well-known identifiers of the schema.
+
+pub mod config;
+pub mod invalidation;
+pub mod keys;
+pub mod limits;
+pub mod roles;
+
+use uuid::Uuid;
+
+/// The Default Team every new user joins (created by the first migration).
+pub const DEFAULT_TEAM_ID: Uuid = Uuid::from_u128(0xa0000000_0000_4000_8000_000000000001);
+
+/// The sqlx migrations both binaries apply.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");

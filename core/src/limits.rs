@@ -1,0 +1,156 @@
+//! Limits: the same shape on keys, users, teams and subscriptions.
+//!
+//! `rpm` and `tpm` count requests and tokens in a rolling 60 s window; `max_budget` is USD per
+//! `budget_period` (UTC calendar); `enforcement` says what happens at the limit. Money is held in
+//! micro-USD by the limiter, so budgets carry at most six decimal places.
+
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Requests per minute above this are treated as a mistake, not a limit.
+pub const MAX_RPM: i64 = 1_000_000_000;
+pub const MAX_TPM: i64 = 1_000_000_000_000;
+/// One billion USD per period.
+pub const MAX_BUDGET_USD: i64 = 1_000_000_000;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum BudgetPeriod {
+    #[default]
+    None,
+    Daily,
+    Weekly,
+    Monthly,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Enforcement {
+    /// Refuse at the limit.
+    #[default]
+    Hard,
+    /// Admit with a warning header.
+    Soft,
+    /// Only count.
+    Monitor,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Requests admitted in any rolling 60 s window.
+    #[serde(default)]
+    #[schema(minimum = 0, maximum = 1_000_000_000)]
+    pub rpm: Option<i64>,
+    /// Tokens (reserved, then settled) in any rolling 60 s window.
+    #[serde(default)]
+    #[schema(minimum = 0, maximum = 1_000_000_000_000_i64)]
+    pub tpm: Option<i64>,
+    /// USD per budget period, at most six decimal places.
+    #[serde(default)]
+    #[schema(value_type = Option<f64>, minimum = 0, maximum = 1_000_000_000)]
+    pub max_budget: Option<Decimal>,
+    #[serde(default)]
+    pub budget_period: BudgetPeriod,
+    #[serde(default)]
+    pub enforcement: Enforcement,
+}
+
+/// A validation failure naming the offending field (relative to the limits object).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { field: field.into(), message: message.into() }
+    }
+}
+
+impl Limits {
+    pub fn is_empty(&self) -> bool {
+        self.rpm.is_none() && self.tpm.is_none() && self.max_budget.is_none()
+    }
+
+    pub fn validate(&self) -> Result<(), FieldError> {
+        check_range("rpm", self.rpm, MAX_RPM)?;
+        check_range("tpm", self.tpm, MAX_TPM)?;
+        if let Some(b) = self.max_budget {
+            if b.is_sign_negative() {
+                return Err(FieldError::new("max_budget", "must be >= 0"));
+            }
+            if b > Decimal::from(MAX_BUDGET_USD) {
+                return Err(FieldError::new("max_budget", format!("must be <= {MAX_BUDGET_USD}")));
+            }
+            if b.normalize().scale() > 6 {
+                return Err(FieldError::new("max_budget", "at most 6 decimal places (micro-USD)"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The budget in integer micro-USD, as the limiter counts it.
+    pub fn max_budget_micros(&self) -> Option<i64> {
+        use rust_decimal::prelude::ToPrimitive;
+        self.max_budget.and_then(|b| (b * Decimal::from(1_000_000)).trunc().to_i64())
+    }
+}
+
+fn check_range(field: &str, value: Option<i64>, max: i64) -> Result<(), FieldError> {
+    match value {
+        Some(v) if v < 0 => Err(FieldError::new(field, "must be >= 0")),
+        Some(v) if v > max => Err(FieldError::new(field, format!("must be <= {max}"))),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::str::FromStr;
+
+    fn parse(json: &str) -> Result<Limits, serde_json::Error> {
+        serde_json::from_str(json)
+    }
+
+    #[test]
+    fn defaults_are_no_period_and_hard() {
+        let l = parse("{}").unwrap();
+        assert_eq!(l.budget_period, BudgetPeriod::None);
+        assert_eq!(l.enforcement, Enforcement::Hard);
+        assert!(l.is_empty());
+        l.validate().unwrap();
+    }
+
+    #[test]
+    fn full_limits_round_trip() {
+        let l = parse(r#"{"rpm":10,"tpm":1000,"max_budget":1.5,"budget_period":"monthly","enforcement":"soft"}"#)
+            .unwrap();
+        l.validate().unwrap();
+        assert_eq!(l.max_budget_micros(), Some(1_500_000));
+        let back = parse(&serde_json::to_string(&l).unwrap()).unwrap();
+        assert_eq!(back, l);
+    }
+
+    #[test]
+    fn negative_and_absurd_values_name_their_field() {
+        assert_eq!(parse(r#"{"rpm":-1}"#).unwrap().validate().unwrap_err().field, "rpm");
+        assert_eq!(parse(r#"{"tpm":1e13}"#).map(|_| ()).is_err(), true, "float tpm is a type error");
+        assert_eq!(parse(r#"{"tpm":10000000000000}"#).unwrap().validate().unwrap_err().field, "tpm");
+        assert_eq!(parse(r#"{"max_budget":-0.01}"#).unwrap().validate().unwrap_err().field, "max_budget");
+        assert_eq!(parse(r#"{"max_budget":1e12}"#).unwrap().validate().unwrap_err().field, "max_budget");
+        let fine = Limits { max_budget: Some(Decimal::from_str("0.0000001").unwrap()), ..Default::default() };
+        assert_eq!(fine.validate().unwrap_err().field, "max_budget");
+    }
+
+    #[test]
+    fn unknown_period_mode_or_field_is_rejected() {
+        assert!(parse(r#"{"budget_period":"hourly"}"#).is_err());
+        assert!(parse(r#"{"enforcement":"loud"}"#).is_err());
+        assert!(parse(r#"{"rpn":1}"#).is_err());
+    }
+}
