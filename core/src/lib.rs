@@ -15,3 +15,10 @@ pub const DEFAULT_TEAM_ID: Uuid = Uuid::from_u128(0xa0000000_0000_4000_8000_0000
 
 /// The sqlx migrations both binaries apply.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+/// Creates usage_logs partitions for this month and the next two (idempotent). Both binaries call
+/// it at start and daily, so rows land in their month's partition rather than the default one.
+pub async fn ensure_usage_partitions(db: &sqlx::PgPool) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT tollgate_ensure_usage_partitions(now(), 3)").execute(db).await?;
+    Ok(())
+}

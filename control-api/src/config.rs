@@ -1,0 +1,105 @@
+//! The control API's configuration (configs/control-api.toml), loaded through tollgate-core's
+//! layered loader. Secrets (admin keys, JWT secret, LiteLLM key) come only from the environment.
+
+use std::{collections::HashMap, path::Path};
+
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+use tollgate_core::{
+    config::{comma_list, load, ConfigError, ConfigSpec},
+    roles::Role,
+};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlApiConfig {
+    pub database_url: String,
+    pub redis_url: String,
+    pub listen: String,
+    /// Plaintext admin API keys (environment only); hashed at start-up.
+    #[serde(deserialize_with = "comma_list")]
+    pub admin_api_keys: Vec<String>,
+    pub migrate_on_start: bool,
+    pub jwt: JwtConfig,
+    pub litellm: LitellmConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JwtConfig {
+    /// HS256 shared secret (environment only).
+    pub secret: Option<String>,
+    /// JWKS of an OIDC issuer, for RS256 tokens.
+    pub jwks_url: Option<String>,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    pub roles_claim: String,
+    pub groups_claim: String,
+    /// Group name -> role, used when the token has no roles claim.
+    pub group_roles: HashMap<String, Role>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LitellmConfig {
+    pub url: Option<String>,
+    /// Credential for LiteLLM's `/model/info` (environment only).
+    pub api_key: Option<String>,
+    pub timeout_seconds: u64,
+}
+
+impl Default for ControlApiConfig {
+    fn default() -> Self {
+        Self {
+            database_url: "postgres://postgres@127.0.0.1:5432/tollgate".into(),
+            redis_url: "redis://127.0.0.1:6379".into(),
+            listen: "127.0.0.1:8081".into(),
+            admin_api_keys: Vec::new(),
+            migrate_on_start: true,
+            jwt: JwtConfig::default(),
+            litellm: LitellmConfig { timeout_seconds: 10, ..Default::default() },
+        }
+    }
+}
+
+impl Default for JwtConfig {
+    fn default() -> Self {
+        Self {
+            secret: None,
+            jwks_url: None,
+            issuer: None,
+            audience: None,
+            roles_claim: "roles".into(),
+            groups_claim: "groups".into(),
+            group_roles: HashMap::from([
+                ("litemaas-admins".into(), Role::Admin),
+                ("litemaas-readonly".into(), Role::AdminReadonly),
+                ("litemaas-users".into(), Role::User),
+            ]),
+        }
+    }
+}
+
+pub const SPEC: ConfigSpec<'static> = ConfigSpec {
+    env: &[
+        ("DATABASE_URL", "database_url"),
+        ("REDIS_URL", "redis_url"),
+        ("API_LISTEN", "listen"),
+        ("ADMIN_API_KEYS", "admin_api_keys"),
+        ("MIGRATE_ON_START", "migrate_on_start"),
+        ("JWT_SECRET", "jwt.secret"),
+        ("JWT_JWKS_URL", "jwt.jwks_url"),
+        ("JWT_ISSUER", "jwt.issuer"),
+        ("JWT_AUDIENCE", "jwt.audience"),
+        ("LITELLM_URL", "litellm.url"),
+        ("LITELLM_API_KEY", "litellm.api_key"),
+    ],
+    secrets: &["admin_api_keys", "jwt.secret", "litellm.api_key"],
+};
+
+impl ControlApiConfig {
+    /// Defaults < file < environment < `flags`.
+    pub fn load(file: Option<&Path>, flags: Figment) -> Result<Self, ConfigError> {
+        load(file, &SPEC, flags)
+    }
+}

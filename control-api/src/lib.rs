@@ -1,0 +1,114 @@
+//! tollgate-control-api: the admin REST API (axum + PostgreSQL) that manages users, teams,
+//! models, subscriptions and keys, reports usage and keeps the audit trail. Every write that
+//! changes what the gateway enforces is announced on Redis after its commit.
+
+pub mod audit;
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod events;
+pub mod extract;
+pub mod metrics;
+pub mod openapi;
+pub mod pagination;
+pub mod routes;
+pub mod state;
+pub mod validate;
+
+use std::{future::Future, net::SocketAddr, time::Duration};
+
+use axum::{http::StatusCode, middleware, routing::get, Router};
+use sqlx::{postgres::PgPoolOptions, PgPool};
+use tower_http::{
+    request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
+    trace::TraceLayer,
+};
+use utoipa::OpenApi;
+use utoipa_swagger_ui::SwaggerUi;
+
+use crate::{config::ControlApiConfig, error::ApiError, routes::health, state::AppState};
+
+/// The whole HTTP surface: `/api/v1/...`, `/health`, `/ready`, `/metrics`, `/docs`.
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .nest("/api/v1", routes::api_router())
+        .route("/health", get(health::health))
+        .route("/ready", get(health::ready))
+        .route("/metrics", get(metrics::render))
+        .merge(SwaggerUi::new("/docs").url("/api/v1/openapi.json", openapi::ApiDoc::openapi()))
+        .fallback(|| async { ApiError::NotFound("route") })
+        .method_not_allowed_fallback(|| async {
+            let mut response = axum::response::IntoResponse::into_response(ApiError::bad_request(
+                "method not allowed on this path",
+            ));
+            *response.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+            response
+        })
+        .layer(middleware::from_fn_with_state(state.clone(), metrics::track))
+        .layer(TraceLayer::new_for_http())
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .with_state(state)
+}
+
+pub async fn connect_db(url: &str) -> anyhow::Result<PgPool> {
+    Ok(PgPoolOptions::new()
+        .max_connections(16)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(url)
+        .await?)
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, app(state).into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Connects, migrates (unless disabled), keeps usage partitions ahead, and serves until SIGTERM
+/// or Ctrl-C.
+pub async fn run(config: ControlApiConfig) -> anyhow::Result<()> {
+    if config.admin_api_keys.is_empty() && config.jwt.secret.is_none() && config.jwt.jwks_url.is_none() {
+        tracing::warn!("no admin API keys and no JWT verification configured: every request will be refused");
+    }
+    let db = connect_db(&config.database_url).await?;
+    if config.migrate_on_start {
+        tollgate_core::MIGRATOR.run(&db).await?;
+    }
+    tollgate_core::ensure_usage_partitions(&db).await?;
+    let partitions = db.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(24 * 3600));
+        loop {
+            tick.tick().await;
+            if let Err(e) = tollgate_core::ensure_usage_partitions(&partitions).await {
+                tracing::warn!(error = %e, "could not create usage partitions");
+            }
+        }
+    });
+    let state = AppState::new(&config, db)?;
+    let listener = tokio::net::TcpListener::bind(&config.listen).await?;
+    tracing::info!(listen = %listener.local_addr()?, "control API listening");
+    serve(listener, state, shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}

@@ -1,0 +1,482 @@
+//! The model catalogue: what clients may call and what it costs. Administrators manage it by hand
+//! or sync it from LiteLLM's `/model/info`; everyone authenticated may read it.
+
+use std::time::Duration;
+
+use axum::{
+    extract::State,
+    http::StatusCode,
+    routing::{get, post},
+    Router,
+};
+use chrono::{DateTime, Utc};
+use rust_decimal::{prelude::FromPrimitive, Decimal};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sqlx::FromRow;
+use tollgate_core::invalidation::{Invalidation, InvalidationKind};
+use utoipa::{IntoParams, ToSchema};
+
+use crate::{
+    audit,
+    auth::Caller,
+    config::LitellmConfig,
+    error::{ApiError, ApiResult},
+    extract::{Json, Path, Query},
+    pagination::{Page, PageParams},
+    routes::commit_and_publish,
+    state::AppState,
+    validate,
+};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/models", get(list).post(create))
+        .route("/models/sync", post(sync))
+        .route("/models/{id}", get(fetch).patch(update).delete(remove))
+}
+
+#[derive(Debug, Serialize, FromRow, ToSchema)]
+pub struct Model {
+    /// The name clients send.
+    pub id: String,
+    pub upstream_model: String,
+    pub provider: Option<String>,
+    pub context_length: Option<i32>,
+    #[schema(value_type = f64)]
+    pub input_cost_per_token: Decimal,
+    #[schema(value_type = f64)]
+    pub output_cost_per_token: Decimal,
+    pub enabled: bool,
+    /// Subscriptions to a restricted model start pending until an administrator approves them.
+    pub restricted: bool,
+    /// False once a sync no longer finds the model upstream.
+    pub available: bool,
+    #[schema(value_type = Object)]
+    pub metadata: Value,
+    pub synced_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateModel {
+    pub id: String,
+    /// Defaults to `id`.
+    pub upstream_model: Option<String>,
+    pub provider: Option<String>,
+    #[schema(minimum = 1)]
+    pub context_length: Option<i32>,
+    #[schema(value_type = f64, minimum = 0)]
+    pub input_cost_per_token: Decimal,
+    #[schema(value_type = f64, minimum = 0)]
+    pub output_cost_per_token: Decimal,
+    pub enabled: Option<bool>,
+    pub restricted: Option<bool>,
+    #[schema(value_type = Option<Object>)]
+    pub metadata: Option<Value>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateModel {
+    pub upstream_model: Option<String>,
+    pub provider: Option<String>,
+    #[schema(minimum = 1)]
+    pub context_length: Option<i32>,
+    #[schema(value_type = Option<f64>, minimum = 0)]
+    pub input_cost_per_token: Option<Decimal>,
+    #[schema(value_type = Option<f64>, minimum = 0)]
+    pub output_cost_per_token: Option<Decimal>,
+    pub enabled: Option<bool>,
+    pub restricted: Option<bool>,
+    #[schema(value_type = Option<Object>)]
+    pub metadata: Option<Value>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ModelFilter {
+    pub enabled: Option<bool>,
+    pub available: Option<bool>,
+    pub provider: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SyncReport {
+    pub created: Vec<String>,
+    pub updated: Vec<String>,
+    /// Previously synced models no longer offered upstream, now marked unavailable.
+    pub unavailable: Vec<String>,
+}
+
+const COLUMNS: &str = "id, upstream_model, provider, context_length, input_cost_per_token,
+    output_cost_per_token, enabled, restricted, available, metadata, synced_at, created_at, updated_at";
+
+/// Per-token prices above a thousand dollars are a typo, not a price.
+const MAX_COST_PER_TOKEN: i64 = 1000;
+
+fn check_cost(field: &str, cost: Decimal) -> ApiResult<Decimal> {
+    if cost.is_sign_negative() {
+        return Err(ApiError::invalid(field, "must be >= 0"));
+    }
+    if cost > Decimal::from(MAX_COST_PER_TOKEN) {
+        return Err(ApiError::invalid(field, format!("must be <= {MAX_COST_PER_TOKEN}")));
+    }
+    Ok(cost)
+}
+
+fn check_context(len: Option<i32>) -> ApiResult<Option<i32>> {
+    match len {
+        Some(n) if n < 1 => Err(ApiError::invalid("context_length", "must be >= 1")),
+        other => Ok(other),
+    }
+}
+
+/// 422 naming `field` unless every id is a known model.
+pub async fn check_models_exist(db: &sqlx::PgPool, field: &str, ids: &[String]) -> ApiResult<()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let missing: Vec<String> = sqlx::query_scalar(
+        "SELECT m FROM unnest($1::text[]) m WHERE NOT EXISTS (SELECT 1 FROM models WHERE id = m)",
+    )
+    .bind(ids)
+    .fetch_all(db)
+    .await?;
+    if !missing.is_empty() {
+        return Err(ApiError::invalid(field, format!("unknown models: {}", missing.join(", "))));
+    }
+    Ok(())
+}
+
+#[utoipa::path(get, path = "/api/v1/models", tag = "models", params(PageParams, ModelFilter),
+    responses((status = 200, body = Page<Model>)))]
+async fn list(
+    State(state): State<AppState>,
+    _caller: Caller,
+    Query(page): Query<PageParams>,
+    Query(filter): Query<ModelFilter>,
+) -> ApiResult<axum::Json<Page<Model>>> {
+    let bounds = page.bounds()?;
+    let rows = sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM models
+         WHERE ($1::bool IS NULL OR enabled = $1) AND ($2::bool IS NULL OR available = $2)
+           AND ($3::text IS NULL OR provider = $3)
+         ORDER BY id LIMIT $4 OFFSET $5"
+    ))
+    .bind(filter.enabled)
+    .bind(filter.available)
+    .bind(filter.provider)
+    .bind(bounds.0 + 1)
+    .bind(bounds.1)
+    .fetch_all(&state.db)
+    .await?;
+    Ok(axum::Json(Page::from_rows(rows, bounds)))
+}
+
+#[utoipa::path(post, path = "/api/v1/models", tag = "models", request_body = CreateModel,
+    responses((status = 201, body = Model)))]
+async fn create(
+    State(state): State<AppState>,
+    caller: Caller,
+    Json(body): Json<CreateModel>,
+) -> ApiResult<(StatusCode, axum::Json<Model>)> {
+    caller.require_admin()?;
+    let id = validate::identifier("id", &body.id, 256)?;
+    let upstream = validate::identifier("upstream_model", body.upstream_model.as_deref().unwrap_or(&id), 512)?;
+    let provider = body.provider.as_deref().map(|p| validate::identifier("provider", p, 100)).transpose()?;
+    let input = check_cost("input_cost_per_token", body.input_cost_per_token)?;
+    let output = check_cost("output_cost_per_token", body.output_cost_per_token)?;
+    let context = check_context(body.context_length)?;
+    let metadata = body.metadata.unwrap_or_else(|| json!({}));
+    validate::metadata("metadata", &metadata)?;
+    let mut tx = state.db.begin().await?;
+    let model: Model = sqlx::query_as(&format!(
+        "INSERT INTO models (id, upstream_model, provider, context_length, input_cost_per_token,
+                             output_cost_per_token, enabled, restricted, metadata)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING {COLUMNS}"
+    ))
+    .bind(&id)
+    .bind(&upstream)
+    .bind(provider)
+    .bind(context)
+    .bind(input)
+    .bind(output)
+    .bind(body.enabled.unwrap_or(true))
+    .bind(body.restricted.unwrap_or(false))
+    .bind(&metadata)
+    .fetch_one(&mut *tx)
+    .await?;
+    audit::record(&mut tx, &caller, "model.create", "model", &id, json!({"upstream_model": upstream})).await?;
+    // A gateway may hold a negative entry for this name.
+    commit_and_publish(&state, tx, vec![Invalidation::new(InvalidationKind::Model, &id)]).await?;
+    Ok((StatusCode::CREATED, axum::Json(model)))
+}
+
+/// Model ids may contain `/`: percent-encode it (`%2F`) in the path.
+#[utoipa::path(get, path = "/api/v1/models/{id}", tag = "models", params(("id" = String, Path)),
+    responses((status = 200, body = Model)))]
+async fn fetch(State(state): State<AppState>, _caller: Caller, Path(id): Path<String>) -> ApiResult<axum::Json<Model>> {
+    let model = sqlx::query_as(&format!("SELECT {COLUMNS} FROM models WHERE id = $1"))
+        .bind(&id)
+        .fetch_optional(&state.db)
+        .await?
+        .ok_or(ApiError::NotFound("model"))?;
+    Ok(axum::Json(model))
+}
+
+#[utoipa::path(patch, path = "/api/v1/models/{id}", tag = "models", params(("id" = String, Path)),
+    request_body = UpdateModel, responses((status = 200, body = Model)))]
+async fn update(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Json(body): Json<UpdateModel>,
+) -> ApiResult<axum::Json<Model>> {
+    caller.require_admin()?;
+    let upstream = body.upstream_model.as_deref().map(|u| validate::identifier("upstream_model", u, 512)).transpose()?;
+    let provider = body.provider.as_deref().map(|p| validate::identifier("provider", p, 100)).transpose()?;
+    let input = body.input_cost_per_token.map(|c| check_cost("input_cost_per_token", c)).transpose()?;
+    let output = body.output_cost_per_token.map(|c| check_cost("output_cost_per_token", c)).transpose()?;
+    let context = check_context(body.context_length)?;
+    if let Some(m) = &body.metadata {
+        validate::metadata("metadata", m)?;
+    }
+    let mut tx = state.db.begin().await?;
+    let model: Model = sqlx::query_as(&format!(
+        "UPDATE models SET upstream_model = COALESCE($2, upstream_model), provider = COALESCE($3, provider),
+                context_length = COALESCE($4, context_length),
+                input_cost_per_token = COALESCE($5, input_cost_per_token),
+                output_cost_per_token = COALESCE($6, output_cost_per_token),
+                enabled = COALESCE($7, enabled), restricted = COALESCE($8, restricted),
+                metadata = COALESCE($9, metadata), updated_at = now()
+         WHERE id = $1 RETURNING {COLUMNS}"
+    ))
+    .bind(&id)
+    .bind(upstream)
+    .bind(provider)
+    .bind(context)
+    .bind(input)
+    .bind(output)
+    .bind(body.enabled)
+    .bind(body.restricted)
+    .bind(body.metadata)
+    .fetch_optional(&mut *tx)
+    .await?
+    .ok_or(ApiError::NotFound("model"))?;
+    audit::record(&mut tx, &caller, "model.update", "model", &id,
+        json!({"enabled": model.enabled, "input_cost_per_token": model.input_cost_per_token,
+               "output_cost_per_token": model.output_cost_per_token})).await?;
+    commit_and_publish(&state, tx, vec![Invalidation::new(InvalidationKind::Model, &id)]).await?;
+    Ok(axum::Json(model))
+}
+
+/// Delete a model. Refused (409) while any subscription, even a cancelled one, refers to it:
+/// disable it instead.
+#[utoipa::path(delete, path = "/api/v1/models/{id}", tag = "models", params(("id" = String, Path)),
+    responses((status = 204)))]
+async fn remove(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<StatusCode> {
+    caller.require_admin()?;
+    let mut tx = state.db.begin().await?;
+    let deleted = sqlx::query("DELETE FROM models WHERE id = $1").bind(&id).execute(&mut *tx).await?;
+    if deleted.rows_affected() == 0 {
+        return Err(ApiError::NotFound("model"));
+    }
+    audit::record(&mut tx, &caller, "model.delete", "model", &id, json!({})).await?;
+    commit_and_publish(&state, tx, vec![Invalidation::new(InvalidationKind::Model, &id)]).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Reads LiteLLM's `/model/info`.
+pub struct LitellmClient {
+    url: Option<String>,
+    api_key: Option<String>,
+    http: reqwest::Client,
+}
+
+/// One model as the sync understands it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamModel {
+    pub id: String,
+    pub upstream_model: String,
+    pub provider: Option<String>,
+    pub context_length: Option<i32>,
+    /// `None` when LiteLLM knows no price.
+    pub input_cost_per_token: Option<Decimal>,
+    pub output_cost_per_token: Option<Decimal>,
+    pub metadata: Value,
+}
+
+impl LitellmClient {
+    pub fn new(config: &LitellmConfig) -> anyhow::Result<Self> {
+        Ok(Self {
+            url: config.url.clone().filter(|u| !u.is_empty()),
+            api_key: config.api_key.clone().filter(|k| !k.is_empty()),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(config.timeout_seconds.max(1)))
+                .build()?,
+        })
+    }
+
+    pub async fn model_info(&self) -> ApiResult<Vec<UpstreamModel>> {
+        let base = self.url.as_deref().ok_or_else(|| {
+            ApiError::Unavailable("model sync is not configured (TOLLGATE_LITELLM_URL)".into())
+        })?;
+        let mut req = self.http.get(format!("{}/model/info", base.trim_end_matches('/')));
+        if let Some(key) = &self.api_key {
+            req = req.bearer_auth(key);
+        }
+        let upstream_err = |e: String| ApiError::BadGateway(format!("LiteLLM /model/info: {e}"));
+        let resp = req.send().await.map_err(|e| upstream_err(e.to_string()))?;
+        if !resp.status().is_success() {
+            return Err(upstream_err(format!("status {}", resp.status())));
+        }
+        let body: Value = resp.json().await.map_err(|e| upstream_err(e.to_string()))?;
+        parse_model_info(&body).map_err(upstream_err)
+    }
+}
+
+/// Maps a `/model/info` body: model_name -> id, litellm_params.model -> upstream_model,
+/// custom_llm_provider (else model_info.litellm_provider, else the model's prefix) -> provider,
+/// max_input_tokens (else max_tokens) -> context_length, and the per-token costs.
+pub fn parse_model_info(body: &Value) -> Result<Vec<UpstreamModel>, String> {
+    let data = body.get("data").and_then(Value::as_array).ok_or("no `data` array")?;
+    let mut out: Vec<UpstreamModel> = Vec::with_capacity(data.len());
+    for entry in data {
+        let Some(id) = entry.get("model_name").and_then(Value::as_str) else { continue };
+        if id.is_empty() || id == "*" || id.contains('*') || out.iter().any(|m| m.id == id) {
+            continue; // wildcard routes are not models; LiteLLM lists load-balanced duplicates
+        }
+        let params = entry.get("litellm_params").cloned().unwrap_or(Value::Null);
+        let info = entry.get("model_info").cloned().unwrap_or(Value::Null);
+        let str_of = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_owned);
+        let upstream_model = str_of(&params, "model").unwrap_or_else(|| id.to_string());
+        let provider = str_of(&params, "custom_llm_provider")
+            .or_else(|| str_of(&info, "litellm_provider"))
+            .or_else(|| upstream_model.split_once('/').map(|(p, _)| p.to_string()));
+        let context_length = ["max_input_tokens", "max_tokens"]
+            .iter()
+            .find_map(|k| info.get(*k).and_then(Value::as_i64))
+            .and_then(|n| i32::try_from(n).ok())
+            .filter(|n| *n > 0);
+        let cost = |k: &str| info.get(k).and_then(Value::as_f64).and_then(Decimal::from_f64).filter(|d| !d.is_sign_negative());
+        let mut metadata = serde_json::Map::new();
+        for k in ["mode", "max_output_tokens", "max_tokens"] {
+            if let Some(v) = info.get(k).filter(|v| !v.is_null()) {
+                metadata.insert(k.to_string(), v.clone());
+            }
+        }
+        out.push(UpstreamModel {
+            id: id.to_string(),
+            upstream_model,
+            provider,
+            context_length,
+            input_cost_per_token: cost("input_cost_per_token"),
+            output_cost_per_token: cost("output_cost_per_token"),
+            metadata: Value::Object(metadata),
+        });
+    }
+    Ok(out)
+}
+
+/// Sync the catalogue from LiteLLM. New models are created enabled when LiteLLM knows their
+/// price and disabled (metadata.pricing = "missing") when it does not, so nothing is sold for
+/// free by accident; existing models keep their enabled flag and any price LiteLLM lacks.
+/// Previously synced models that LiteLLM no longer lists are marked unavailable; their
+/// subscriptions are kept.
+#[utoipa::path(post, path = "/api/v1/models/sync", tag = "models", responses((status = 200, body = SyncReport)))]
+async fn sync(State(state): State<AppState>, caller: Caller) -> ApiResult<axum::Json<SyncReport>> {
+    caller.require_admin()?;
+    let result = run_sync(&state, &caller).await;
+    let outcome = if result.is_ok() { "success" } else { "failure" };
+    state.metrics.sync_runs.with_label_values(&[outcome]).inc();
+    result.map(axum::Json)
+}
+
+async fn run_sync(state: &AppState, caller: &Caller) -> ApiResult<SyncReport> {
+    let upstream = state.litellm.model_info().await?;
+    let mut tx = state.db.begin().await?;
+    let mut report = SyncReport { created: vec![], updated: vec![], unavailable: vec![] };
+    for m in &upstream {
+        let priced = m.input_cost_per_token.is_some() || m.output_cost_per_token.is_some();
+        let mut metadata = m.metadata.clone();
+        if !priced {
+            metadata["pricing"] = json!("missing");
+        }
+        let inserted: bool = sqlx::query_scalar(
+            "INSERT INTO models (id, upstream_model, provider, context_length, input_cost_per_token,
+                                 output_cost_per_token, enabled, available, metadata, synced_at)
+             VALUES ($1, $2, $3, $4, COALESCE($5, 0), COALESCE($6, 0), $7, true, $8, now())
+             ON CONFLICT (id) DO UPDATE SET
+                upstream_model = EXCLUDED.upstream_model, provider = EXCLUDED.provider,
+                context_length = EXCLUDED.context_length,
+                input_cost_per_token = COALESCE($5, models.input_cost_per_token),
+                output_cost_per_token = COALESCE($6, models.output_cost_per_token),
+                available = true, metadata = models.metadata || EXCLUDED.metadata,
+                synced_at = now(), updated_at = now()
+             RETURNING (xmax = 0)",
+        )
+        .bind(&m.id)
+        .bind(&m.upstream_model)
+        .bind(&m.provider)
+        .bind(m.context_length)
+        .bind(m.input_cost_per_token)
+        .bind(m.output_cost_per_token)
+        .bind(priced)
+        .bind(&metadata)
+        .fetch_one(&mut *tx)
+        .await?;
+        if inserted { &mut report.created } else { &mut report.updated }.push(m.id.clone());
+    }
+    let ids: Vec<&str> = upstream.iter().map(|m| m.id.as_str()).collect();
+    report.unavailable = sqlx::query_scalar(
+        "UPDATE models SET available = false, updated_at = now()
+         WHERE synced_at IS NOT NULL AND available AND NOT (id = ANY($1)) RETURNING id",
+    )
+    .bind(&ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    audit::record(&mut tx, caller, "model.sync", "model", "*",
+        json!({"created": report.created, "updated": report.updated, "unavailable": report.unavailable})).await?;
+    let messages = report
+        .created
+        .iter()
+        .chain(&report.updated)
+        .chain(&report.unavailable)
+        .map(|id| Invalidation::new(InvalidationKind::Model, id))
+        .collect();
+    commit_and_publish(state, tx, messages).await?;
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::str::FromStr;
+
+    #[test]
+    fn parses_the_captured_litellm_model_info() {
+        let body: Value =
+            serde_json::from_str(include_str!("../../tests/fixtures/litellm/model-info.json")).unwrap();
+        let models = parse_model_info(&body).unwrap();
+        let ids: Vec<&str> = models.iter().map(|m| m.id.as_str()).collect();
+        assert_eq!(ids, ["gpt-4o-mini", "granite-3-8b", "text-embedding-3-small", "claude-sonnet"]);
+        let granite = &models[1];
+        assert_eq!(granite.upstream_model, "openai/ibm-granite/granite-3.1-8b-instruct");
+        assert_eq!(granite.provider.as_deref(), Some("openai"));
+        assert_eq!(granite.context_length, Some(131072));
+        assert_eq!(granite.input_cost_per_token, Some(Decimal::from_str("0.0000002").unwrap()));
+        assert_eq!(granite.output_cost_per_token, Some(Decimal::from_str("0.0000006").unwrap()));
+        let mini = &models[0];
+        assert_eq!(mini.provider.as_deref(), Some("openai"));
+        assert_eq!(mini.context_length, Some(128000));
+        assert_eq!(mini.input_cost_per_token, Some(Decimal::from_str("0.00000015").unwrap()));
+        let claude = &models[3];
+        assert_eq!(claude.provider.as_deref(), Some("anthropic"));
+        assert_eq!(claude.input_cost_per_token, None);
+        assert_eq!(claude.context_length, None);
+        assert_eq!(models[2].metadata["mode"], "embedding");
+    }
+}

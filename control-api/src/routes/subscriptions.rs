@@ -1,0 +1,291 @@
+//! Subscriptions: a user's entitlement to a model. Active on creation, or pending for a
+//! restricted model until an administrator approves. Administrators suspend and reactivate;
+//! the owner or an administrator cancels, which is refused while an unrevoked key names the model.
+
+use axum::{
+    extract::State,
+    http::StatusCode,
+    routing::{get, post},
+    Router,
+};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::{types::Json as Jsonb, FromRow};
+use tollgate_core::{
+    invalidation::{Invalidation, InvalidationKind},
+    limits::Limits,
+    roles::SubscriptionStatus,
+};
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+use crate::{
+    audit,
+    auth::Caller,
+    error::{ApiError, ApiResult},
+    extract::{Json, Path, Query},
+    pagination::{Page, PageParams},
+    routes::{commit_and_publish, validate_limits},
+    state::AppState,
+    validate,
+};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/subscriptions", get(list).post(create))
+        .route("/subscriptions/{id}", get(fetch).patch(update))
+        .route("/subscriptions/{id}/approve", post(approve))
+        .route("/subscriptions/{id}/suspend", post(suspend))
+        .route("/subscriptions/{id}/reactivate", post(reactivate))
+        .route("/subscriptions/{id}/cancel", post(cancel))
+}
+
+#[derive(Debug, Serialize, FromRow, ToSchema)]
+pub struct Subscription {
+    pub id: Uuid,
+    pub user_id: Uuid,
+    pub model_id: String,
+    #[schema(value_type = SubscriptionStatus)]
+    pub status: String,
+    #[schema(value_type = Limits)]
+    pub limits: Jsonb<Limits>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSubscription {
+    /// Defaults to the calling user.
+    pub user_id: Option<Uuid>,
+    pub model_id: String,
+    pub limits: Option<Limits>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateSubscription {
+    /// Replaces the subscription's limits.
+    pub limits: Limits,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct SubscriptionFilter {
+    pub user_id: Option<Uuid>,
+    pub model_id: Option<String>,
+    pub status: Option<SubscriptionStatus>,
+}
+
+const COLUMNS: &str = "id, user_id, model_id, status, limits, created_at, updated_at";
+
+async fn visible(state: &AppState, caller: &Caller, id: Uuid) -> ApiResult<Subscription> {
+    let sub: Subscription = sqlx::query_as(&format!("SELECT {COLUMNS} FROM subscriptions WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(&state.db)
+        .await?
+        .ok_or(ApiError::NotFound("subscription"))?;
+    caller.ensure_sees(sub.user_id, "subscription")?;
+    Ok(sub)
+}
+
+#[utoipa::path(get, path = "/api/v1/subscriptions", tag = "subscriptions", params(PageParams, SubscriptionFilter),
+    responses((status = 200, body = Page<Subscription>)))]
+async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(page): Query<PageParams>,
+    Query(filter): Query<SubscriptionFilter>,
+) -> ApiResult<axum::Json<Page<Subscription>>> {
+    let bounds = page.bounds()?;
+    let rows = sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM subscriptions
+         WHERE ($1::uuid IS NULL OR user_id = $1) AND ($2::uuid IS NULL OR user_id = $2)
+           AND ($3::text IS NULL OR model_id = $3) AND ($4::text IS NULL OR status = $4)
+         ORDER BY created_at, id LIMIT $5 OFFSET $6"
+    ))
+    .bind(caller.own_scope())
+    .bind(filter.user_id)
+    .bind(filter.model_id)
+    .bind(filter.status.map(SubscriptionStatus::as_str))
+    .bind(bounds.0 + 1)
+    .bind(bounds.1)
+    .fetch_all(&state.db)
+    .await?;
+    Ok(axum::Json(Page::from_rows(rows, bounds)))
+}
+
+/// Subscribe a user to a model. Users subscribe themselves; the subscription is pending when the
+/// model is restricted and a user asked, active otherwise.
+#[utoipa::path(post, path = "/api/v1/subscriptions", tag = "subscriptions", request_body = CreateSubscription,
+    responses((status = 201, body = Subscription)))]
+async fn create(
+    State(state): State<AppState>,
+    caller: Caller,
+    Json(body): Json<CreateSubscription>,
+) -> ApiResult<(StatusCode, axum::Json<Subscription>)> {
+    caller.require_writer()?;
+    let user_id = body
+        .user_id
+        .or(caller.actor_id())
+        .ok_or_else(|| ApiError::invalid("user_id", "required"))?;
+    caller.ensure_sees(user_id, "user")?;
+    let model_id = validate::identifier("model_id", &body.model_id, 256)?;
+    let limits = validate_limits("limits", body.limits)?;
+    let mut tx = state.db.begin().await?;
+    let user_status: Option<String> = sqlx::query_scalar("SELECT status FROM users WHERE id = $1")
+        .bind(user_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+    match user_status.as_deref() {
+        None => return Err(ApiError::invalid("user_id", "no such user")),
+        Some("active") => {}
+        Some(_) => return Err(ApiError::invalid("user_id", "user is suspended")),
+    }
+    let model: Option<(bool, bool, bool)> =
+        sqlx::query_as("SELECT enabled, available, restricted FROM models WHERE id = $1")
+            .bind(&model_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let status = match model {
+        None => return Err(ApiError::invalid("model_id", "no such model")),
+        Some((false, _, _)) => return Err(ApiError::invalid("model_id", "model is disabled")),
+        Some((_, false, _)) => return Err(ApiError::invalid("model_id", "model is unavailable upstream")),
+        Some((_, _, true)) if caller.own_scope().is_some() => SubscriptionStatus::Pending,
+        Some(_) => SubscriptionStatus::Active,
+    };
+    let sub: Subscription = sqlx::query_as(&format!(
+        "INSERT INTO subscriptions (user_id, model_id, status, limits) VALUES ($1, $2, $3, $4)
+         RETURNING {COLUMNS}"
+    ))
+    .bind(user_id)
+    .bind(&model_id)
+    .bind(status.as_str())
+    .bind(Jsonb(&limits))
+    .fetch_one(&mut *tx)
+    .await?;
+    audit::record(&mut tx, &caller, "subscription.create", "subscription", sub.id,
+        serde_json::json!({"user_id": user_id, "model_id": model_id, "status": sub.status})).await?;
+    // The user's set of models changed: gateways reload what they hold for the user.
+    commit_and_publish(&state, tx, vec![Invalidation::new(InvalidationKind::User, user_id)]).await?;
+    Ok((StatusCode::CREATED, axum::Json(sub)))
+}
+
+#[utoipa::path(get, path = "/api/v1/subscriptions/{id}", tag = "subscriptions", params(("id" = Uuid, Path)),
+    responses((status = 200, body = Subscription)))]
+async fn fetch(State(state): State<AppState>, caller: Caller, Path(id): Path<Uuid>) -> ApiResult<axum::Json<Subscription>> {
+    Ok(axum::Json(visible(&state, &caller, id).await?))
+}
+
+/// Replace a subscription's limits (administrators only).
+#[utoipa::path(patch, path = "/api/v1/subscriptions/{id}", tag = "subscriptions", params(("id" = Uuid, Path)),
+    request_body = UpdateSubscription, responses((status = 200, body = Subscription)))]
+async fn update(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<Uuid>,
+    Json(body): Json<UpdateSubscription>,
+) -> ApiResult<axum::Json<Subscription>> {
+    visible(&state, &caller, id).await?;
+    caller.require_admin()?;
+    let limits = validate_limits("limits", Some(body.limits))?;
+    let mut tx = state.db.begin().await?;
+    let sub: Subscription = sqlx::query_as(&format!(
+        "UPDATE subscriptions SET limits = $2, updated_at = now() WHERE id = $1 RETURNING {COLUMNS}"
+    ))
+    .bind(id)
+    .bind(Jsonb(&limits))
+    .fetch_one(&mut *tx)
+    .await?;
+    audit::record(&mut tx, &caller, "subscription.update", "subscription", id,
+        serde_json::json!({"limits": limits})).await?;
+    commit_and_publish(&state, tx, vec![Invalidation::new(InvalidationKind::Subscription, id)]).await?;
+    Ok(axum::Json(sub))
+}
+
+/// Moves a subscription from one of `from` to `to`; 409 from any other status.
+async fn transition(
+    state: &AppState,
+    caller: &Caller,
+    id: Uuid,
+    from: &[SubscriptionStatus],
+    to: SubscriptionStatus,
+    action: &str,
+) -> ApiResult<axum::Json<Subscription>> {
+    let current = visible(state, caller, id).await?;
+    let mut tx = state.db.begin().await?;
+    // Serialises with key creation, which holds the user's active subscriptions FOR SHARE.
+    sqlx::query("SELECT 1 FROM subscriptions WHERE id = $1 FOR UPDATE").bind(id).execute(&mut *tx).await?;
+    if to == SubscriptionStatus::Cancelled {
+        let dependent: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM api_keys WHERE user_id = $1 AND $2 = ANY(models) AND revoked_at IS NULL
+               AND (expires_at IS NULL OR expires_at > now())",
+        )
+        .bind(current.user_id)
+        .bind(&current.model_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        if dependent > 0 {
+            return Err(ApiError::conflict(format!(
+                "{dependent} unrevoked keys depend on this subscription; revoke them first"
+            )));
+        }
+    }
+    let from: Vec<&str> = from.iter().map(|s| s.as_str()).collect();
+    let sub: Subscription = sqlx::query_as(&format!(
+        "UPDATE subscriptions SET status = $2, updated_at = now()
+         WHERE id = $1 AND status = ANY($3) RETURNING {COLUMNS}"
+    ))
+    .bind(id)
+    .bind(to.as_str())
+    .bind(&from)
+    .fetch_optional(&mut *tx)
+    .await?
+    .ok_or_else(|| ApiError::conflict(format!("cannot {action} a {} subscription", current.status)))?;
+    audit::record(&mut tx, caller, &format!("subscription.{action}"), "subscription", id,
+        serde_json::json!({"from": current.status, "to": sub.status})).await?;
+    commit_and_publish(state, tx, vec![Invalidation::new(InvalidationKind::Subscription, id)]).await?;
+    Ok(axum::Json(sub))
+}
+
+/// Approve a pending subscription (administrators only).
+#[utoipa::path(post, path = "/api/v1/subscriptions/{id}/approve", tag = "subscriptions", params(("id" = Uuid, Path)),
+    responses((status = 200, body = Subscription)))]
+async fn approve(State(state): State<AppState>, caller: Caller, Path(id): Path<Uuid>) -> ApiResult<axum::Json<Subscription>> {
+    visible(&state, &caller, id).await?;
+    caller.require_admin()?;
+    use SubscriptionStatus::*;
+    transition(&state, &caller, id, &[Pending], Active, "approve").await
+}
+
+/// Suspend a pending or active subscription (administrators only).
+#[utoipa::path(post, path = "/api/v1/subscriptions/{id}/suspend", tag = "subscriptions", params(("id" = Uuid, Path)),
+    responses((status = 200, body = Subscription)))]
+async fn suspend(State(state): State<AppState>, caller: Caller, Path(id): Path<Uuid>) -> ApiResult<axum::Json<Subscription>> {
+    visible(&state, &caller, id).await?;
+    caller.require_admin()?;
+    use SubscriptionStatus::*;
+    transition(&state, &caller, id, &[Pending, Active], Suspended, "suspend").await
+}
+
+/// Reactivate a suspended subscription (administrators only).
+#[utoipa::path(post, path = "/api/v1/subscriptions/{id}/reactivate", tag = "subscriptions", params(("id" = Uuid, Path)),
+    responses((status = 200, body = Subscription)))]
+async fn reactivate(State(state): State<AppState>, caller: Caller, Path(id): Path<Uuid>) -> ApiResult<axum::Json<Subscription>> {
+    visible(&state, &caller, id).await?;
+    caller.require_admin()?;
+    use SubscriptionStatus::*;
+    transition(&state, &caller, id, &[Suspended], Active, "reactivate").await
+}
+
+/// Cancel a subscription (owner or administrator). Refused (409) while an unrevoked key of the
+/// user names the model; keys without a model list follow the user's subscriptions and do not
+/// block.
+#[utoipa::path(post, path = "/api/v1/subscriptions/{id}/cancel", tag = "subscriptions", params(("id" = Uuid, Path)),
+    responses((status = 200, body = Subscription)))]
+async fn cancel(State(state): State<AppState>, caller: Caller, Path(id): Path<Uuid>) -> ApiResult<axum::Json<Subscription>> {
+    visible(&state, &caller, id).await?;
+    caller.require_writer()?;
+    use SubscriptionStatus::*;
+    transition(&state, &caller, id, &[Pending, Active, Suspended], Cancelled, "cancel").await
+}

@@ -1,0 +1,350 @@
+//! Teams and their members. Administrators manage them; a user sees the teams they belong to.
+
+use axum::{
+    extract::State,
+    http::StatusCode,
+    routing::{delete, get},
+    Router,
+};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::{types::Json as Jsonb, FromRow};
+use tollgate_core::{
+    invalidation::{Invalidation, InvalidationKind},
+    limits::Limits,
+    DEFAULT_TEAM_ID,
+};
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+use crate::{
+    audit,
+    auth::Caller,
+    error::{ApiError, ApiResult},
+    extract::{Json, Path, Query},
+    pagination::{Page, PageParams},
+    routes::{commit_and_publish, models::check_models_exist, validate_limits},
+    state::AppState,
+    validate,
+};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/teams", get(list).post(create))
+        .route("/teams/{id}", get(fetch).patch(update).delete(remove))
+        .route("/teams/{id}/members", get(list_members).post(add_member))
+        .route("/teams/{id}/members/{user_id}", delete(remove_member))
+}
+
+#[derive(Debug, Serialize, FromRow, ToSchema)]
+pub struct Team {
+    pub id: Uuid,
+    pub name: String,
+    pub description: String,
+    /// Models the team's keys may use; empty means all.
+    pub allowed_models: Vec<String>,
+    #[schema(value_type = Limits)]
+    pub limits: Jsonb<Limits>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTeam {
+    pub name: String,
+    pub description: Option<String>,
+    pub allowed_models: Option<Vec<String>>,
+    pub limits: Option<Limits>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateTeam {
+    pub name: Option<String>,
+    pub description: Option<String>,
+    /// Replaces the list; empty means all models.
+    pub allowed_models: Option<Vec<String>>,
+    /// Replaces the team's limits.
+    pub limits: Option<Limits>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct TeamFilter {
+    /// Exact name (case-insensitive).
+    pub name: Option<String>,
+    /// Teams this user belongs to.
+    pub member_id: Option<Uuid>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum MemberRole {
+    #[default]
+    Member,
+    Admin,
+}
+
+#[derive(Debug, Serialize, FromRow, ToSchema)]
+pub struct TeamMember {
+    pub team_id: Uuid,
+    pub user_id: Uuid,
+    #[schema(value_type = MemberRole)]
+    pub role: String,
+    pub email: String,
+    pub name: String,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AddMember {
+    pub user_id: Uuid,
+    pub role: Option<MemberRole>,
+}
+
+const COLUMNS: &str = "id, name, description, allowed_models, limits, created_at, updated_at";
+
+async fn validate_models(db: &sqlx::PgPool, models: Option<Vec<String>>) -> ApiResult<Option<Vec<String>>> {
+    let Some(models) = models else { return Ok(None) };
+    let mut ids = Vec::with_capacity(models.len());
+    for (i, m) in models.iter().enumerate() {
+        ids.push(validate::identifier(&format!("allowed_models[{i}]"), m, 256)?);
+    }
+    ids.sort();
+    ids.dedup();
+    check_models_exist(db, "allowed_models", &ids).await?;
+    Ok(Some(ids))
+}
+
+/// A user sees only the teams they belong to; others' are "not found".
+async fn visible(state: &AppState, caller: &Caller, id: Uuid) -> ApiResult<Team> {
+    let team: Team = sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM teams t WHERE id = $1 AND ($2::uuid IS NULL OR EXISTS
+           (SELECT 1 FROM team_members m WHERE m.team_id = t.id AND m.user_id = $2))"
+    ))
+    .bind(id)
+    .bind(caller.own_scope())
+    .fetch_optional(&state.db)
+    .await?
+    .ok_or(ApiError::NotFound("team"))?;
+    Ok(team)
+}
+
+#[utoipa::path(get, path = "/api/v1/teams", tag = "teams", params(PageParams, TeamFilter),
+    responses((status = 200, body = Page<Team>)))]
+async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(page): Query<PageParams>,
+    Query(filter): Query<TeamFilter>,
+) -> ApiResult<axum::Json<Page<Team>>> {
+    let bounds = page.bounds()?;
+    let rows = sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM teams t
+         WHERE ($1::uuid IS NULL OR EXISTS (SELECT 1 FROM team_members m WHERE m.team_id = t.id AND m.user_id = $1))
+           AND ($2::uuid IS NULL OR EXISTS (SELECT 1 FROM team_members m WHERE m.team_id = t.id AND m.user_id = $2))
+           AND ($3::text IS NULL OR lower(name) = lower($3))
+         ORDER BY created_at, id LIMIT $4 OFFSET $5"
+    ))
+    .bind(caller.own_scope())
+    .bind(filter.member_id)
+    .bind(filter.name)
+    .bind(bounds.0 + 1)
+    .bind(bounds.1)
+    .fetch_all(&state.db)
+    .await?;
+    Ok(axum::Json(Page::from_rows(rows, bounds)))
+}
+
+#[utoipa::path(post, path = "/api/v1/teams", tag = "teams", request_body = CreateTeam,
+    responses((status = 201, body = Team)))]
+async fn create(
+    State(state): State<AppState>,
+    caller: Caller,
+    Json(body): Json<CreateTeam>,
+) -> ApiResult<(StatusCode, axum::Json<Team>)> {
+    caller.require_admin()?;
+    let name = validate::text("name", &body.name, 200)?;
+    let description = validate::optional_text("description", body.description.as_deref().unwrap_or(""), 2000)?;
+    let limits = validate_limits("limits", body.limits)?;
+    let models = validate_models(&state.db, body.allowed_models).await?.unwrap_or_default();
+    let mut tx = state.db.begin().await?;
+    let team: Team = sqlx::query_as(&format!(
+        "INSERT INTO teams (name, description, allowed_models, limits) VALUES ($1, $2, $3, $4)
+         RETURNING {COLUMNS}"
+    ))
+    .bind(&name)
+    .bind(&description)
+    .bind(&models)
+    .bind(Jsonb(&limits))
+    .fetch_one(&mut *tx)
+    .await?;
+    audit::record(&mut tx, &caller, "team.create", "team", team.id, serde_json::json!({"name": name})).await?;
+    commit_and_publish(&state, tx, vec![]).await?;
+    Ok((StatusCode::CREATED, axum::Json(team)))
+}
+
+#[utoipa::path(get, path = "/api/v1/teams/{id}", tag = "teams", params(("id" = Uuid, Path)),
+    responses((status = 200, body = Team)))]
+async fn fetch(State(state): State<AppState>, caller: Caller, Path(id): Path<Uuid>) -> ApiResult<axum::Json<Team>> {
+    Ok(axum::Json(visible(&state, &caller, id).await?))
+}
+
+#[utoipa::path(patch, path = "/api/v1/teams/{id}", tag = "teams", params(("id" = Uuid, Path)),
+    request_body = UpdateTeam, responses((status = 200, body = Team)))]
+async fn update(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<Uuid>,
+    Json(body): Json<UpdateTeam>,
+) -> ApiResult<axum::Json<Team>> {
+    visible(&state, &caller, id).await?;
+    caller.require_admin()?;
+    let name = body.name.as_deref().map(|n| validate::text("name", n, 200)).transpose()?;
+    let description = body.description.as_deref().map(|d| validate::optional_text("description", d, 2000)).transpose()?;
+    let limits = body.limits.map(|l| validate_limits("limits", Some(l))).transpose()?;
+    let models = validate_models(&state.db, body.allowed_models).await?;
+    let mut tx = state.db.begin().await?;
+    let team: Team = sqlx::query_as(&format!(
+        "UPDATE teams SET name = COALESCE($2, name), description = COALESCE($3, description),
+                allowed_models = COALESCE($4, allowed_models), limits = COALESCE($5, limits),
+                updated_at = now()
+         WHERE id = $1 RETURNING {COLUMNS}"
+    ))
+    .bind(id)
+    .bind(name)
+    .bind(description)
+    .bind(models)
+    .bind(limits.map(Jsonb))
+    .fetch_optional(&mut *tx)
+    .await?
+    .ok_or(ApiError::NotFound("team"))?;
+    audit::record(&mut tx, &caller, "team.update", "team", id,
+        serde_json::json!({"allowed_models": team.allowed_models})).await?;
+    commit_and_publish(&state, tx, vec![Invalidation::new(InvalidationKind::Team, id)]).await?;
+    Ok(axum::Json(team))
+}
+
+/// Delete a team. Refused (409) for the Default Team and while keys belong to the team.
+#[utoipa::path(delete, path = "/api/v1/teams/{id}", tag = "teams", params(("id" = Uuid, Path)),
+    responses((status = 204)))]
+async fn remove(State(state): State<AppState>, caller: Caller, Path(id): Path<Uuid>) -> ApiResult<StatusCode> {
+    visible(&state, &caller, id).await?;
+    caller.require_admin()?;
+    if id == DEFAULT_TEAM_ID {
+        return Err(ApiError::conflict("the Default Team cannot be deleted"));
+    }
+    let mut tx = state.db.begin().await?;
+    let keys: i64 = sqlx::query_scalar("SELECT count(*) FROM api_keys WHERE team_id = $1")
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?;
+    if keys > 0 {
+        return Err(ApiError::conflict(format!("{keys} keys belong to this team; move or delete them first")));
+    }
+    let deleted = sqlx::query("DELETE FROM teams WHERE id = $1").bind(id).execute(&mut *tx).await?;
+    if deleted.rows_affected() == 0 {
+        return Err(ApiError::NotFound("team"));
+    }
+    audit::record(&mut tx, &caller, "team.delete", "team", id, serde_json::json!({})).await?;
+    commit_and_publish(&state, tx, vec![Invalidation::new(InvalidationKind::Team, id)]).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/api/v1/teams/{id}/members", tag = "teams", params(("id" = Uuid, Path), PageParams),
+    responses((status = 200, body = Page<TeamMember>)))]
+async fn list_members(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<Uuid>,
+    Query(page): Query<PageParams>,
+) -> ApiResult<axum::Json<Page<TeamMember>>> {
+    let bounds = page.bounds()?;
+    visible(&state, &caller, id).await?;
+    let rows = sqlx::query_as(
+        "SELECT m.team_id, m.user_id, m.role, u.email, u.name, m.created_at
+         FROM team_members m JOIN users u ON u.id = m.user_id
+         WHERE m.team_id = $1 ORDER BY m.created_at, m.user_id LIMIT $2 OFFSET $3",
+    )
+    .bind(id)
+    .bind(bounds.0 + 1)
+    .bind(bounds.1)
+    .fetch_all(&state.db)
+    .await?;
+    Ok(axum::Json(Page::from_rows(rows, bounds)))
+}
+
+#[utoipa::path(post, path = "/api/v1/teams/{id}/members", tag = "teams", params(("id" = Uuid, Path)),
+    request_body = AddMember, responses((status = 201, body = TeamMember)))]
+async fn add_member(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<Uuid>,
+    Json(body): Json<AddMember>,
+) -> ApiResult<(StatusCode, axum::Json<TeamMember>)> {
+    visible(&state, &caller, id).await?;
+    caller.require_admin()?;
+    let mut tx = state.db.begin().await?;
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM users WHERE id = $1)")
+        .bind(body.user_id)
+        .fetch_one(&mut *tx)
+        .await?;
+    if !exists {
+        return Err(ApiError::invalid("user_id", "no such user"));
+    }
+    let role = match body.role.unwrap_or_default() {
+        MemberRole::Member => "member",
+        MemberRole::Admin => "admin",
+    };
+    let member: TeamMember = sqlx::query_as(
+        "WITH m AS (INSERT INTO team_members (team_id, user_id, role) VALUES ($1, $2, $3)
+                    RETURNING team_id, user_id, role, created_at)
+         SELECT m.team_id, m.user_id, m.role, u.email, u.name, m.created_at
+         FROM m JOIN users u ON u.id = m.user_id",
+    )
+    .bind(id)
+    .bind(body.user_id)
+    .bind(role)
+    .fetch_one(&mut *tx)
+    .await?;
+    audit::record(&mut tx, &caller, "team.member.add", "team", id,
+        serde_json::json!({"user_id": body.user_id, "role": role})).await?;
+    commit_and_publish(&state, tx, vec![Invalidation::new(InvalidationKind::Team, id)]).await?;
+    Ok((StatusCode::CREATED, axum::Json(member)))
+}
+
+/// Remove a member. Refused (409) while the user holds unrevoked keys on this team.
+#[utoipa::path(delete, path = "/api/v1/teams/{id}/members/{user_id}", tag = "teams",
+    params(("id" = Uuid, Path), ("user_id" = Uuid, Path)), responses((status = 204)))]
+async fn remove_member(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((id, user_id)): Path<(Uuid, Uuid)>,
+) -> ApiResult<StatusCode> {
+    visible(&state, &caller, id).await?;
+    caller.require_admin()?;
+    let mut tx = state.db.begin().await?;
+    let keys: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM api_keys WHERE team_id = $1 AND user_id = $2 AND revoked_at IS NULL",
+    )
+    .bind(id)
+    .bind(user_id)
+    .fetch_one(&mut *tx)
+    .await?;
+    if keys > 0 {
+        return Err(ApiError::conflict(format!("the user holds {keys} unrevoked keys on this team")));
+    }
+    let deleted = sqlx::query("DELETE FROM team_members WHERE team_id = $1 AND user_id = $2")
+        .bind(id)
+        .bind(user_id)
+        .execute(&mut *tx)
+        .await?;
+    if deleted.rows_affected() == 0 {
+        return Err(ApiError::NotFound("team member"));
+    }
+    audit::record(&mut tx, &caller, "team.member.remove", "team", id, serde_json::json!({"user_id": user_id})).await?;
+    commit_and_publish(&state, tx, vec![Invalidation::new(InvalidationKind::Team, id)]).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

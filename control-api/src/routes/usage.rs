@@ -1,0 +1,174 @@
+//! Usage reports over the rollup tables (usage_daily for days and every other grouping,
+//! usage_hourly for hours); raw usage_logs are never scanned. Users see only their own usage.
+
+use axum::{extract::State, routing::get, Router};
+use chrono::{DateTime, Duration, NaiveDate, NaiveTime, Utc};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use sqlx::FromRow;
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+use crate::{
+    auth::Caller,
+    error::{ApiError, ApiResult},
+    extract::Query,
+    state::AppState,
+};
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/usage", get(report))
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum GroupBy {
+    #[default]
+    Day,
+    Hour,
+    Model,
+    Key,
+    User,
+    Team,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct UsageQuery {
+    pub group_by: Option<GroupBy>,
+    /// Start (inclusive): `YYYY-MM-DD` or RFC 3339. Default: 30 days before `to`.
+    pub from: Option<String>,
+    /// End (exclusive): `YYYY-MM-DD` or RFC 3339. Default: now.
+    pub to: Option<String>,
+    pub user_id: Option<Uuid>,
+    pub team_id: Option<Uuid>,
+    pub key_id: Option<Uuid>,
+    pub model_id: Option<String>,
+}
+
+#[derive(Debug, Serialize, FromRow, ToSchema)]
+pub struct UsageRow {
+    /// The day (`YYYY-MM-DD`), hour (RFC 3339), model id, key id, user id or team id.
+    pub group: String,
+    pub requests: i64,
+    pub errors: i64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub total_tokens: i64,
+    /// USD.
+    #[schema(value_type = f64)]
+    pub cost: Decimal,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UsageReport {
+    pub group_by: GroupBy,
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    pub data: Vec<UsageRow>,
+    pub totals: UsageRow,
+}
+
+/// The longest range a report may span.
+const MAX_RANGE_DAYS: i64 = 366 * 2;
+
+fn parse_time(field: &str, value: &str) -> ApiResult<DateTime<Utc>> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(value) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    if let Ok(d) = NaiveDate::parse_from_str(value, "%Y-%m-%d") {
+        return Ok(d.and_time(NaiveTime::MIN).and_utc());
+    }
+    Err(ApiError::BadRequest {
+        field: Some(field.into()),
+        message: format!("{field} must be YYYY-MM-DD or an RFC 3339 time"),
+    })
+}
+
+/// Usage totals grouped by day, hour, model, key, user or team.
+#[utoipa::path(get, path = "/api/v1/usage", tag = "usage", params(UsageQuery),
+    responses((status = 200, body = UsageReport)))]
+async fn report(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(q): Query<UsageQuery>,
+) -> ApiResult<axum::Json<UsageReport>> {
+    let to = q.to.as_deref().map(|v| parse_time("to", v)).transpose()?.unwrap_or_else(Utc::now);
+    let from = q
+        .from
+        .as_deref()
+        .map(|v| parse_time("from", v))
+        .transpose()?
+        .unwrap_or(to - Duration::days(30));
+    if from >= to {
+        return Err(ApiError::invalid("from", "must be before `to`"));
+    }
+    if to - from > Duration::days(MAX_RANGE_DAYS) {
+        return Err(ApiError::invalid("from", format!("a report spans at most {MAX_RANGE_DAYS} days")));
+    }
+    if let (Some(me), Some(asked)) = (caller.own_scope(), q.user_id) {
+        if me != asked {
+            return Err(ApiError::NotFound("user"));
+        }
+    }
+    let group_by = q.group_by.unwrap_or_default();
+    let (table, bucket_filter) = match group_by {
+        GroupBy::Hour => ("usage_hourly", "hour >= date_trunc('hour', $1) AND hour < $2"),
+        _ => (
+            "usage_daily",
+            "day >= ($1 AT TIME ZONE 'UTC')::date AND (day::timestamp AT TIME ZONE 'UTC') < $2",
+        ),
+    };
+    let group = match group_by {
+        GroupBy::Day => "to_char(day, 'YYYY-MM-DD')",
+        GroupBy::Hour => "to_char(hour AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:00:00\"Z\"')",
+        GroupBy::Model => "model_id",
+        GroupBy::Key => "key_id::text",
+        GroupBy::User => "user_id::text",
+        GroupBy::Team => "team_id::text",
+    };
+    let sql = format!(
+        "SELECT {group} AS \"group\", sum(requests)::bigint AS requests, sum(errors)::bigint AS errors,
+                sum(prompt_tokens)::bigint AS prompt_tokens,
+                sum(completion_tokens)::bigint AS completion_tokens,
+                sum(prompt_tokens + completion_tokens)::bigint AS total_tokens,
+                sum(cost) AS cost
+         FROM {table}
+         WHERE {bucket_filter}
+           AND ($3::uuid IS NULL OR user_id = $3) AND ($4::uuid IS NULL OR user_id = $4)
+           AND ($5::uuid IS NULL OR team_id = $5) AND ($6::uuid IS NULL OR key_id = $6)
+           AND ($7::text IS NULL OR model_id = $7)
+         GROUP BY 1 ORDER BY 1"
+    );
+    let data: Vec<UsageRow> = sqlx::query_as(&sql)
+        .bind(from)
+        .bind(to)
+        .bind(caller.own_scope())
+        .bind(q.user_id)
+        .bind(q.team_id)
+        .bind(q.key_id)
+        .bind(q.model_id)
+        .fetch_all(&state.db)
+        .await?;
+    let totals = data.iter().fold(
+        UsageRow {
+            group: "total".into(),
+            requests: 0,
+            errors: 0,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            total_tokens: 0,
+            cost: Decimal::ZERO,
+        },
+        |mut t, r| {
+            t.requests += r.requests;
+            t.errors += r.errors;
+            t.prompt_tokens += r.prompt_tokens;
+            t.completion_tokens += r.completion_tokens;
+            t.total_tokens += r.total_tokens;
+            t.cost += r.cost;
+            t
+        },
+    );
+    Ok(axum::Json(UsageReport { group_by, from, to, data, totals }))
+}

@@ -1,0 +1,226 @@
+//! Users: administrators manage them; a user sees only themself.
+
+use axum::{extract::State, http::StatusCode, routing::get, Router};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::{types::Json as Jsonb, FromRow};
+use tollgate_core::{
+    invalidation::{Invalidation, InvalidationKind},
+    limits::Limits,
+    roles::Role,
+    DEFAULT_TEAM_ID,
+};
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+use crate::{
+    audit,
+    auth::Caller,
+    error::{ApiError, ApiResult},
+    extract::{Json, Path, Query},
+    pagination::{Page, PageParams},
+    routes::{commit_and_publish, validate_limits},
+    state::AppState,
+    validate,
+};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/users", get(list).post(create))
+        .route("/users/me", get(me))
+        .route("/users/{id}", get(fetch).patch(update))
+}
+
+#[derive(Debug, Clone, Serialize, FromRow, ToSchema)]
+pub struct User {
+    pub id: Uuid,
+    pub email: String,
+    pub name: String,
+    #[schema(value_type = Vec<Role>)]
+    pub roles: Vec<String>,
+    #[schema(value_type = UserStatus)]
+    pub status: String,
+    #[schema(value_type = Limits)]
+    pub limits: Jsonb<Limits>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum UserStatus {
+    Active,
+    Suspended,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateUser {
+    pub email: String,
+    pub name: String,
+    /// Defaults to `["user"]`.
+    pub roles: Option<Vec<Role>>,
+    pub limits: Option<Limits>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateUser {
+    pub name: Option<String>,
+    pub roles: Option<Vec<Role>>,
+    pub status: Option<UserStatus>,
+    /// Replaces the user's limits.
+    pub limits: Option<Limits>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct UserFilter {
+    /// Exact email (case-insensitive).
+    pub email: Option<String>,
+    pub status: Option<UserStatus>,
+    pub role: Option<Role>,
+}
+
+const COLUMNS: &str = "id, email, name, roles, status, limits, created_at, updated_at";
+
+fn roles_vec(roles: Option<Vec<Role>>) -> ApiResult<Vec<&'static str>> {
+    let mut roles: Vec<&'static str> =
+        roles.unwrap_or_else(|| vec![Role::User]).into_iter().map(Role::as_str).collect();
+    roles.sort_unstable();
+    roles.dedup();
+    if roles.is_empty() {
+        return Err(ApiError::invalid("roles", "at least one role"));
+    }
+    Ok(roles)
+}
+
+pub(crate) async fn load(db: impl sqlx::PgExecutor<'_>, id: Uuid) -> ApiResult<User> {
+    sqlx::query_as(&format!("SELECT {COLUMNS} FROM users WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(db)
+        .await?
+        .ok_or(ApiError::NotFound("user"))
+}
+
+/// List users (a user sees only themself).
+#[utoipa::path(get, path = "/api/v1/users", tag = "users", params(PageParams, UserFilter),
+    responses((status = 200, body = Page<User>)))]
+async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(page): Query<PageParams>,
+    Query(filter): Query<UserFilter>,
+) -> ApiResult<axum::Json<Page<User>>> {
+    let bounds = page.bounds()?;
+    let rows = sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM users
+         WHERE ($1::uuid IS NULL OR id = $1)
+           AND ($2::text IS NULL OR lower(email) = lower($2))
+           AND ($3::text IS NULL OR status = $3)
+           AND ($4::text IS NULL OR $4 = ANY(roles))
+         ORDER BY created_at, id LIMIT $5 OFFSET $6"
+    ))
+    .bind(caller.own_scope())
+    .bind(filter.email)
+    .bind(filter.status.map(|s| status_str(s)))
+    .bind(filter.role.map(Role::as_str))
+    .bind(bounds.0 + 1)
+    .bind(bounds.1)
+    .fetch_all(&state.db)
+    .await?;
+    Ok(axum::Json(Page::from_rows(rows, bounds)))
+}
+
+fn status_str(s: UserStatus) -> &'static str {
+    match s {
+        UserStatus::Active => "active",
+        UserStatus::Suspended => "suspended",
+    }
+}
+
+/// Create a user; the user joins the Default Team.
+#[utoipa::path(post, path = "/api/v1/users", tag = "users", request_body = CreateUser,
+    responses((status = 201, body = User)))]
+async fn create(
+    State(state): State<AppState>,
+    caller: Caller,
+    Json(body): Json<CreateUser>,
+) -> ApiResult<(StatusCode, axum::Json<User>)> {
+    caller.require_admin()?;
+    let email = validate::email("email", &body.email)?;
+    let name = validate::text("name", &body.name, 200)?;
+    let roles = roles_vec(body.roles)?;
+    let limits = validate_limits("limits", body.limits)?;
+    let mut tx = state.db.begin().await?;
+    let user: User = sqlx::query_as(&format!(
+        "INSERT INTO users (email, name, roles, limits) VALUES ($1, $2, $3, $4) RETURNING {COLUMNS}"
+    ))
+    .bind(&email)
+    .bind(&name)
+    .bind(&roles)
+    .bind(Jsonb(&limits))
+    .fetch_one(&mut *tx)
+    .await?;
+    sqlx::query("INSERT INTO team_members (team_id, user_id) VALUES ($1, $2)")
+        .bind(DEFAULT_TEAM_ID)
+        .bind(user.id)
+        .execute(&mut *tx)
+        .await?;
+    audit::record(&mut tx, &caller, "user.create", "user", user.id,
+        serde_json::json!({"email": email, "roles": roles})).await?;
+    commit_and_publish(&state, tx, vec![]).await?;
+    Ok((StatusCode::CREATED, axum::Json(user)))
+}
+
+/// The calling user (JWT callers only).
+#[utoipa::path(get, path = "/api/v1/users/me", tag = "users", responses((status = 200, body = User)))]
+async fn me(State(state): State<AppState>, caller: Caller) -> ApiResult<axum::Json<User>> {
+    let id = caller.actor_id().ok_or(ApiError::NotFound("user"))?;
+    Ok(axum::Json(load(&state.db, id).await?))
+}
+
+#[utoipa::path(get, path = "/api/v1/users/{id}", tag = "users", params(("id" = Uuid, Path)),
+    responses((status = 200, body = User)))]
+async fn fetch(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<Uuid>,
+) -> ApiResult<axum::Json<User>> {
+    caller.ensure_sees(id, "user")?;
+    Ok(axum::Json(load(&state.db, id).await?))
+}
+
+/// Update a user's name, roles, status or limits (administrators only).
+#[utoipa::path(patch, path = "/api/v1/users/{id}", tag = "users", params(("id" = Uuid, Path)),
+    request_body = UpdateUser, responses((status = 200, body = User)))]
+async fn update(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<Uuid>,
+    Json(body): Json<UpdateUser>,
+) -> ApiResult<axum::Json<User>> {
+    caller.ensure_sees(id, "user")?;
+    caller.require_admin()?;
+    let name = body.name.as_deref().map(|n| validate::text("name", n, 200)).transpose()?;
+    let roles = body.roles.map(|r| roles_vec(Some(r))).transpose()?;
+    let limits = body.limits.map(|l| validate_limits("limits", Some(l))).transpose()?;
+    let mut tx = state.db.begin().await?;
+    let user: User = sqlx::query_as(&format!(
+        "UPDATE users SET name = COALESCE($2, name), roles = COALESCE($3, roles),
+                status = COALESCE($4, status), limits = COALESCE($5, limits), updated_at = now()
+         WHERE id = $1 RETURNING {COLUMNS}"
+    ))
+    .bind(id)
+    .bind(name)
+    .bind(roles)
+    .bind(body.status.map(status_str))
+    .bind(limits.map(Jsonb))
+    .fetch_optional(&mut *tx)
+    .await?
+    .ok_or(ApiError::NotFound("user"))?;
+    audit::record(&mut tx, &caller, "user.update", "user", id,
+        serde_json::json!({"status": user.status, "roles": user.roles})).await?;
+    commit_and_publish(&state, tx, vec![Invalidation::new(InvalidationKind::User, id)]).await?;
+    Ok(axum::Json(user))
+}

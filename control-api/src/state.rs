@@ -1,0 +1,31 @@
+//! The shared application state every handler receives.
+
+use std::sync::Arc;
+
+use sqlx::PgPool;
+
+use crate::{
+    auth::Authenticator, config::ControlApiConfig, events::EventPublisher, metrics::Metrics,
+    routes::models::LitellmClient,
+};
+
+#[derive(Clone)]
+pub struct AppState {
+    pub db: PgPool,
+    pub auth: Arc<Authenticator>,
+    pub events: EventPublisher,
+    pub metrics: Arc<Metrics>,
+    pub litellm: Arc<LitellmClient>,
+}
+
+impl AppState {
+    pub fn new(config: &ControlApiConfig, db: PgPool) -> anyhow::Result<Self> {
+        Ok(Self {
+            auth: Arc::new(Authenticator::new(config, db.clone())?),
+            events: EventPublisher::new(&config.redis_url)?,
+            metrics: Arc::new(Metrics::new()),
+            litellm: Arc::new(LitellmClient::new(&config.litellm)?),
+            db,
+        })
+    }
+}
