@@ -47,13 +47,28 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
             let inner = err.into_inner();
             use serde_json::error::Category;
             match inner.classify() {
-                Category::Data => Err(ApiError::invalid(
-                    if field == "." { "body".to_string() } else { field },
-                    strip_position(&inner.to_string()),
-                )),
+                Category::Data => {
+                    let message = strip_position(&inner.to_string());
+                    Err(ApiError::invalid(field_of(&field, &message), message))
+                }
                 _ => Err(ApiError::bad_request(format!("malformed JSON: {inner}"))),
             }
         }
+    }
+}
+
+/// The dotted path of the field at fault. serde reports missing and unknown fields at the
+/// enclosing object, naming the field only in its message.
+fn field_of(path: &str, message: &str) -> String {
+    let named = ["missing field `", "unknown field `"]
+        .iter()
+        .find_map(|p| message.strip_prefix(p))
+        .and_then(|rest| rest.split('`').next());
+    match (path, named) {
+        (".", Some(name)) => name.to_string(),
+        (".", None) => "body".to_string(),
+        (p, Some(name)) if !p.ends_with(name) => format!("{p}.{name}"),
+        (p, _) => p.to_string(),
     }
 }
 

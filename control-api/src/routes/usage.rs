@@ -36,7 +36,8 @@ pub enum GroupBy {
 #[into_params(parameter_in = Query)]
 pub struct UsageQuery {
     pub group_by: Option<GroupBy>,
-    /// Start (inclusive): `YYYY-MM-DD` or RFC 3339. Default: 30 days before `to`.
+    /// Start: `YYYY-MM-DD` or RFC 3339. Default: 30 days before `to`. Every day or hour bucket
+    /// that overlaps [from, to) is reported whole.
     pub from: Option<String>,
     /// End (exclusive): `YYYY-MM-DD` or RFC 3339. Default: now.
     pub to: Option<String>,

@@ -1,0 +1,16 @@
+//! Control API over real HTTP against real PostgreSQL (`#[sqlx::test]` gives each test its own
+//! database) and the shared Redis.
+
+mod common;
+
+mod auth;
+mod bad_input;
+mod invalidation;
+mod keys;
+mod models;
+mod rbac;
+mod service;
+mod subscriptions;
+mod teams;
+mod usage;
+mod users;
