@@ -27,7 +27,7 @@ use crate::{
     error::{ApiError, ApiResult},
     extract::{Json, Path, Query},
     pagination::{Page, PageParams},
-    routes::{commit_and_publish, validate_limits},
+    routes::{commit_and_publish, users, validate_limits},
     state::AppState,
     validate,
 };
@@ -222,15 +222,7 @@ async fn create(
     let team_id = body.team_id.unwrap_or(DEFAULT_TEAM_ID);
 
     let mut tx = state.db.begin().await?;
-    let user_status: Option<String> = sqlx::query_scalar("SELECT status FROM users WHERE id = $1")
-        .bind(user_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-    match user_status.as_deref() {
-        None => return Err(ApiError::invalid("user_id", "no such user")),
-        Some("active") => {}
-        Some(_) => return Err(ApiError::invalid("user_id", "user is suspended")),
-    }
+    users::require_active(&mut tx, user_id).await?;
     let member: bool = sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM team_members WHERE team_id = $1 AND user_id = $2)",
     )

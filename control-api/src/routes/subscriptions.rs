@@ -25,7 +25,7 @@ use crate::{
     error::{ApiError, ApiResult},
     extract::{Json, Path, Query},
     pagination::{Page, PageParams},
-    routes::{commit_and_publish, validate_limits},
+    routes::{commit_and_publish, users, validate_limits},
     state::AppState,
     validate,
 };
@@ -133,15 +133,7 @@ async fn create(
     let model_id = validate::identifier("model_id", &body.model_id, 256)?;
     let limits = validate_limits("limits", body.limits)?;
     let mut tx = state.db.begin().await?;
-    let user_status: Option<String> = sqlx::query_scalar("SELECT status FROM users WHERE id = $1")
-        .bind(user_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-    match user_status.as_deref() {
-        None => return Err(ApiError::invalid("user_id", "no such user")),
-        Some("active") => {}
-        Some(_) => return Err(ApiError::invalid("user_id", "user is suspended")),
-    }
+    users::require_active(&mut tx, user_id).await?;
     let model: Option<(bool, bool, bool)> =
         sqlx::query_as("SELECT enabled, available, restricted FROM models WHERE id = $1")
             .bind(&model_id)

@@ -103,6 +103,19 @@ pub(crate) async fn load(db: impl sqlx::PgExecutor<'_>, id: Uuid) -> ApiResult<U
         .ok_or(ApiError::NotFound("user"))
 }
 
+/// 422 naming `user_id` unless the user exists and is active.
+pub(crate) async fn require_active(conn: &mut sqlx::PgConnection, user_id: Uuid) -> ApiResult<()> {
+    let status: Option<String> = sqlx::query_scalar("SELECT status FROM users WHERE id = $1")
+        .bind(user_id)
+        .fetch_optional(conn)
+        .await?;
+    match status.as_deref() {
+        None => Err(ApiError::invalid("user_id", "no such user")),
+        Some("active") => Ok(()),
+        Some(_) => Err(ApiError::invalid("user_id", "user is suspended")),
+    }
+}
+
 /// List users (a user sees only themself).
 #[utoipa::path(get, path = "/api/v1/users", tag = "users", params(PageParams, UserFilter),
     responses((status = 200, body = Page<User>)))]
