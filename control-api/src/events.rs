@@ -5,7 +5,7 @@ use std::{sync::Arc, time::Duration};
 
 use redis::aio::ConnectionManager;
 use tokio::sync::Mutex;
-use tollgate_core::invalidation::{Invalidation, INVALIDATION_CHANNEL};
+use tollgate_core::invalidation::{pubsub_node_url, Invalidation, INVALIDATION_CHANNEL};
 
 const REDIS_TIMEOUT: Duration = Duration::from_millis(1000);
 
@@ -19,19 +19,9 @@ struct Inner {
     conn: Mutex<Option<ConnectionManager>>,
 }
 
-/// The control API needs one node: `PUBLISH` on any Redis Cluster node reaches every node, so
-/// a cluster URL list (comma-separated, or `redis+cluster://`) is reduced to its first node.
-pub fn first_node_url(url: &str) -> String {
-    let first = url.split(',').next().unwrap_or(url).trim();
-    match first.strip_prefix("redis+cluster://") {
-        Some(rest) => format!("redis://{rest}"),
-        None => first.to_string(),
-    }
-}
-
 impl EventPublisher {
     pub fn new(redis_url: &str) -> anyhow::Result<Self> {
-        let client = redis::Client::open(first_node_url(redis_url))?;
+        let client = redis::Client::open(pubsub_node_url(redis_url))?;
         Ok(Self { inner: Arc::new(Inner { client, conn: Mutex::new(None) }) })
     }
 
@@ -94,17 +84,5 @@ impl EventPublisher {
                 0
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::first_node_url;
-
-    #[test]
-    fn cluster_urls_reduce_to_first_node() {
-        assert_eq!(first_node_url("redis://a:1"), "redis://a:1");
-        assert_eq!(first_node_url("redis://a:1, redis://b:2"), "redis://a:1");
-        assert_eq!(first_node_url("redis+cluster://a:1,b:2"), "redis://a:1");
     }
 }

@@ -22,6 +22,17 @@ pub struct Invalidation {
     pub id: String,
 }
 
+/// The one Redis node to PUBLISH or SUBSCRIBE on. Classic pub/sub on a Redis Cluster is
+/// broadcast to every node, so a cluster URL list (comma-separated, or `redis+cluster://`) is
+/// reduced to its first node.
+pub fn pubsub_node_url(url: &str) -> String {
+    let first = url.split(',').next().unwrap_or(url).trim();
+    match first.strip_prefix("redis+cluster://") {
+        Some(rest) => format!("redis://{rest}"),
+        None => first.to_string(),
+    }
+}
+
 impl Invalidation {
     pub fn new(kind: InvalidationKind, id: impl ToString) -> Self {
         Self { kind, id: id.to_string() }
@@ -35,6 +46,13 @@ impl Invalidation {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cluster_urls_reduce_to_first_node() {
+        assert_eq!(pubsub_node_url("redis://a:1"), "redis://a:1");
+        assert_eq!(pubsub_node_url("redis://a:1, redis://b:2"), "redis://a:1");
+        assert_eq!(pubsub_node_url("redis+cluster://a:1,b:2"), "redis://a:1");
+    }
 
     #[test]
     fn wire_format() {

@@ -2,8 +2,9 @@
 
 use std::path::Path;
 
+use figment::Figment;
 use serde::{Deserialize, Serialize};
-use tollgate_core::config::{load, ConfigError, ConfigSpec};
+use tollgate_core::config::{comma_list, load, ConfigError, ConfigSpec};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -14,10 +15,37 @@ pub struct GatewayConfig {
     pub listen: String,
     /// Address for /metrics, /health and /ready.
     pub admin_listen: String,
+    /// Base URL of the OpenAI-compatible upstream (LiteLLM); a path in it prefixes every request.
     pub upstream_url: String,
     /// The credential the gateway presents upstream (environment only).
     pub upstream_api_key: Option<String>,
     pub migrate_on_start: bool,
+    /// Largest request body accepted (bytes); larger ones get 413.
+    pub max_body_bytes: usize,
+    pub upstream_connect_timeout_ms: u64,
+    /// Longest wait for the upstream's next byte (first byte included); beyond it: 504.
+    pub upstream_timeout_seconds: u64,
+    /// Paths besides chat/completions, completions and embeddings that are passed through with
+    /// authentication, authorization and metering (JSON bodies naming a model).
+    #[serde(deserialize_with = "comma_list")]
+    pub passthrough_paths: Vec<String>,
+    /// How long a key stays cached without an invalidation.
+    pub key_cache_ttl_seconds: u64,
+    /// How long an unknown key stays cached as unknown.
+    pub negative_cache_ttl_seconds: u64,
+    /// Failed authentications allowed per client address and minute before 429.
+    pub failed_auth_per_minute: u32,
+    /// Worker threads of the proxy.
+    pub threads: usize,
+    /// After SIGTERM: how long in-flight requests may take to finish.
+    pub grace_period_seconds: u64,
+    pub graceful_shutdown_timeout_seconds: u64,
+    /// Bounded queue between requests and the usage writer.
+    pub usage_queue_capacity: usize,
+    pub usage_batch_size: usize,
+    pub usage_flush_interval_ms: u64,
+    /// Where usage rows wait while PostgreSQL is unreachable.
+    pub spool_dir: String,
 }
 
 impl Default for GatewayConfig {
@@ -30,6 +58,20 @@ impl Default for GatewayConfig {
             upstream_url: "http://127.0.0.1:4000".into(),
             upstream_api_key: None,
             migrate_on_start: true,
+            max_body_bytes: 10 * 1024 * 1024,
+            upstream_connect_timeout_ms: 2000,
+            upstream_timeout_seconds: 600,
+            passthrough_paths: vec!["/v1/moderations".into(), "/v1/rerank".into()],
+            key_cache_ttl_seconds: 60,
+            negative_cache_ttl_seconds: 5,
+            failed_auth_per_minute: 60,
+            threads: 2,
+            grace_period_seconds: 10,
+            graceful_shutdown_timeout_seconds: 10,
+            usage_queue_capacity: 100_000,
+            usage_batch_size: 2000,
+            usage_flush_interval_ms: 200,
+            spool_dir: "./tollgate-spool".into(),
         }
     }
 }
@@ -43,12 +85,21 @@ pub const SPEC: ConfigSpec<'static> = ConfigSpec {
         ("UPSTREAM_URL", "upstream_url"),
         ("UPSTREAM_API_KEY", "upstream_api_key"),
         ("MIGRATE_ON_START", "migrate_on_start"),
+        ("MAX_BODY_BYTES", "max_body_bytes"),
+        ("UPSTREAM_TIMEOUT_SECONDS", "upstream_timeout_seconds"),
+        ("PASSTHROUGH_PATHS", "passthrough_paths"),
+        ("KEY_CACHE_TTL_SECONDS", "key_cache_ttl_seconds"),
+        ("THREADS", "threads"),
+        ("GRACE_PERIOD_SECONDS", "grace_period_seconds"),
+        ("GRACEFUL_SHUTDOWN_TIMEOUT_SECONDS", "graceful_shutdown_timeout_seconds"),
+        ("SPOOL_DIR", "spool_dir"),
     ],
     secrets: &["upstream_api_key"],
 };
 
 impl GatewayConfig {
-    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
-        load(file, &SPEC, figment::Figment::new())
+    /// Defaults < file < environment < `flags`.
+    pub fn load(file: Option<&Path>, flags: Figment) -> Result<Self, ConfigError> {
+        load(file, &SPEC, flags)
     }
 }

@@ -1,4 +1,142 @@
-//! tollgate-gateway: the data plane. This crate currently owns the gateway's configuration; the
-//! pingora proxy (authenticate, authorize, reserve, proxy, settle, record) builds on it.
+//! tollgate-gateway: the data plane. A pingora proxy ([`proxy::Gateway`]) authenticates each
+//! call by its hashed key, authorizes the model, proxies to the upstream with the upstream's own
+//! credential, meters usage from the response (JSON or SSE) and records one usage row per request.
+//!
+//! Two kinds of runtime: pingora's worker threads serve traffic; one small "support" tokio
+//! runtime owns the PostgreSQL pool, the Redis subscription, the usage writer and the admin
+//! listener. Requests reach the database only on a key-cache miss, through that runtime.
 
+pub mod admin;
+pub mod auth;
+pub mod catalog;
 pub mod config;
+pub mod error;
+pub mod invalidation;
+pub mod meter;
+pub mod metrics;
+pub mod proxy;
+pub mod request;
+pub mod state;
+pub mod usage;
+
+use std::{sync::Arc, time::Duration};
+
+use pingora::{
+    proxy::http_proxy_service,
+    server::{configuration::ServerConf, RunArgs, Server},
+};
+use sqlx::postgres::PgPoolOptions;
+
+use crate::{
+    auth::KeyCache,
+    catalog::ModelCatalog,
+    config::GatewayConfig,
+    invalidation::Invalidator,
+    metrics::Metrics,
+    state::{auth_failure_limiter, metered_paths, GatewayState, Upstream},
+    usage::Spool,
+};
+
+/// Starts everything and serves until SIGTERM (graceful: in-flight requests finish, their usage
+/// rows are flushed) or SIGINT.
+pub fn run(config: GatewayConfig) -> anyhow::Result<()> {
+    let upstream = Upstream::parse(&config.upstream_url)?;
+    let support = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("tollgate-support")
+        .enable_all()
+        .build()?;
+    let metrics = Arc::new(Metrics::new());
+    let db = support.block_on(async {
+        PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(2))
+            .connect_lazy(&config.database_url)
+    })?;
+    support.block_on(async {
+        if config.migrate_on_start {
+            tollgate_core::MIGRATOR.run(&db).await?;
+        }
+        if let Err(e) = tollgate_core::ensure_usage_partitions(&db).await {
+            tracing::warn!(error = %e, "could not create usage partitions");
+        }
+        anyhow::Ok(())
+    })?;
+    let catalog = Arc::new(ModelCatalog::default());
+    if let Err(e) = support.block_on(catalog.reload_all(&db)) {
+        tracing::warn!(error = %e, "model catalogue not loaded; it will be on the next refresh");
+    }
+    let keys = Arc::new(KeyCache::new(
+        Duration::from_secs(config.key_cache_ttl_seconds),
+        Duration::from_secs(config.negative_cache_ttl_seconds),
+    ));
+    let spool = Arc::new(Spool::new(&config.spool_dir)?);
+    let (sink, writer) = support.block_on(async {
+        usage::channel(
+            db.clone(),
+            spool,
+            metrics.clone(),
+            config.usage_queue_capacity,
+            config.usage_batch_size,
+            Duration::from_millis(config.usage_flush_interval_ms),
+        )
+    });
+    let writer = support.spawn(writer.run());
+    let invalidator = Invalidator { keys: keys.clone(), catalog: catalog.clone(), db: db.clone(), metrics: metrics.clone() };
+    support.spawn(invalidator.run(config.redis_url.clone()));
+    let refresh = (catalog.clone(), db.clone());
+    support.spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tick.tick().await;
+            let _ = refresh.0.reload_all(&refresh.1).await;
+            let _ = tollgate_core::ensure_usage_partitions(&refresh.1).await;
+        }
+    });
+
+    let state = Arc::new(GatewayState {
+        upstream_authorization: config.upstream_api_key.as_ref().filter(|k| !k.is_empty()).map(|k| format!("Bearer {k}")),
+        metered_paths: metered_paths(&config),
+        auth_failures: auth_failure_limiter(config.failed_auth_per_minute),
+        upstream,
+        keys,
+        catalog,
+        db,
+        support: support.handle().clone(),
+        usage: sink.clone(),
+        metrics,
+        config: config.clone(),
+    });
+    let admin = support.block_on(tokio::net::TcpListener::bind(&config.admin_listen))?;
+    let admin_router = admin::router(state.clone());
+    support.spawn(async move { axum::serve(admin, admin_router).await });
+
+    let conf = ServerConf {
+        threads: config.threads.max(1),
+        grace_period_seconds: Some(config.grace_period_seconds),
+        graceful_shutdown_timeout_seconds: Some(config.graceful_shutdown_timeout_seconds),
+        pid_file: std::env::temp_dir()
+            .join(format!("tollgate-gateway-{}.pid", std::process::id()))
+            .display()
+            .to_string(),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+    let mut service = http_proxy_service(&server.configuration, proxy::Gateway { state });
+    service.add_tcp(&config.listen);
+    server.add_service(service);
+    tracing::info!(listen = %config.listen, admin = %config.admin_listen, "gateway listening");
+    server.run(RunArgs::default());
+
+    // Every in-flight request has finished and queued its row: flush them all before exiting.
+    tracing::info!("draining usage rows");
+    support.block_on(async {
+        sink.flush().await;
+        drop(sink);
+        let _ = tokio::time::timeout(Duration::from_secs(1), async { drop(writer) }).await;
+    });
+    support.shutdown_timeout(Duration::from_secs(1));
+    tracing::info!("gateway stopped");
+    Ok(())
+}

@@ -1,6 +1,7 @@
-//! `tollgate-gateway`: loads and checks its configuration. The proxy itself is not yet wired in.
+//! `tollgate-gateway [--config FILE] [--listen ADDR] [--admin-listen ADDR]`: parse config, run.
 
 use clap::Parser;
+use figment::{providers::Serialized, Figment};
 use tollgate_gateway::config::GatewayConfig;
 
 #[derive(Parser)]
@@ -9,14 +10,28 @@ struct Args {
     /// TOML config file (see configs/gateway.toml).
     #[arg(long, env = "TOLLGATE_CONFIG")]
     config: Option<std::path::PathBuf>,
+    /// Address for client traffic (overrides TOLLGATE_LISTEN).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Address for /metrics, /health, /ready (overrides TOLLGATE_ADMIN_LISTEN).
+    #[arg(long)]
+    admin_listen: Option<String>,
+    /// Base URL of the upstream (overrides TOLLGATE_UPSTREAM_URL).
+    #[arg(long)]
+    upstream_url: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
     let args = Args::parse();
-    let config = GatewayConfig::load(args.config.as_deref())?;
-    eprintln!(
-        "tollgate-gateway: configuration valid (listen {}, upstream {}); the proxy is not part of this build yet",
-        config.listen, config.upstream_url
-    );
-    std::process::exit(2)
+    let mut flags = Figment::new();
+    for (key, value) in [("listen", args.listen), ("admin_listen", args.admin_listen), ("upstream_url", args.upstream_url)] {
+        if let Some(v) = value {
+            flags = flags.merge(Serialized::default(key, v));
+        }
+    }
+    tollgate_gateway::run(GatewayConfig::load(args.config.as_deref(), flags)?)
 }

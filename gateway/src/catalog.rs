@@ -1,0 +1,65 @@
+//! The model catalogue as the gateway needs it: enabled flag and prices, by model id. Loaded
+//! whole at start, refreshed on a timer, and reloaded per model on invalidation.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, RwLock},
+};
+
+use rust_decimal::Decimal;
+use sqlx::{FromRow, PgPool};
+
+#[derive(Debug, Clone, FromRow)]
+pub struct ModelInfo {
+    pub id: String,
+    pub upstream_model: String,
+    pub enabled: bool,
+    pub available: bool,
+    pub input_cost_per_token: Decimal,
+    pub output_cost_per_token: Decimal,
+}
+
+impl ModelInfo {
+    pub fn usable(&self) -> bool {
+        self.enabled && self.available
+    }
+
+    pub fn cost(&self, prompt_tokens: u64, completion_tokens: u64) -> Decimal {
+        self.input_cost_per_token * Decimal::from(prompt_tokens)
+            + self.output_cost_per_token * Decimal::from(completion_tokens)
+    }
+}
+
+const COLUMNS: &str = "id, upstream_model, enabled, available, input_cost_per_token, output_cost_per_token";
+
+#[derive(Default)]
+pub struct ModelCatalog {
+    models: RwLock<HashMap<String, Arc<ModelInfo>>>,
+}
+
+impl ModelCatalog {
+    pub fn get(&self, id: &str) -> Option<Arc<ModelInfo>> {
+        self.models.read().expect("catalog lock").get(id).cloned()
+    }
+
+    pub async fn reload_all(&self, db: &PgPool) -> Result<usize, sqlx::Error> {
+        let rows: Vec<ModelInfo> = sqlx::query_as(&format!("SELECT {COLUMNS} FROM models")).fetch_all(db).await?;
+        let map: HashMap<String, Arc<ModelInfo>> = rows.into_iter().map(|m| (m.id.clone(), Arc::new(m))).collect();
+        let n = map.len();
+        *self.models.write().expect("catalog lock") = map;
+        Ok(n)
+    }
+
+    pub async fn reload_one(&self, db: &PgPool, id: &str) -> Result<(), sqlx::Error> {
+        let row: Option<ModelInfo> = sqlx::query_as(&format!("SELECT {COLUMNS} FROM models WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(db)
+            .await?;
+        let mut models = self.models.write().expect("catalog lock");
+        match row {
+            Some(m) => models.insert(id.to_string(), Arc::new(m)),
+            None => models.remove(id),
+        };
+        Ok(())
+    }
+}

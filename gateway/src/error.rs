@@ -1,0 +1,108 @@
+//! Every answer the gateway gives on its own, in OpenAI's error shape
+//! `{"error": {"message", "type", "code"}}`, with its status; rendered in one place.
+
+use bytes::Bytes;
+use serde_json::json;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum GatewayError {
+    #[error("missing API key: send it as `Authorization: Bearer <key>`")]
+    MissingKey,
+    #[error("invalid API key")]
+    InvalidKey,
+    #[error("this API key has been revoked")]
+    RevokedKey,
+    #[error("this API key has expired")]
+    ExpiredKey,
+    #[error("the account that owns this key is suspended")]
+    SuspendedUser,
+    #[error("too many failed authentication attempts; retry later")]
+    TooManyFailures,
+    #[error("the key cannot be checked right now; retry shortly")]
+    AuthUnavailable,
+    #[error("model `{0}` is not available to this key")]
+    ModelNotAllowed(String),
+    #[error("no active subscription for model `{0}`")]
+    NoSubscription(String),
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("request body must be JSON (content-type: application/json)")]
+    UnsupportedContentType,
+    #[error("request body exceeds {0} bytes")]
+    TooLarge(usize),
+    #[error("unknown path {0}")]
+    NotFound(String),
+    #[error("the upstream could not be reached")]
+    UpstreamUnreachable,
+    #[error("the upstream did not answer in time")]
+    UpstreamTimeout,
+    #[error("internal error")]
+    Internal,
+}
+
+impl GatewayError {
+    pub fn status(&self) -> u16 {
+        use GatewayError::*;
+        match self {
+            MissingKey | InvalidKey | RevokedKey | ExpiredKey => 401,
+            SuspendedUser | ModelNotAllowed(_) | NoSubscription(_) => 403,
+            TooManyFailures => 429,
+            AuthUnavailable => 503,
+            InvalidRequest(_) => 400,
+            UnsupportedContentType => 400,
+            TooLarge(_) => 413,
+            NotFound(_) => 404,
+            UpstreamUnreachable => 502,
+            UpstreamTimeout => 504,
+            Internal => 500,
+        }
+    }
+
+    /// OpenAI's `type` and `code` for this error.
+    fn kind(&self) -> (&'static str, &'static str) {
+        use GatewayError::*;
+        match self {
+            MissingKey => ("invalid_request_error", "missing_api_key"),
+            InvalidKey => ("invalid_request_error", "invalid_api_key"),
+            RevokedKey => ("invalid_request_error", "revoked_api_key"),
+            ExpiredKey => ("invalid_request_error", "expired_api_key"),
+            SuspendedUser => ("permission_error", "user_suspended"),
+            TooManyFailures => ("rate_limit_error", "too_many_auth_failures"),
+            AuthUnavailable => ("server_error", "auth_unavailable"),
+            ModelNotAllowed(_) => ("permission_error", "model_not_allowed"),
+            NoSubscription(_) => ("permission_error", "no_active_subscription"),
+            InvalidRequest(_) => ("invalid_request_error", "invalid_request"),
+            UnsupportedContentType => ("invalid_request_error", "unsupported_content_type"),
+            TooLarge(_) => ("invalid_request_error", "request_too_large"),
+            NotFound(_) => ("invalid_request_error", "unknown_url"),
+            UpstreamUnreachable => ("server_error", "upstream_unreachable"),
+            UpstreamTimeout => ("server_error", "upstream_timeout"),
+            Internal => ("server_error", "internal_error"),
+        }
+    }
+
+    /// A short label for metrics and usage rows.
+    pub fn label(&self) -> &'static str {
+        self.kind().1
+    }
+
+    pub fn body(&self) -> Bytes {
+        let (kind, code) = self.kind();
+        Bytes::from(json!({"error": {"message": self.to_string(), "type": kind, "code": code}}).to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openai_shape() {
+        let e = GatewayError::ModelNotAllowed("gpt".into());
+        let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
+        assert_eq!(v["error"]["message"], "model `gpt` is not available to this key");
+        assert_eq!(v["error"]["type"], "permission_error");
+        assert_eq!(v["error"]["code"], "model_not_allowed");
+        assert_eq!(e.status(), 403);
+    }
+}

@@ -1,0 +1,101 @@
+//! The gateway's Prometheus metrics. Labels are bounded (model, status class, outcome, reason,
+//! scope type); never a key, user or request id.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    /// model, status class (2xx, 4xx, ...), outcome (success, rejected, upstream_error, interrupted).
+    pub requests: IntCounterVec,
+    pub latency: HistogramVec,
+    pub upstream_latency: Histogram,
+    pub ttfb: Histogram,
+    pub prompt_tokens: IntCounterVec,
+    pub completion_tokens: IntCounterVec,
+    /// Micro-USD, by model.
+    pub spend_micros: IntCounterVec,
+    /// reason, scope type.
+    pub rejections: IntCounterVec,
+    pub key_cache_hits: IntCounter,
+    pub key_cache_misses: IntCounter,
+    pub usage_queue_depth: IntGauge,
+    pub usage_rows_spooled: IntCounter,
+    pub usage_rows_flushed: IntCounter,
+    pub invalidations: IntCounterVec,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+const LATENCY_BUCKETS: &[f64] =
+    &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new_custom(Some("tollgate_gateway".into()), None).expect("registry");
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("metric");
+            registry.register(Box::new(c.clone())).expect("register");
+            c
+        };
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("metric");
+            registry.register(Box::new(c.clone())).expect("register");
+            c
+        };
+        let histogram = |name: &str, help: &str| {
+            let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec())).expect("metric");
+            registry.register(Box::new(h.clone())).expect("register");
+            h
+        };
+        let latency = HistogramVec::new(
+            HistogramOpts::new("request_duration_seconds", "Whole request latency, by model")
+                .buckets(LATENCY_BUCKETS.to_vec()),
+            &["model"],
+        )
+        .expect("metric");
+        registry.register(Box::new(latency.clone())).expect("register");
+        let usage_queue_depth = IntGauge::new("usage_queue_depth", "Usage rows waiting for the writer").expect("metric");
+        registry.register(Box::new(usage_queue_depth.clone())).expect("register");
+        Self {
+            requests: counter_vec("requests_total", "Requests by model, status class and outcome", &["model", "status", "outcome"]),
+            latency,
+            upstream_latency: histogram("upstream_duration_seconds", "Time from sending upstream to the last byte"),
+            ttfb: histogram("time_to_first_byte_seconds", "Time from request to the first response byte"),
+            prompt_tokens: counter_vec("prompt_tokens_total", "Prompt tokens by model", &["model"]),
+            completion_tokens: counter_vec("completion_tokens_total", "Completion tokens by model", &["model"]),
+            spend_micros: counter_vec("spend_micro_usd_total", "Spend in micro-USD by model", &["model"]),
+            rejections: counter_vec("rejections_total", "Requests refused, by reason and scope type", &["reason", "scope"]),
+            key_cache_hits: counter("key_cache_hits_total", "Key lookups answered from the cache"),
+            key_cache_misses: counter("key_cache_misses_total", "Key lookups that read PostgreSQL"),
+            usage_queue_depth,
+            usage_rows_spooled: counter("usage_rows_spooled_total", "Usage rows written to the disk spool"),
+            usage_rows_flushed: counter("usage_rows_flushed_total", "Usage rows written to PostgreSQL"),
+            invalidations: counter_vec("invalidations_total", "Invalidation messages received, by kind", &["kind"]),
+            registry,
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("encode");
+        String::from_utf8(buf).expect("utf8")
+    }
+}
+
+/// `2xx`, `4xx`, ... for a status code.
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}

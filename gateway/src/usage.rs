@@ -1,0 +1,297 @@
+//! Recording: every proxied request becomes one usage row. Requests hand rows to a bounded
+//! queue; the [`UsageWriter`] batches them into usage_logs with one multi-row INSERT and folds the
+//! rows actually inserted into usage_daily and usage_hourly in the same statement, so a flush
+//! touches each rollup row once and a replayed row is never counted twice. While PostgreSQL is
+//! unreachable (or the queue is full) rows go to an append-only spool file, replayed later.
+
+use std::{
+    io::{BufRead, Write},
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+use crate::metrics::Metrics;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UsageRow {
+    pub request_id: String,
+    pub created_at: DateTime<Utc>,
+    pub key_id: Uuid,
+    pub user_id: Uuid,
+    pub team_id: Uuid,
+    pub model_id: String,
+    pub subscription_id: Option<Uuid>,
+    pub endpoint: String,
+    pub status: i16,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub cost: Decimal,
+    pub latency_ms: i32,
+    pub ttfb_ms: Option<i32>,
+    pub stream: bool,
+    pub error_kind: Option<String>,
+}
+
+enum Message {
+    Row(UsageRow),
+    /// Flush everything queued so far, then answer.
+    Flush(oneshot::Sender<()>),
+}
+
+/// The requests' side: cheap to clone, never blocks.
+#[derive(Clone)]
+pub struct UsageSink {
+    tx: mpsc::Sender<Message>,
+    spool: Arc<Spool>,
+    metrics: Arc<Metrics>,
+}
+
+impl UsageSink {
+    pub fn record(&self, row: UsageRow) {
+        match self.tx.try_send(Message::Row(row)) {
+            Ok(()) => self.metrics.usage_queue_depth.inc(),
+            Err(mpsc::error::TrySendError::Full(Message::Row(row)))
+            | Err(mpsc::error::TrySendError::Closed(Message::Row(row))) => {
+                // Never drop a row: a full queue or a stopped writer spills to disk.
+                self.spool.append(&[row], &self.metrics);
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// Waits until every row recorded before this call is in PostgreSQL or the spool.
+    pub async fn flush(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Message::Flush(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+/// Append-only JSON-lines file of rows waiting for PostgreSQL.
+pub struct Spool {
+    path: PathBuf,
+    lock: Mutex<()>,
+    pending: AtomicBool,
+}
+
+impl Spool {
+    pub fn new(dir: &str) -> std::io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let path = PathBuf::from(dir).join("usage-spool.jsonl");
+        let pending = path.metadata().map(|m| m.len() > 0).unwrap_or(false);
+        Ok(Self { path, lock: Mutex::new(()), pending: AtomicBool::new(pending) })
+    }
+
+    pub fn append(&self, rows: &[UsageRow], metrics: &Metrics) {
+        let _guard = self.lock.lock().expect("spool lock");
+        let result = (|| -> std::io::Result<()> {
+            let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&self.path)?;
+            let mut buf = Vec::with_capacity(rows.len() * 256);
+            for row in rows {
+                serde_json::to_writer(&mut buf, row)?;
+                buf.push(b'\n');
+            }
+            f.write_all(&buf)?;
+            f.sync_data()
+        })();
+        match result {
+            Ok(()) => {
+                self.pending.store(true, Ordering::Release);
+                metrics.usage_rows_spooled.inc_by(rows.len() as u64);
+            }
+            Err(e) => tracing::error!(error = %e, rows = rows.len(), "usage spool write failed"),
+        }
+    }
+
+    /// Takes every spooled row (the file is emptied once they are read).
+    fn take(&self) -> Vec<UsageRow> {
+        let _guard = self.lock.lock().expect("spool lock");
+        if !self.pending.load(Ordering::Acquire) {
+            return Vec::new();
+        }
+        let Ok(f) = std::fs::File::open(&self.path) else { return Vec::new() };
+        let rows: Vec<UsageRow> = std::io::BufReader::new(f)
+            .lines()
+            .map_while(Result::ok)
+            .filter_map(|l| serde_json::from_str(&l).ok())
+            .collect();
+        if std::fs::File::create(&self.path).is_ok() {
+            self.pending.store(false, Ordering::Release);
+        }
+        rows
+    }
+}
+
+pub struct UsageWriter {
+    db: PgPool,
+    rx: mpsc::Receiver<Message>,
+    spool: Arc<Spool>,
+    metrics: Arc<Metrics>,
+    batch_size: usize,
+    interval: Duration,
+}
+
+/// Creates the sink requests use and the writer that drains it.
+pub fn channel(
+    db: PgPool,
+    spool: Arc<Spool>,
+    metrics: Arc<Metrics>,
+    capacity: usize,
+    batch_size: usize,
+    interval: Duration,
+) -> (UsageSink, UsageWriter) {
+    let (tx, rx) = mpsc::channel(capacity.max(1));
+    (
+        UsageSink { tx, spool: spool.clone(), metrics: metrics.clone() },
+        UsageWriter { db, rx, spool, metrics, batch_size: batch_size.max(1), interval },
+    )
+}
+
+impl UsageWriter {
+    /// Runs until every sink is dropped, then flushes what is left.
+    pub async fn run(mut self) {
+        let mut batch: Vec<UsageRow> = Vec::with_capacity(self.batch_size);
+        let mut tick = tokio::time::interval(self.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                msg = self.rx.recv() => match msg {
+                    Some(Message::Row(row)) => {
+                        self.metrics.usage_queue_depth.dec();
+                        batch.push(row);
+                        if batch.len() >= self.batch_size {
+                            self.flush(&mut batch).await;
+                        }
+                    }
+                    Some(Message::Flush(done)) => {
+                        self.flush(&mut batch).await;
+                        let _ = done.send(());
+                    }
+                    None => break,
+                },
+                _ = tick.tick() => {
+                    self.flush(&mut batch).await;
+                    self.replay_spool().await;
+                }
+            }
+        }
+        self.flush(&mut batch).await;
+    }
+
+    async fn flush(&self, batch: &mut Vec<UsageRow>) {
+        if batch.is_empty() {
+            return;
+        }
+        let rows = std::mem::take(batch);
+        match insert(&self.db, &rows).await {
+            Ok(()) => self.metrics.usage_rows_flushed.inc_by(rows.len() as u64),
+            Err(e) => {
+                tracing::warn!(error = %e, rows = rows.len(), "usage flush failed; spooling");
+                self.spool.append(&rows, &self.metrics);
+            }
+        }
+    }
+
+    async fn replay_spool(&self) {
+        let rows = self.spool.take();
+        let mut done = 0;
+        for chunk in rows.chunks(self.batch_size) {
+            if insert(&self.db, chunk).await.is_err() {
+                // Still away: put the rest back for the next attempt.
+                self.spool.append(&rows[done..], &self.metrics);
+                return;
+            }
+            done += chunk.len();
+            self.metrics.usage_rows_flushed.inc_by(chunk.len() as u64);
+        }
+    }
+}
+
+/// One statement: insert the rows (a replayed row is skipped by its key), then add the rows that
+/// were inserted into the day and hour rollups, aggregated per rollup row.
+const INSERT: &str = r#"
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::uuid[], $4::uuid[], $5::uuid[], $6::text[],
+                         $7::uuid[], $8::text[], $9::smallint[], $10::bigint[], $11::bigint[], $12::numeric[],
+                         $13::int[], $14::int[], $15::bool[], $16::text[])
+        AS r(request_id, created_at, key_id, user_id, team_id, model_id, subscription_id, endpoint, status,
+             prompt_tokens, completion_tokens, cost, latency_ms, ttfb_ms, stream, error_kind)
+), ins AS (
+    INSERT INTO usage_logs (request_id, created_at, key_id, user_id, team_id, model_id, subscription_id,
+                            endpoint, status, prompt_tokens, completion_tokens, cost, latency_ms, ttfb_ms,
+                            stream, error_kind)
+    SELECT * FROM input
+    ON CONFLICT (request_id, created_at) DO NOTHING
+    RETURNING *
+), daily AS (
+    INSERT INTO usage_daily AS d (day, key_id, model_id, user_id, team_id, subscription_id, requests, errors,
+                                  prompt_tokens, completion_tokens, cost)
+    SELECT (created_at AT TIME ZONE 'UTC')::date, key_id, model_id,
+           (array_agg(user_id))[1], (array_agg(team_id))[1], (array_agg(subscription_id))[1],
+           count(*), count(*) FILTER (WHERE status >= 400), sum(prompt_tokens), sum(completion_tokens), sum(cost)
+    FROM ins GROUP BY 1, 2, 3
+    ON CONFLICT (day, key_id, model_id) DO UPDATE SET
+        requests = d.requests + EXCLUDED.requests, errors = d.errors + EXCLUDED.errors,
+        prompt_tokens = d.prompt_tokens + EXCLUDED.prompt_tokens,
+        completion_tokens = d.completion_tokens + EXCLUDED.completion_tokens, cost = d.cost + EXCLUDED.cost
+    RETURNING 1
+), hourly AS (
+    INSERT INTO usage_hourly AS h (hour, key_id, model_id, user_id, team_id, subscription_id, requests, errors,
+                                   prompt_tokens, completion_tokens, cost)
+    SELECT date_trunc('hour', created_at), key_id, model_id,
+           (array_agg(user_id))[1], (array_agg(team_id))[1], (array_agg(subscription_id))[1],
+           count(*), count(*) FILTER (WHERE status >= 400), sum(prompt_tokens), sum(completion_tokens), sum(cost)
+    FROM ins GROUP BY 1, 2, 3
+    ON CONFLICT (hour, key_id, model_id) DO UPDATE SET
+        requests = h.requests + EXCLUDED.requests, errors = h.errors + EXCLUDED.errors,
+        prompt_tokens = h.prompt_tokens + EXCLUDED.prompt_tokens,
+        completion_tokens = h.completion_tokens + EXCLUDED.completion_tokens, cost = h.cost + EXCLUDED.cost
+    RETURNING 1
+), used AS (
+    UPDATE api_keys k SET last_used_at = u.at
+    FROM (SELECT key_id, max(created_at) AS at FROM ins GROUP BY key_id) u
+    WHERE k.id = u.key_id AND (k.last_used_at IS NULL OR k.last_used_at < u.at)
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM ins), (SELECT count(*) FROM daily), (SELECT count(*) FROM hourly), (SELECT count(*) FROM used)
+"#;
+
+pub async fn insert(db: &PgPool, rows: &[UsageRow]) -> Result<(), sqlx::Error> {
+    macro_rules! col {
+        ($f:ident) => {
+            rows.iter().map(|r| r.$f.clone()).collect::<Vec<_>>()
+        };
+    }
+    sqlx::query(INSERT)
+        .bind(col!(request_id))
+        .bind(col!(created_at))
+        .bind(col!(key_id))
+        .bind(col!(user_id))
+        .bind(col!(team_id))
+        .bind(col!(model_id))
+        .bind(col!(subscription_id))
+        .bind(col!(endpoint))
+        .bind(col!(status))
+        .bind(col!(prompt_tokens))
+        .bind(col!(completion_tokens))
+        .bind(col!(cost))
+        .bind(col!(latency_ms))
+        .bind(col!(ttfb_ms))
+        .bind(col!(stream))
+        .bind(col!(error_kind))
+        .execute(db)
+        .await?;
+    Ok(())
+}
