@@ -37,6 +37,18 @@ use crate::{
     usage::Spool,
 };
 
+/// JSON logs on stderr, level from `RUST_LOG` (default `info`). pingora dumps request and
+/// response headers (client keys, the upstream credential) at debug and trace level, so its
+/// crates are held at `info` whatever `RUST_LOG` says: no key ever reaches a log line.
+pub fn init_logging() {
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    for target in ["pingora", "pingora_core", "pingora_proxy", "pingora_http"] {
+        filter = filter.add_directive(format!("{target}=info").parse().expect("directive"));
+    }
+    tracing_subscriber::fmt().json().with_env_filter(filter).init();
+}
+
 /// Starts everything and serves until SIGTERM (graceful: in-flight requests finish, their usage
 /// rows are flushed) or SIGINT.
 pub fn run(config: GatewayConfig) -> anyhow::Result<()> {

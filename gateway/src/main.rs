@@ -22,10 +22,7 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .json()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .init();
+    tollgate_gateway::init_logging();
     let args = Args::parse();
     let mut flags = Figment::new();
     for (key, value) in [("listen", args.listen), ("admin_listen", args.admin_listen), ("upstream_url", args.upstream_url)] {

@@ -1,0 +1,263 @@
+//! Test harness: the built `tollgate-gateway` binary as a separate process, in front of an
+//! in-process mock upstream, with an in-process control API issuing keys, all on real
+//! PostgreSQL (a fresh database per test) and the shared Redis.
+
+use std::{
+    net::TcpListener as StdListener,
+    path::PathBuf,
+    process::{Child, Command},
+    time::{Duration, Instant},
+};
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use tollgate_bench::mock::{self, MockConfig};
+use tollgate_control_api::{config::ControlApiConfig, state::AppState};
+
+pub fn redis_url() -> String {
+    std::env::var("TOLLGATE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The URL of the database `#[sqlx::test]` made for this test.
+pub fn database_url(db: &PgPool) -> String {
+    let base = std::env::var("DATABASE_URL").expect("DATABASE_URL");
+    let name = db.connect_options().get_database().expect("database name").to_string();
+    let (prefix, _) = base.rsplit_once('/').expect("DATABASE_URL has a database");
+    format!("{prefix}/{name}")
+}
+
+pub struct Stack {
+    pub db: PgPool,
+    pub http: reqwest::Client,
+    pub api: String,
+    pub admin_key: String,
+    pub mock: String,
+    pub gateway: Gateway,
+}
+
+pub struct Gateway {
+    pub child: Option<Child>,
+    pub base: String,
+    pub admin: String,
+    pub log: PathBuf,
+    _dir: TempDir,
+}
+
+/// A directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new() -> Self {
+        let p = std::env::temp_dir().join(format!("tollgate-test-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub struct GatewayOptions {
+    pub database_url: String,
+    pub upstream_url: String,
+    pub env: Vec<(String, String)>,
+}
+
+impl Gateway {
+    pub async fn start(opts: GatewayOptions) -> Gateway {
+        let dir = TempDir::new();
+        let (port, admin_port) = (free_port(), free_port());
+        let log = dir.0.join("gateway.log");
+        let out = std::fs::File::create(&log).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tollgate-gateway"));
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("RUST_LOG", "info")
+            .env("TOLLGATE_DATABASE_URL", &opts.database_url)
+            .env("TOLLGATE_REDIS_URL", redis_url())
+            .env("TOLLGATE_LISTEN", format!("127.0.0.1:{port}"))
+            .env("TOLLGATE_ADMIN_LISTEN", format!("127.0.0.1:{admin_port}"))
+            .env("TOLLGATE_UPSTREAM_URL", &opts.upstream_url)
+            .env("TOLLGATE_UPSTREAM_API_KEY", "sk-upstream-credential")
+            .env("TOLLGATE_GRACE_PERIOD_SECONDS", "1")
+            .env("TOLLGATE_GRACEFUL_SHUTDOWN_TIMEOUT_SECONDS", "5")
+            .env("TOLLGATE_SPOOL_DIR", dir.0.join("spool"))
+            .stdout(out.try_clone().unwrap())
+            .stderr(out);
+        for (k, v) in &opts.env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn tollgate-gateway");
+        let gw = Gateway {
+            child: Some(child),
+            base: format!("http://127.0.0.1:{port}"),
+            admin: format!("http://127.0.0.1:{admin_port}"),
+            log,
+            _dir: dir,
+        };
+        gw.wait_ready().await;
+        gw
+    }
+
+    async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let http = reqwest::Client::new();
+        loop {
+            let admin_up = http.get(format!("{}/health", self.admin)).send().await.is_ok();
+            let proxy_up = http.get(format!("{}/", self.base)).send().await.is_ok();
+            if admin_up && proxy_up {
+                return;
+            }
+            assert!(Instant::now() < deadline, "gateway did not start:\n{}", self.logs());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, then wait (off the async runtime) for the process to exit.
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        tokio::task::spawn_blocking(move || {
+            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+            child.wait().expect("wait")
+        })
+        .await
+        .expect("join")
+    }
+}
+
+pub async fn start_mock() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(mock::serve(listener, MockConfig::default()));
+    format!("http://{addr}")
+}
+
+impl Stack {
+    pub async fn start(db: PgPool) -> Stack {
+        Self::start_with(db, vec![]).await
+    }
+
+    pub async fn start_with(db: PgPool, env: Vec<(&str, &str)>) -> Stack {
+        let mock = start_mock().await;
+        let admin_key = tollgate_core::keys::generate_key();
+        let mut config = ControlApiConfig::default();
+        config.redis_url = redis_url();
+        config.admin_api_keys = vec![admin_key.clone()];
+        let state = AppState::new(&config, db.clone()).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let api = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(tollgate_control_api::serve(listener, state, std::future::pending()));
+        let gateway = Gateway::start(GatewayOptions {
+            database_url: database_url(&db),
+            upstream_url: mock.clone(),
+            env: env.into_iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        })
+        .await;
+        Stack { db, http: reqwest::Client::new(), api, admin_key, mock, gateway }
+    }
+
+    pub async fn admin(&self, method: reqwest::Method, path: &str, body: Value) -> Value {
+        let resp = self
+            .http
+            .request(method.clone(), format!("{}/api/v1{path}", self.api))
+            .bearer_auth(&self.admin_key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status();
+        let v: Value = resp.json().await.unwrap_or(Value::Null);
+        assert!(status.is_success(), "{method} {path}: {status} {v}");
+        v
+    }
+
+    pub async fn post_admin(&self, path: &str, body: Value) -> Value {
+        self.admin(reqwest::Method::POST, path, body).await
+    }
+
+    /// A model priced at 1 micro-USD per prompt token and 2 per completion token.
+    pub async fn model(&self, id: &str) {
+        self.post_admin("/models", json!({"id": id, "input_cost_per_token": 0.000001, "output_cost_per_token": 0.000002})).await;
+    }
+
+    /// A user subscribed to `models` and a key for them: `(key, key id, user id)`.
+    pub async fn key_for(&self, email: &str, models: &[&str]) -> (String, String, String) {
+        let user = self.post_admin("/users", json!({"email": email, "name": "t"})).await;
+        let uid = user["id"].as_str().unwrap().to_string();
+        for m in models {
+            self.post_admin("/subscriptions", json!({"user_id": uid, "model_id": m})).await;
+        }
+        let key = self.post_admin("/keys", json!({"user_id": uid, "name": "k", "models": models})).await;
+        (key["key"].as_str().unwrap().to_string(), key["id"].as_str().unwrap().to_string(), uid)
+    }
+
+    /// Waits until the gateway's catalogue knows `model` (it learns through invalidation).
+    pub async fn wait_model(&self, key: &str, model: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let v: Value = self.http.get(format!("{}/v1/models", self.gateway.base)).bearer_auth(key)
+                .send().await.unwrap().json().await.unwrap();
+            if v["data"].as_array().is_some_and(|d| d.iter().any(|m| m["id"] == model)) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "gateway never saw model {model}: {v}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn chat(&self, key: &str, body: Value) -> reqwest::RequestBuilder {
+        self.http.post(format!("{}/v1/chat/completions", self.gateway.base)).bearer_auth(key).json(&body)
+    }
+
+    pub async fn recorded(&self) -> Vec<Value> {
+        let v: Value = self.http.get(format!("{}/mock/requests", self.mock)).send().await.unwrap().json().await.unwrap();
+        v.as_array().unwrap().clone()
+    }
+
+    /// Waits until usage_logs holds `n` rows.
+    pub async fn wait_usage_rows(&self, n: i64) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let count: i64 = sqlx::query_scalar("SELECT count(*) FROM usage_logs").fetch_one(&self.db).await.unwrap();
+            if count >= n {
+                assert_eq!(count, n, "more usage rows than requests");
+                return;
+            }
+            assert!(Instant::now() < deadline, "only {count} of {n} usage rows");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// The OpenAI-shaped error of a response: `(status, code)`.
+pub async fn error_of(resp: reqwest::Response) -> (StatusCode, String) {
+    let status = resp.status();
+    let v: Value = resp.json().await.unwrap();
+    assert!(v["error"]["message"].is_string() && v["error"]["type"].is_string(), "{v}");
+    (status, v["error"]["code"].as_str().unwrap_or_default().to_string())
+}
+
+pub fn user_msg(text: &str) -> Value {
+    json!([{"role": "user", "content": text}])
+}

@@ -1,0 +1,8 @@
+//! The gateway binary over real HTTP, with real PostgreSQL and Redis and a mock upstream.
+
+mod harness;
+
+mod errors;
+mod load;
+mod observability;
+mod proxying;
