@@ -23,7 +23,10 @@ TOLLGATE_PG_BASE="${TOLLGATE_PG_BASE%/}"
 TOLLGATE_REDIS_URL="${TOLLGATE_REDIS_URL:-redis://127.0.0.1:6379}"
 export TOLLGATE_PG_BASE TOLLGATE_REDIS_URL
 
-CONTROL_API_BIN="${CARGO_TARGET_DIR:-$TOLLGATE_ROOT/target}/debug/tollgate-control-api"
+TOLLGATE_BIN_DIR="${CARGO_TARGET_DIR:-$TOLLGATE_ROOT/target}/debug"
+CONTROL_API_BIN="$TOLLGATE_BIN_DIR/tollgate-control-api"
+GATEWAY_BIN="$TOLLGATE_BIN_DIR/tollgate-gateway"
+MOCK_UPSTREAM_BIN="$TOLLGATE_BIN_DIR/tollgate-mock-upstream"
 
 # ---------------------------------------------------------------- messages
 
@@ -259,13 +262,13 @@ ensure_venv() {
 import importlib.metadata as md
 import sys
 try:
-    ok = md.version("schemathesis").startswith("4.") and bool(md.version("openai"))
+    ok = md.version("schemathesis").startswith("4.") and bool(md.version("openai")) and bool(md.version("pytest"))
 except md.PackageNotFoundError:
     ok = False
 sys.exit(0 if ok else 1)
 EOF
-    log "installing schemathesis 4.x and openai into $(rel "$TOLLGATE_VENV")"
-    "$py" -m pip install -q --disable-pip-version-check 'schemathesis==4.*' openai
+    log "installing schemathesis 4.x, openai and pytest into $(rel "$TOLLGATE_VENV")"
+    "$py" -m pip install -q --disable-pip-version-check 'schemathesis==4.*' openai pytest
   fi
 }
 
@@ -360,6 +363,33 @@ control_api_env() {
     "TOLLGATE_API_LISTEN=$2"
     "TOLLGATE_ADMIN_API_KEYS=$3"
   )
+}
+
+# build_binaries: the three binaries (debug build, shared with the tests).
+build_binaries() {
+  log "cargo build --bin tollgate-control-api --bin tollgate-gateway --bin tollgate-mock-upstream"
+  (cd "$TOLLGATE_ROOT" && cargo build --bin tollgate-control-api --bin tollgate-gateway --bin tollgate-mock-upstream)
+}
+
+# start_mock_upstream NAME LISTEN: the OpenAI-compatible stand-in, waited for.
+start_mock_upstream() {
+  start_bg "$1" "$MOCK_UPSTREAM_BIN" --listen "$2"
+  wait_http "$(http_base "$2")/v1/models" 30 "$BG_PID" || die "mock upstream did not start; see .tollgate/$1.log"
+}
+
+# start_gateway NAME DATABASE_URL LISTEN ADMIN_LISTEN UPSTREAM_URL [VAR=VALUE...]: the gateway,
+# waited for on its admin /ready.
+start_gateway() {
+  local name="$1" db="$2" listen="$3" admin="$4" upstream="$5"
+  shift 5
+  start_bg "$name" "TOLLGATE_DATABASE_URL=$db" "TOLLGATE_REDIS_URL=$TOLLGATE_REDIS_URL" \
+    "TOLLGATE_LISTEN=$listen" "TOLLGATE_ADMIN_LISTEN=$admin" "TOLLGATE_UPSTREAM_URL=$upstream" \
+    "TOLLGATE_UPSTREAM_API_KEY=sk-local-upstream" "TOLLGATE_SPOOL_DIR=$TOLLGATE_STATE_DIR/$name-spool" \
+    "TOLLGATE_GRACE_PERIOD_SECONDS=1" "TOLLGATE_GRACEFUL_SHUTDOWN_TIMEOUT_SECONDS=5" "$@" "$GATEWAY_BIN"
+  wait_http "$(http_base "$admin")/ready" 60 "$BG_PID" || {
+    tail -n 30 "$TOLLGATE_STATE_DIR/$name.log" >&2 || true
+    die "gateway did not become ready; see .tollgate/$name.log"
+  }
 }
 
 build_control_api() {
