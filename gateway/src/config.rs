@@ -89,6 +89,7 @@ pub const SPEC: ConfigSpec<'static> = ConfigSpec {
         ("UPSTREAM_TIMEOUT_SECONDS", "upstream_timeout_seconds"),
         ("PASSTHROUGH_PATHS", "passthrough_paths"),
         ("KEY_CACHE_TTL_SECONDS", "key_cache_ttl_seconds"),
+        ("FAILED_AUTH_PER_MINUTE", "failed_auth_per_minute"),
         ("THREADS", "threads"),
         ("GRACE_PERIOD_SECONDS", "grace_period_seconds"),
         ("GRACEFUL_SHUTDOWN_TIMEOUT_SECONDS", "graceful_shutdown_timeout_seconds"),

@@ -154,3 +154,48 @@ async fn unknown_key_with_postgres_down_is_503(db: PgPool) {
         .json(&json!({"model": "m", "messages": user_msg("hi")})).send().await.unwrap();
     assert_eq!(error_of(resp).await, (StatusCode::SERVICE_UNAVAILABLE, "auth_unavailable".into()));
 }
+
+#[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
+async fn repeated_failed_authentication_is_429(db: PgPool) {
+    let stack = Stack::start_with(db, vec![("TOLLGATE_FAILED_AUTH_PER_MINUTE", "3")]).await;
+    stack.model("m").await;
+    let (key, _, _) = stack.key_for("a@example.com", &["m"]).await;
+    stack.wait_model(&key, "m").await;
+    let body = json!({"model": "m", "messages": user_msg("hi")});
+    let mut codes = Vec::new();
+    for _ in 0..5 {
+        let resp = stack.chat(&tollgate_core::keys::generate_key(), body.clone()).send().await.unwrap();
+        codes.push(error_of(resp).await);
+    }
+    let statuses: Vec<u16> = codes.iter().map(|(s, _)| s.as_u16()).collect();
+    assert_eq!(statuses, [401, 401, 401, 429, 429]);
+    assert_eq!(codes[4].1, "too_many_auth_failures");
+    // A valid key from the same address still works: only failures are counted.
+    assert_eq!(stack.chat(&key, body).send().await.unwrap().status(), StatusCode::OK);
+}
+
+#[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
+async fn passthrough_paths_are_proxied_with_auth_and_metering(db: PgPool) {
+    let stack = Stack::start_with(db, vec![("TOLLGATE_PASSTHROUGH_PATHS", "/v1/rerank")]).await;
+    stack.model("m").await;
+    let (key, key_id, _) = stack.key_for("a@example.com", &["m"]).await;
+    stack.wait_model(&key, "m").await;
+    let url = format!("{}/v1/rerank", stack.gateway.base);
+    let body = json!({"model": "m", "query": "q", "documents": ["a"]});
+    let resp = stack.http.post(&url).json(&body).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "auth applies to pass-through paths");
+    // The mock does not serve /v1/rerank: its 404 is passed back and recorded.
+    let resp = stack.http.post(&url).bearer_auth(&key).json(&body).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    let recorded = stack.recorded().await;
+    assert_eq!(recorded.len(), 1);
+    assert_eq!(recorded[0]["path"], "/v1/rerank");
+    stack.wait_usage_rows(1).await;
+    let (endpoint, status, kid): (String, i16, String) =
+        sqlx::query_as("SELECT endpoint, status, key_id::text FROM usage_logs").fetch_one(&stack.db).await.unwrap();
+    assert_eq!((endpoint.as_str(), status, kid), ("/v1/rerank", 404, key_id));
+    // Moderations is not on this gateway's list.
+    let resp = stack.http.post(format!("{}/v1/moderations", stack.gateway.base)).bearer_auth(&key).json(&body).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    assert_eq!(stack.recorded().await.len(), 1);
+}
