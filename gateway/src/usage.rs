@@ -9,7 +9,7 @@ use std::{
     path::PathBuf,
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc, Mutex,
+        Arc, LazyLock, Mutex,
     },
     time::Duration,
 };
@@ -221,7 +221,9 @@ impl UsageWriter {
 
 /// One statement: insert the rows (a replayed row is skipped by its key), then add the rows that
 /// were inserted into the day and hour rollups, aggregated per rollup row.
-const INSERT: &str = r#"
+static INSERT: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        r#"
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::uuid[], $4::uuid[], $5::uuid[], $6::text[],
                          $7::uuid[], $8::text[], $9::smallint[], $10::bigint[], $11::bigint[], $12::numeric[],
@@ -235,38 +237,35 @@ WITH input AS (
     SELECT * FROM input
     ON CONFLICT (request_id, created_at) DO NOTHING
     RETURNING *
-), daily AS (
-    INSERT INTO usage_daily AS d (day, key_id, model_id, user_id, team_id, subscription_id, requests, errors,
-                                  prompt_tokens, completion_tokens, cost)
-    SELECT (created_at AT TIME ZONE 'UTC')::date, key_id, model_id,
-           (array_agg(user_id))[1], (array_agg(team_id))[1], (array_agg(subscription_id))[1],
-           count(*), count(*) FILTER (WHERE status >= 400), sum(prompt_tokens), sum(completion_tokens), sum(cost)
-    FROM ins GROUP BY 1, 2, 3
-    ON CONFLICT (day, key_id, model_id) DO UPDATE SET
-        requests = d.requests + EXCLUDED.requests, errors = d.errors + EXCLUDED.errors,
-        prompt_tokens = d.prompt_tokens + EXCLUDED.prompt_tokens,
-        completion_tokens = d.completion_tokens + EXCLUDED.completion_tokens, cost = d.cost + EXCLUDED.cost
-    RETURNING 1
-), hourly AS (
-    INSERT INTO usage_hourly AS h (hour, key_id, model_id, user_id, team_id, subscription_id, requests, errors,
-                                   prompt_tokens, completion_tokens, cost)
-    SELECT date_trunc('hour', created_at), key_id, model_id,
-           (array_agg(user_id))[1], (array_agg(team_id))[1], (array_agg(subscription_id))[1],
-           count(*), count(*) FILTER (WHERE status >= 400), sum(prompt_tokens), sum(completion_tokens), sum(cost)
-    FROM ins GROUP BY 1, 2, 3
-    ON CONFLICT (hour, key_id, model_id) DO UPDATE SET
-        requests = h.requests + EXCLUDED.requests, errors = h.errors + EXCLUDED.errors,
-        prompt_tokens = h.prompt_tokens + EXCLUDED.prompt_tokens,
-        completion_tokens = h.completion_tokens + EXCLUDED.completion_tokens, cost = h.cost + EXCLUDED.cost
-    RETURNING 1
-), used AS (
+), daily AS ({daily}), hourly AS ({hourly}), used AS (
     UPDATE api_keys k SET last_used_at = u.at
     FROM (SELECT key_id, max(created_at) AS at FROM ins GROUP BY key_id) u
     WHERE k.id = u.key_id AND (k.last_used_at IS NULL OR k.last_used_at < u.at)
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM ins), (SELECT count(*) FROM daily), (SELECT count(*) FROM hourly), (SELECT count(*) FROM used)
-"#;
+"#,
+        daily = rollup("usage_daily", "day", "(created_at AT TIME ZONE 'UTC')::date"),
+        hourly = rollup("usage_hourly", "hour", "date_trunc('hour', created_at)"),
+    )
+});
+
+/// Adds the inserted rows (`ins`) to a rollup table keyed by `(bucket, key_id, model_id)`.
+fn rollup(table: &str, bucket: &str, bucket_expr: &str) -> String {
+    format!(
+        "INSERT INTO {table} AS t ({bucket}, key_id, model_id, user_id, team_id, subscription_id, requests, errors,
+                             prompt_tokens, completion_tokens, cost)
+    SELECT {bucket_expr}, key_id, model_id,
+           (array_agg(user_id))[1], (array_agg(team_id))[1], (array_agg(subscription_id))[1],
+           count(*), count(*) FILTER (WHERE status >= 400), sum(prompt_tokens), sum(completion_tokens), sum(cost)
+    FROM ins GROUP BY 1, 2, 3
+    ON CONFLICT ({bucket}, key_id, model_id) DO UPDATE SET
+        requests = t.requests + EXCLUDED.requests, errors = t.errors + EXCLUDED.errors,
+        prompt_tokens = t.prompt_tokens + EXCLUDED.prompt_tokens,
+        completion_tokens = t.completion_tokens + EXCLUDED.completion_tokens, cost = t.cost + EXCLUDED.cost
+    RETURNING 1"
+    )
+}
 
 pub async fn insert(db: &PgPool, rows: &[UsageRow]) -> Result<(), sqlx::Error> {
     macro_rules! col {
@@ -274,7 +273,7 @@ pub async fn insert(db: &PgPool, rows: &[UsageRow]) -> Result<(), sqlx::Error> {
             rows.iter().map(|r| r.$f.clone()).collect::<Vec<_>>()
         };
     }
-    sqlx::query(INSERT)
+    sqlx::query(&INSERT)
         .bind(col!(request_id))
         .bind(col!(created_at))
         .bind(col!(key_id))

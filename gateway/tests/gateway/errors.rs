@@ -89,9 +89,7 @@ async fn authorization_errors_are_403(db: PgPool) {
 #[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
 async fn bad_requests_are_400_413_and_404(db: PgPool) {
     let stack = Stack::start_with(db, vec![("TOLLGATE_MAX_BODY_BYTES", "200000")]).await;
-    stack.model("m").await;
-    let (key, _, _) = stack.key_for("a@example.com", &["m"]).await;
-    stack.wait_model(&key, "m").await;
+    let (key, _, _) = stack.ready_key("a@example.com", &["m"]).await;
     let gw = &stack.gateway.base;
     let raw = |body: &'static str, ct: &'static str| {
         stack.http.post(format!("{gw}/v1/chat/completions")).bearer_auth(&key).header("content-type", ct).body(body).send()
@@ -123,9 +121,7 @@ async fn bad_requests_are_400_413_and_404(db: PgPool) {
 #[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
 async fn upstream_unreachable_is_502_and_slow_upstream_is_504(db: PgPool) {
     let stack = Stack::start_with(db.clone(), vec![("TOLLGATE_UPSTREAM_TIMEOUT_SECONDS", "1")]).await;
-    stack.model("m").await;
-    let (key, _, _) = stack.key_for("a@example.com", &["m"]).await;
-    stack.wait_model(&key, "m").await;
+    let (key, _, _) = stack.ready_key("a@example.com", &["m"]).await;
     let body = json!({"model": "m", "messages": user_msg("hi")});
     let resp = stack.chat(&key, body.clone()).header("x-mock-ttfb-ms", "3000").send().await.unwrap();
     assert_eq!(error_of(resp).await, (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout".into()));
@@ -158,9 +154,7 @@ async fn unknown_key_with_postgres_down_is_503(db: PgPool) {
 #[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
 async fn repeated_failed_authentication_is_429(db: PgPool) {
     let stack = Stack::start_with(db, vec![("TOLLGATE_FAILED_AUTH_PER_MINUTE", "3")]).await;
-    stack.model("m").await;
-    let (key, _, _) = stack.key_for("a@example.com", &["m"]).await;
-    stack.wait_model(&key, "m").await;
+    let (key, _, _) = stack.ready_key("a@example.com", &["m"]).await;
     let body = json!({"model": "m", "messages": user_msg("hi")});
     let mut codes = Vec::new();
     for _ in 0..5 {
@@ -177,9 +171,7 @@ async fn repeated_failed_authentication_is_429(db: PgPool) {
 #[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
 async fn passthrough_paths_are_proxied_with_auth_and_metering(db: PgPool) {
     let stack = Stack::start_with(db, vec![("TOLLGATE_PASSTHROUGH_PATHS", "/v1/rerank")]).await;
-    stack.model("m").await;
-    let (key, key_id, _) = stack.key_for("a@example.com", &["m"]).await;
-    stack.wait_model(&key, "m").await;
+    let (key, key_id, _) = stack.ready_key("a@example.com", &["m"]).await;
     let url = format!("{}/v1/rerank", stack.gateway.base);
     let body = json!({"model": "m", "query": "q", "documents": ["a"]});
     let resp = stack.http.post(&url).json(&body).send().await.unwrap();

@@ -212,6 +212,19 @@ impl Stack {
         (key["key"].as_str().unwrap().to_string(), key["id"].as_str().unwrap().to_string(), uid)
     }
 
+    /// Creates `models`, a user subscribed to them and a key, and waits until the gateway serves
+    /// them: `(key, key id, user id)`.
+    pub async fn ready_key(&self, email: &str, models: &[&str]) -> (String, String, String) {
+        for m in models {
+            self.model(m).await;
+        }
+        let made = self.key_for(email, models).await;
+        for m in models {
+            self.wait_model(&made.0, m).await;
+        }
+        made
+    }
+
     /// Waits until the gateway's catalogue knows `model` (it learns through invalidation).
     pub async fn wait_model(&self, key: &str, model: &str) {
         let deadline = Instant::now() + Duration::from_secs(10);

@@ -115,9 +115,7 @@ async fn thousand_mixed_requests_are_metered_exactly(db: PgPool) {
 #[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
 async fn sigterm_under_load_loses_no_row(db: PgPool) {
     let mut stack = Stack::start(db).await;
-    stack.model("m").await;
-    let (key, _, _) = stack.key_for("term@example.com", &["m"]).await;
-    stack.wait_model(&key, "m").await;
+    let (key, _, _) = stack.ready_key("term@example.com", &["m"]).await;
     let (http, base) = (stack.http.clone(), stack.gateway.base.clone());
     let load = tokio::spawn(async move {
         stream::iter(0..400usize)

@@ -9,9 +9,7 @@ use crate::harness::*;
 #[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
 async fn no_key_in_any_log_line_and_metrics_without_key_labels(db: PgPool) {
     let stack = Stack::start_with(db, vec![("RUST_LOG", "trace")]).await;
-    stack.model("m").await;
-    let (key, key_id, _) = stack.key_for("logs@example.com", &["m"]).await;
-    stack.wait_model(&key, "m").await;
+    let (key, key_id, _) = stack.ready_key("logs@example.com", &["m"]).await;
     let wrong = tollgate_core::keys::generate_key();
     let body = json!({"model": "m", "messages": user_msg("hi")});
     assert_eq!(stack.chat(&key, body.clone()).send().await.unwrap().status(), StatusCode::OK);

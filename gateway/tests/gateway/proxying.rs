@@ -17,9 +17,7 @@ fn header<'a>(req: &'a Value, name: &str) -> Option<&'a str> {
 #[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
 async fn large_prompts_arrive_byte_identical(db: PgPool) {
     let stack = Stack::start(db).await;
-    stack.model("m").await;
-    let (key, key_id, uid) = stack.key_for("a@example.com", &["m"]).await;
-    stack.wait_model(&key, "m").await;
+    let (key, key_id, uid) = stack.ready_key("a@example.com", &["m"]).await;
     // 1 MiB of prompt, with formatting a re-serialiser would change.
     let prompt = "lorem ipsum ".repeat(1024 * 1024 / 12);
     let body = format!("{{ \"model\" : \"m\",\n  \"messages\": [{{\"role\":\"user\",\"content\":\"{prompt}\"}}], \"temperature\": 0.50 }}");
@@ -62,9 +60,7 @@ async fn large_prompts_arrive_byte_identical(db: PgPool) {
 #[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
 async fn streams_pass_through_without_buffering(db: PgPool) {
     let stack = Stack::start(db).await;
-    stack.model("m").await;
-    let (key, _, _) = stack.key_for("a@example.com", &["m"]).await;
-    stack.wait_model(&key, "m").await;
+    let (key, _, _) = stack.ready_key("a@example.com", &["m"]).await;
     let started = Instant::now();
     let mut resp = stack
         .chat(&key, json!({"model": "m", "stream": true, "messages": user_msg("hi")}))
@@ -102,9 +98,7 @@ async fn stream_events(stack: &Stack, key: &str, include_usage: Option<bool>) ->
 #[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
 async fn usage_chunk_is_kept_or_stripped_as_the_client_asked(db: PgPool) {
     let stack = Stack::start(db).await;
-    stack.model("m").await;
-    let (key, _, _) = stack.key_for("a@example.com", &["m"]).await;
-    stack.wait_model(&key, "m").await;
+    let (key, _, _) = stack.ready_key("a@example.com", &["m"]).await;
 
     let asked = stream_events(&stack, &key, Some(true)).await;
     let last = asked.last().unwrap();
