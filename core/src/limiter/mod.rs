@@ -1,0 +1,214 @@
+//! Rate limits and budgets: the [`Limiter`] trait the gateway reserves and settles through, its
+//! Redis implementation ([`RedisLimiter`], one Lua script per scope in `scope.lua`), and the
+//! types both speak.
+//!
+//! A request names up to four scopes (key, user, team, subscription), each only if it has limits.
+//! Reserving takes one request against RPM, the estimated tokens against TPM and the estimated
+//! maximum cost against the budget, in every scope, in one pipelined round trip; if any scope
+//! refuses, the others are refunded. Settling replaces the reservation with the real amounts.
+
+mod redis_limiter;
+
+use async_trait::async_trait;
+use chrono::NaiveDate;
+use uuid::Uuid;
+
+use crate::limits::{BudgetPeriod, Enforcement, Limits};
+
+pub use redis_limiter::{RedisConn, RedisLimiter, SCOPE_SCRIPT};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ScopeKind {
+    Key,
+    User,
+    Team,
+    Subscription,
+}
+
+impl ScopeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ScopeKind::Key => "key",
+            ScopeKind::User => "user",
+            ScopeKind::Team => "team",
+            ScopeKind::Subscription => "subscription",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scope {
+    pub kind: ScopeKind,
+    pub id: Uuid,
+    pub limits: Limits,
+}
+
+impl Scope {
+    /// Every Redis key of this scope starts with this; the braces make it one cluster hash slot.
+    pub fn redis_prefix(&self) -> String {
+        format!("tg:{{{}:{}}}", self.kind.as_str(), self.id)
+    }
+}
+
+/// What one request asks of every scope.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Demand {
+    pub request_id: String,
+    /// Prompt estimate plus the completion allowance.
+    pub tokens: u64,
+    /// The most the request can cost, in micro-USD.
+    pub cost_micros: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    Rpm,
+    Tpm,
+    Budget,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Rpm => "rpm",
+            Reason::Tpm => "tpm",
+            Reason::Budget => "budget",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refusal {
+    pub scope: ScopeKind,
+    pub reason: Reason,
+    /// Seconds until the request could be admitted (0: not within this period).
+    pub retry_after: u64,
+}
+
+/// Where a scope stands after a reservation, for the `x-ratelimit-*` headers.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Standing {
+    pub limit_requests: Option<u64>,
+    pub remaining_requests: Option<u64>,
+    pub reset_requests_secs: u64,
+    pub limit_tokens: Option<u64>,
+    pub remaining_tokens: Option<u64>,
+    pub reset_tokens_secs: u64,
+}
+
+/// One scope's part of a reservation, enough to settle or refund it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Held {
+    pub scope: Scope,
+    /// The (Redis) second the reservation was made in.
+    pub made_at: i64,
+    /// The budget period it was made in, e.g. `d20261122`.
+    pub period: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reservation {
+    pub demand: Demand,
+    pub held: Vec<Held>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Admission {
+    /// `None`: admitted.
+    pub refusal: Option<Refusal>,
+    /// Soft-enforced limits the request went over (admitted anyway).
+    pub warnings: Vec<(ScopeKind, Reason)>,
+    /// The tightest scope's standing.
+    pub standing: Standing,
+    /// Present when admitted: settle or release it.
+    pub reservation: Option<Reservation>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LimiterError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("redis did not answer in time")]
+    Timeout,
+    #[error("budget seed: {0}")]
+    Seed(String),
+    #[error("unexpected limiter reply: {0}")]
+    Protocol(String),
+}
+
+/// Where a budget scope's spend so far in a period comes from when Redis has lost it.
+#[async_trait]
+pub trait SpendSource: Send + Sync {
+    async fn spent_micros(&self, scope: &Scope, since: NaiveDate) -> Result<i64, String>;
+}
+
+#[async_trait]
+pub trait Limiter: Send + Sync {
+    /// Reserves `demand` in every scope, or in none.
+    async fn reserve(&self, scopes: &[Scope], demand: &Demand) -> Result<Admission, LimiterError>;
+    /// Replaces a reservation with what was really used.
+    async fn settle(&self, reservation: &Reservation, tokens: u64, cost_micros: i64) -> Result<(), LimiterError>;
+    /// Gives a reservation back whole (nothing reached the upstream).
+    async fn release(&self, reservation: &Reservation) -> Result<(), LimiterError>;
+}
+
+/// The first day of a budget period named by the script (`d20261122`, `w20261116`, `m202611`,
+/// `all`).
+pub fn period_start(period: &str) -> Option<NaiveDate> {
+    let (kind, rest) = period.split_at(1.min(period.len()));
+    match kind {
+        "d" | "w" => NaiveDate::parse_from_str(rest, "%Y%m%d").ok(),
+        "m" => NaiveDate::parse_from_str(&format!("{rest}01"), "%Y%m%d").ok(),
+        _ if period == "all" => NaiveDate::from_ymd_opt(1970, 1, 1),
+        _ => None,
+    }
+}
+
+/// Micro-USD from a decimal amount of USD, rounded up (a reservation never under-counts).
+pub fn micros_ceil(usd: rust_decimal::Decimal) -> i64 {
+    use rust_decimal::prelude::ToPrimitive;
+    (usd * rust_decimal::Decimal::from(1_000_000)).ceil().to_i64().unwrap_or(i64::MAX)
+}
+
+/// Micro-USD from a decimal amount of USD, rounded to nearest (what was really spent).
+pub fn micros_round(usd: rust_decimal::Decimal) -> i64 {
+    use rust_decimal::prelude::ToPrimitive;
+    (usd * rust_decimal::Decimal::from(1_000_000)).round().to_i64().unwrap_or(i64::MAX)
+}
+
+pub(crate) fn period_arg(p: BudgetPeriod) -> &'static str {
+    match p {
+        BudgetPeriod::None => "none",
+        BudgetPeriod::Daily => "daily",
+        BudgetPeriod::Weekly => "weekly",
+        BudgetPeriod::Monthly => "monthly",
+    }
+}
+
+pub(crate) fn enforcement_arg(e: Enforcement) -> &'static str {
+    match e {
+        Enforcement::Hard => "hard",
+        Enforcement::Soft => "soft",
+        Enforcement::Monitor => "monitor",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn period_names_map_to_their_first_day() {
+        assert_eq!(period_start("d20261122"), NaiveDate::from_ymd_opt(2026, 11, 22));
+        assert_eq!(period_start("w20261116"), NaiveDate::from_ymd_opt(2026, 11, 16));
+        assert_eq!(period_start("m202611"), NaiveDate::from_ymd_opt(2026, 11, 1));
+        assert_eq!(period_start("all"), NaiveDate::from_ymd_opt(1970, 1, 1));
+        assert_eq!(period_start("x"), None);
+    }
+
+    #[test]
+    fn scopes_share_one_hash_tag() {
+        let s = Scope { kind: ScopeKind::Team, id: Uuid::nil(), limits: Limits::default() };
+        assert_eq!(s.redis_prefix(), "tg:{team:00000000-0000-0000-0000-000000000000}");
+    }
+}
