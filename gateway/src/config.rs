@@ -46,6 +46,16 @@ pub struct GatewayConfig {
     pub usage_flush_interval_ms: u64,
     /// Where usage rows wait while PostgreSQL is unreachable.
     pub spool_dir: String,
+    /// Longest wait for any Redis call on the request path.
+    pub redis_timeout_ms: u64,
+    /// How long a reservation holds budget if its request is never settled (crashed replica).
+    pub reservation_lease_seconds: u64,
+    /// Completion allowance reserved when a request names no max_tokens.
+    pub default_max_tokens: u64,
+    /// true: while limits cannot be checked, answer 503 instead of admitting.
+    pub fail_closed: bool,
+    /// Shifts the limiter's clock (Redis TIME); for testing period boundaries only.
+    pub limiter_clock_offset_seconds: i64,
 }
 
 impl Default for GatewayConfig {
@@ -72,6 +82,11 @@ impl Default for GatewayConfig {
             usage_batch_size: 2000,
             usage_flush_interval_ms: 200,
             spool_dir: "./tollgate-spool".into(),
+            redis_timeout_ms: 50,
+            reservation_lease_seconds: 600,
+            default_max_tokens: 4096,
+            fail_closed: false,
+            limiter_clock_offset_seconds: 0,
         }
     }
 }
@@ -94,6 +109,11 @@ pub const SPEC: ConfigSpec<'static> = ConfigSpec {
         ("GRACE_PERIOD_SECONDS", "grace_period_seconds"),
         ("GRACEFUL_SHUTDOWN_TIMEOUT_SECONDS", "graceful_shutdown_timeout_seconds"),
         ("SPOOL_DIR", "spool_dir"),
+        ("REDIS_TIMEOUT_MS", "redis_timeout_ms"),
+        ("RESERVATION_LEASE_SECONDS", "reservation_lease_seconds"),
+        ("DEFAULT_MAX_TOKENS", "default_max_tokens"),
+        ("FAIL_CLOSED", "fail_closed"),
+        ("LIMITER_CLOCK_OFFSET_SECONDS", "limiter_clock_offset_seconds"),
     ],
     secrets: &["upstream_api_key"],
 };

@@ -32,6 +32,12 @@ pub enum GatewayError {
     TooLarge(usize),
     #[error("unknown path {0}")]
     NotFound(String),
+    #[error("rate limit reached for {reason} on this {scope}; retry after {retry_after}s")]
+    RateLimited { scope: &'static str, reason: &'static str, retry_after: u64 },
+    #[error("budget exhausted for this {scope}")]
+    BudgetExhausted { scope: &'static str, retry_after: u64 },
+    #[error("limits cannot be checked right now; retry shortly")]
+    LimitsUnavailable,
     #[error("the upstream could not be reached")]
     UpstreamUnreachable,
     #[error("the upstream did not answer in time")]
@@ -46,7 +52,8 @@ impl GatewayError {
         match self {
             MissingKey | InvalidKey | RevokedKey | ExpiredKey => 401,
             SuspendedUser | ModelNotAllowed(_) | NoSubscription(_) => 403,
-            TooManyFailures => 429,
+            TooManyFailures | RateLimited { .. } | BudgetExhausted { .. } => 429,
+            LimitsUnavailable => 503,
             AuthUnavailable => 503,
             InvalidRequest(_) => 400,
             UnsupportedContentType => 400,
@@ -68,6 +75,9 @@ impl GatewayError {
             ExpiredKey => ("invalid_request_error", "expired_api_key"),
             SuspendedUser => ("permission_error", "user_suspended"),
             TooManyFailures => ("rate_limit_error", "too_many_auth_failures"),
+            RateLimited { .. } => ("rate_limit_error", "rate_limit_exceeded"),
+            BudgetExhausted { .. } => ("insufficient_quota", "insufficient_quota"),
+            LimitsUnavailable => ("server_error", "limits_unavailable"),
             AuthUnavailable => ("server_error", "auth_unavailable"),
             ModelNotAllowed(_) => ("permission_error", "model_not_allowed"),
             NoSubscription(_) => ("permission_error", "no_active_subscription"),
@@ -78,6 +88,18 @@ impl GatewayError {
             UpstreamUnreachable => ("server_error", "upstream_unreachable"),
             UpstreamTimeout => ("server_error", "upstream_timeout"),
             Internal => ("server_error", "internal_error"),
+        }
+    }
+
+    /// Seconds after which a retry may succeed, for `retry-after`.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            GatewayError::RateLimited { retry_after, .. } | GatewayError::BudgetExhausted { retry_after, .. } => {
+                Some(*retry_after).filter(|s| *s > 0)
+            }
+            GatewayError::TooManyFailures => Some(60),
+            GatewayError::LimitsUnavailable => Some(1),
+            _ => None,
         }
     }
 

@@ -12,6 +12,7 @@ pub mod catalog;
 pub mod config;
 pub mod error;
 pub mod invalidation;
+pub mod limits;
 pub mod meter;
 pub mod metrics;
 pub mod proxy;
@@ -106,7 +107,9 @@ pub fn run(config: GatewayConfig) -> anyhow::Result<()> {
         }
     });
 
+    let limiter = limits::LimiterHandle::start(&config, db.clone(), support.handle().clone());
     let state = Arc::new(GatewayState {
+        limiter,
         upstream_authorization: config.upstream_api_key.as_ref().filter(|k| !k.is_empty()).map(|k| format!("Bearer {k}")),
         metered_paths: metered_paths(&config),
         auth_failures: auth_failure_limiter(config.failed_auth_per_minute),

@@ -25,6 +25,12 @@ pub struct Metrics {
     pub usage_rows_spooled: IntCounter,
     pub usage_rows_flushed: IntCounter,
     pub invalidations: IntCounterVec,
+    pub redis_latency: Histogram,
+    pub redis_errors: IntCounter,
+    /// 1 while the limiter cannot reach Redis.
+    pub fallback_active: IntGauge,
+    /// Requests admitted over a soft or monitor limit, by reason and scope type.
+    pub limit_warnings: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -61,6 +67,8 @@ impl Metrics {
         )
         .expect("metric");
         registry.register(Box::new(latency.clone())).expect("register");
+        let fallback_active = IntGauge::new("limiter_fallback_active", "1 while limits are checked without Redis").expect("metric");
+        registry.register(Box::new(fallback_active.clone())).expect("register");
         let usage_queue_depth = IntGauge::new("usage_queue_depth", "Usage rows waiting for the writer").expect("metric");
         registry.register(Box::new(usage_queue_depth.clone())).expect("register");
         Self {
@@ -78,6 +86,10 @@ impl Metrics {
             usage_rows_spooled: counter("usage_rows_spooled_total", "Usage rows written to the disk spool"),
             usage_rows_flushed: counter("usage_rows_flushed_total", "Usage rows written to PostgreSQL"),
             invalidations: counter_vec("invalidations_total", "Invalidation messages received, by kind", &["kind"]),
+            redis_latency: histogram("redis_duration_seconds", "Latency of the limiter's Redis round trips"),
+            redis_errors: counter("redis_errors_total", "Limiter calls to Redis that failed or timed out"),
+            fallback_active,
+            limit_warnings: counter_vec("limit_warnings_total", "Requests admitted over a soft or monitor limit", &["reason", "scope"]),
             registry,
         }
     }

@@ -25,8 +25,11 @@ use pingora::{
 use serde_json::json;
 use uuid::Uuid;
 
+use tollgate_core::limiter::{micros_round, Reason, Reservation, Standing};
+
 use crate::{
     auth::{key_hash, load_key, presented_key, AuthContext, Lookup},
+    limits,
     catalog::ModelInfo,
     error::GatewayError,
     meter::{Meter, Usage},
@@ -78,15 +81,55 @@ pub struct RequestCtx {
     ttfb_ms: Option<i32>,
     status: u16,
     error_kind: Option<&'static str>,
+    /// What the limiter holds for this request, settled or released in `logging`.
+    reservation: Option<Reservation>,
+    /// The tightest scope's standing, for the `x-ratelimit-*` headers.
+    standing: Option<Standing>,
+    /// Soft limits this request went over.
+    warnings: Vec<String>,
+}
+
+/// OpenAI's rate-limit headers (and ours for soft limits) for a standing.
+fn rate_headers(standing: Option<&Standing>, warnings: &[String]) -> Vec<(&'static str, String)> {
+    let mut h = Vec::new();
+    if let Some(s) = standing {
+        if let (Some(limit), Some(remaining)) = (s.limit_requests, s.remaining_requests) {
+            h.push(("x-ratelimit-limit-requests", limit.to_string()));
+            h.push(("x-ratelimit-remaining-requests", remaining.to_string()));
+            h.push(("x-ratelimit-reset-requests", format!("{}s", s.reset_requests_secs)));
+        }
+        if let (Some(limit), Some(remaining)) = (s.limit_tokens, s.remaining_tokens) {
+            h.push(("x-ratelimit-limit-tokens", limit.to_string()));
+            h.push(("x-ratelimit-remaining-tokens", remaining.to_string()));
+            h.push(("x-ratelimit-reset-tokens", format!("{}s", s.reset_tokens_secs)));
+        }
+    }
+    if !warnings.is_empty() {
+        h.push(("x-tollgate-warning", warnings.join(", ")));
+    }
+    h
 }
 
 impl Gateway {
-    async fn respond(&self, session: &mut Session, ctx: &mut RequestCtx, status: u16, body: Bytes) -> Result<()> {
+    async fn respond(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        status: u16,
+        body: Bytes,
+        retry_after: Option<u64>,
+    ) -> Result<()> {
         ctx.status = status;
-        let mut resp = ResponseHeader::build(status, Some(4))?;
+        let mut resp = ResponseHeader::build(status, Some(8))?;
         resp.insert_header("content-type", "application/json")?;
         resp.insert_header("content-length", body.len().to_string())?;
         resp.insert_header("x-request-id", ctx.request_id.as_str())?;
+        if let Some(secs) = retry_after {
+            resp.insert_header("retry-after", secs.to_string())?;
+        }
+        for (name, value) in rate_headers(ctx.standing.as_ref(), &ctx.warnings) {
+            resp.insert_header(name, value)?;
+        }
         session.set_keepalive(None);
         session.write_response_header(Box::new(resp), false).await?;
         session.write_response_body(Some(body), true).await?;
@@ -94,9 +137,11 @@ impl Gateway {
     }
 
     async fn refuse(&self, session: &mut Session, ctx: &mut RequestCtx, e: GatewayError) -> Result<bool> {
-        self.state.metrics.rejections.with_label_values(&[e.label(), "request"]).inc();
+        if !matches!(e, GatewayError::RateLimited { .. } | GatewayError::BudgetExhausted { .. }) {
+            self.state.metrics.rejections.with_label_values(&[e.label(), "request"]).inc();
+        }
         ctx.error_kind = Some(e.label());
-        self.respond(session, ctx, e.status(), e.body()).await?;
+        self.respond(session, ctx, e.status(), e.body(), e.retry_after()).await?;
         Ok(true)
     }
 
@@ -173,6 +218,55 @@ impl Gateway {
         let out = request::upstream_body(body, &facts);
         ctx.facts = Some(facts);
         Ok(out)
+    }
+
+    /// Step 4: reserve in every scope with limits, or refuse with 429 (or 503 under fail_closed
+    /// when limits cannot be checked).
+    async fn reserve(&self, ctx: &mut RequestCtx) -> std::result::Result<(), GatewayError> {
+        let s = &self.state;
+        let (Some(auth), Some(model), Some(facts)) = (&ctx.auth, &ctx.model, &ctx.facts) else { return Ok(()) };
+        let Some(sub) = auth.subscriptions.iter().find(|x| Some(x.id) == ctx.subscription_id) else { return Ok(()) };
+        let scopes = limits::scopes(auth, sub);
+        if scopes.is_empty() {
+            return Ok(());
+        }
+        let demand = limits::demand(&ctx.request_id, facts, model, &ctx.endpoint, s.config.default_max_tokens);
+        let started = Instant::now();
+        let result = match s.limiter.get() {
+            Some(limiter) => limiter.reserve(&scopes, &demand).await.map_err(|e| e.to_string()),
+            None => Err("limiter not connected".to_string()),
+        };
+        s.metrics.redis_latency.observe(started.elapsed().as_secs_f64());
+        let admission = match result {
+            Ok(a) => {
+                s.metrics.fallback_active.set(0);
+                a
+            }
+            Err(e) => {
+                s.metrics.redis_errors.inc();
+                s.metrics.fallback_active.set(1);
+                tracing::warn!(error = %e, "limits could not be checked");
+                return if s.config.fail_closed { Err(GatewayError::LimitsUnavailable) } else { Ok(()) };
+            }
+        };
+        for (scope, reason) in &admission.warnings {
+            s.metrics.limit_warnings.with_label_values(&[reason.as_str(), scope.as_str()]).inc();
+            // Monitor-only limits count silently; soft ones tell the client.
+            let soft = scopes.iter().any(|x| x.kind == *scope && x.limits.enforcement == tollgate_core::limits::Enforcement::Soft);
+            if soft {
+                ctx.warnings.push(format!("{} limit exceeded on {}", reason.as_str(), scope.as_str()));
+            }
+        }
+        ctx.standing = Some(admission.standing);
+        if let Some(r) = admission.refusal {
+            s.metrics.rejections.with_label_values(&[r.reason.as_str(), r.scope.as_str()]).inc();
+            return Err(match r.reason {
+                Reason::Budget => GatewayError::BudgetExhausted { scope: r.scope.as_str(), retry_after: r.retry_after },
+                reason => GatewayError::RateLimited { scope: r.scope.as_str(), reason: reason.as_str(), retry_after: r.retry_after },
+            });
+        }
+        ctx.reservation = admission.reservation;
+        Ok(())
     }
 
     fn models_list(&self, auth: &AuthContext) -> Bytes {
@@ -256,6 +350,9 @@ impl ProxyHttp for Gateway {
             ttfb_ms: None,
             status: 0,
             error_kind: None,
+            reservation: None,
+            standing: None,
+            warnings: Vec::new(),
         }
     }
 
@@ -275,7 +372,7 @@ impl ProxyHttp for Gateway {
         };
         if models_call {
             let body = self.models_list(&auth);
-            self.respond(session, ctx, 200, body).await?;
+            self.respond(session, ctx, 200, body, None).await?;
             return Ok(true);
         }
         ctx.auth = Some(auth);
@@ -299,6 +396,9 @@ impl ProxyHttp for Gateway {
                 match self.admit(ctx, body) {
                     Ok(out) => ctx.body = BodyMode::Judged((out.len() != original_len).then_some(out)),
                     Err(e) => return self.refuse(session, ctx, e).await,
+                }
+                if let Err(e) = self.reserve(ctx).await {
+                    return self.refuse(session, ctx, e).await;
                 }
             }
             _ => ctx.body = BodyMode::Collecting(BytesMut::new()),
@@ -336,7 +436,14 @@ impl ProxyHttp for Gateway {
                 let whole = std::mem::take(buf).freeze();
                 ctx.body = BodyMode::None;
                 match self.admit(ctx, whole) {
-                    Ok(out) => *body = Some(out),
+                    Ok(out) => {
+                        if let Err(e) = self.reserve(ctx).await {
+                            let status = e.status();
+                            ctx.refusal = Some(e);
+                            return Error::e_explain(ErrorType::HTTPStatus(status), "request refused");
+                        }
+                        *body = Some(out)
+                    }
                     Err(e) => {
                         let status = e.status();
                         ctx.refusal = Some(e);
@@ -418,6 +525,9 @@ impl ProxyHttp for Gateway {
             _ => {}
         }
         resp.insert_header("x-request-id", ctx.request_id.as_str())?;
+        for (name, value) in rate_headers(ctx.standing.as_ref(), &ctx.warnings) {
+            resp.insert_header(name, value)?;
+        }
         Ok(())
     }
 
@@ -453,7 +563,7 @@ impl ProxyHttp for Gateway {
         ctx.error_kind = Some(error.label());
         let code = error.status();
         if session.response_written().is_none() {
-            if let Err(err) = self.respond(session, ctx, code, error.body()).await {
+            if let Err(err) = self.respond(session, ctx, code, error.body(), error.retry_after()).await {
                 tracing::debug!(error = %err, "could not answer the client");
             }
         } else {
@@ -484,7 +594,25 @@ impl ProxyHttp for Gateway {
         if let Some(sent) = ctx.upstream_sent {
             s.metrics.upstream_latency.observe(sent.elapsed().as_secs_f64());
         }
-        if let Some(row) = self.usage_row(ctx, e.is_some()) {
+        let row = self.usage_row(ctx, e.is_some());
+        if let (Some(reservation), Some(limiter)) = (ctx.reservation.take(), s.limiter.get().cloned()) {
+            // Off the client's path: the response is already out.
+            let used = row
+                .as_ref()
+                .filter(|_| ctx.ttfb_ms.is_some())
+                .map(|r| ((r.prompt_tokens + r.completion_tokens) as u64, micros_round(r.cost)));
+            s.support.spawn(async move {
+                let result = match used {
+                    Some((tokens, cost)) => limiter.settle(&reservation, tokens, cost).await,
+                    // The upstream never answered: give everything back.
+                    None => limiter.release(&reservation).await,
+                };
+                if let Err(e) = result {
+                    tracing::warn!(error = %e, "settlement failed; the reservation's lease will return it");
+                }
+            });
+        }
+        if let Some(row) = row {
             s.metrics.prompt_tokens.with_label_values(&[model]).inc_by(row.prompt_tokens as u64);
             s.metrics.completion_tokens.with_label_values(&[model]).inc_by(row.completion_tokens as u64);
             let micros = (row.cost * rust_decimal::Decimal::from(1_000_000)).trunc();

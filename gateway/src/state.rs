@@ -10,7 +10,10 @@ use std::{
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use sqlx::PgPool;
 
-use crate::{auth::KeyCache, catalog::ModelCatalog, config::GatewayConfig, metrics::Metrics, usage::UsageSink};
+use crate::{
+    auth::KeyCache, catalog::ModelCatalog, config::GatewayConfig, limits::LimiterHandle, metrics::Metrics,
+    usage::UsageSink,
+};
 
 /// Where requests go: resolved once at start.
 #[derive(Debug, Clone)]
@@ -64,6 +67,7 @@ pub struct GatewayState {
     pub auth_failures: DefaultKeyedRateLimiter<IpAddr>,
     /// Paths proxied with authentication and metering.
     pub metered_paths: Vec<String>,
+    pub limiter: Arc<LimiterHandle>,
 }
 
 pub fn auth_failure_limiter(per_minute: u32) -> DefaultKeyedRateLimiter<IpAddr> {

@@ -177,6 +177,16 @@ impl Stack {
         Stack { db, http: reqwest::Client::new(), api, admin_key, mock, gateway }
     }
 
+    /// Another gateway process on the same database, Redis and upstream.
+    pub async fn replica(&self, env: Vec<(&str, &str)>) -> Gateway {
+        Gateway::start(GatewayOptions {
+            database_url: database_url(&self.db),
+            upstream_url: self.mock.clone(),
+            env: env.into_iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        })
+        .await
+    }
+
     pub async fn admin(&self, method: reqwest::Method, path: &str, body: Value) -> Value {
         let resp = self
             .http

@@ -1,0 +1,118 @@
+//! Step 4 of a request: the scopes that carry limits, what the request may at most use, and the
+//! limiter that reserves it. The limiter connects to Redis in the background; until it has, or
+//! when Redis fails, requests are admitted (or refused with 503 under `fail_closed`) and the
+//! fallback is counted in metrics.
+
+use std::{sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+use chrono::NaiveDate;
+use rust_decimal::Decimal;
+use sqlx::PgPool;
+use tokio::sync::OnceCell;
+use tollgate_core::limiter::{
+    micros_ceil, Demand, Limiter, RedisConn, RedisLimiter, Scope, ScopeKind, SpendSource,
+};
+
+use crate::{
+    auth::{ActiveSubscription, AuthContext},
+    catalog::ModelInfo,
+    config::GatewayConfig,
+    request::RequestFacts,
+};
+
+/// The scopes of a request that have limits: key, user, team, subscription.
+pub fn scopes(auth: &AuthContext, subscription: &ActiveSubscription) -> Vec<Scope> {
+    let mut out = Vec::with_capacity(4);
+    for (kind, id, limits) in [
+        (ScopeKind::Key, auth.key_id, &auth.key_limits),
+        (ScopeKind::User, auth.user_id, &auth.user_limits),
+        (ScopeKind::Team, auth.team_id, &auth.team_limits),
+    ] {
+        if !limits.is_empty() {
+            out.push(Scope { kind, id, limits: limits.clone() });
+        }
+    }
+    if !subscription.limits.is_empty() {
+        out.push(Scope { kind: ScopeKind::Subscription, id: subscription.id, limits: subscription.limits.clone() });
+    }
+    out
+}
+
+/// The most a request can use: its prompt estimate plus its completion allowance, priced.
+pub fn demand(request_id: &str, facts: &RequestFacts, model: &ModelInfo, endpoint: &str, default_max_tokens: u64) -> Demand {
+    let completion = if endpoint.ends_with("/embeddings") { 0 } else { facts.max_tokens.unwrap_or(default_max_tokens) };
+    Demand {
+        request_id: request_id.to_string(),
+        tokens: facts.estimated_prompt_tokens + completion,
+        cost_micros: micros_ceil(model.cost(facts.estimated_prompt_tokens, completion)),
+    }
+}
+
+/// Spend so far in a period, from the usage_daily rollups (used to re-seed Redis).
+pub struct PgSpend {
+    pub db: PgPool,
+    pub support: tokio::runtime::Handle,
+}
+
+#[async_trait]
+impl SpendSource for PgSpend {
+    async fn spent_micros(&self, scope: &Scope, since: NaiveDate) -> Result<i64, String> {
+        let column = match scope.kind {
+            ScopeKind::Key => "key_id",
+            ScopeKind::User => "user_id",
+            ScopeKind::Team => "team_id",
+            ScopeKind::Subscription => "subscription_id",
+        };
+        let sql = format!("SELECT coalesce(sum(cost), 0) FROM usage_daily WHERE {column} = $1 AND day >= $2");
+        let (db, id) = (self.db.clone(), scope.id);
+        let spent: Decimal = self
+            .support
+            .spawn(async move { sqlx::query_scalar(&sql).bind(id).bind(since).fetch_one(&db).await })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        Ok(tollgate_core::limiter::micros_round(spent))
+    }
+}
+
+/// The limiter once Redis has been reached.
+pub struct LimiterHandle {
+    cell: OnceCell<Arc<dyn Limiter>>,
+}
+
+impl LimiterHandle {
+    pub fn get(&self) -> Option<&Arc<dyn Limiter>> {
+        self.cell.get()
+    }
+
+    /// Connects in the background, retrying until Redis answers.
+    pub fn start(config: &GatewayConfig, db: PgPool, support: tokio::runtime::Handle) -> Arc<Self> {
+        let handle = Arc::new(Self { cell: OnceCell::new() });
+        let (url, timeout) = (config.redis_url.clone(), Duration::from_millis(config.redis_timeout_ms.max(1)));
+        let (lease, offset) = (config.reservation_lease_seconds, config.limiter_clock_offset_seconds);
+        let h = handle.clone();
+        let spend = Arc::new(PgSpend { db, support: support.clone() });
+        support.spawn(async move {
+            loop {
+                // Connecting may take longer than a request's Redis budget.
+                match RedisConn::connect(&url, Duration::from_secs(2)).await {
+                    Ok(conn) => {
+                        let limiter = RedisLimiter::new(conn, timeout, lease, offset, spend.clone());
+                        match tokio::time::timeout(Duration::from_secs(2), limiter.load_script()).await {
+                            Ok(Ok(())) => {
+                                let _ = h.cell.set(Arc::new(limiter));
+                                tracing::info!("limiter connected to redis");
+                                return;
+                            }
+                            other => tracing::warn!(?other, "could not load the limiter script"),
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "limiter cannot reach redis; retrying"),
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+        handle
+    }
+}
