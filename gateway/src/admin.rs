@@ -17,7 +17,8 @@ pub fn router(state: Arc<GatewayState>) -> Router {
         .with_state(state)
 }
 
-/// Ready when keys can be checked (PostgreSQL answers, or keys are cached) and an upstream is set.
+/// Ready when keys can be checked (PostgreSQL answers, or keys are cached), an upstream is set,
+/// and, under `fail_closed`, the limiter reaches Redis.
 async fn ready(State(s): State<Arc<GatewayState>>) -> (StatusCode, Json<Value>) {
     let postgres = matches!(
         tokio::time::timeout(Duration::from_secs(2), sqlx::query("SELECT 1").execute(&s.db)).await,
@@ -25,8 +26,9 @@ async fn ready(State(s): State<Arc<GatewayState>>) -> (StatusCode, Json<Value>) 
     );
     let cached_keys = s.keys.len();
     let upstream = !s.config.upstream_url.is_empty();
-    let ok = (postgres || cached_keys > 0) && upstream;
+    let limiter = s.limiter.get().is_some();
+    let ok = (postgres || cached_keys > 0) && upstream && (limiter || !s.config.fail_closed);
     let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(json!({"status": if ok { "ready" } else { "not_ready" }, "postgres": postgres,
-        "cached_keys": cached_keys, "upstream": upstream})))
+        "cached_keys": cached_keys, "upstream": upstream, "limiter": limiter})))
 }

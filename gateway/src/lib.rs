@@ -107,7 +107,7 @@ pub fn run(config: GatewayConfig) -> anyhow::Result<()> {
         }
     });
 
-    let limiter = limits::LimiterHandle::start(&config, db.clone(), support.handle().clone());
+    let limiter = limits::LimiterHandle::start(&config, db.clone(), &support);
     let state = Arc::new(GatewayState {
         limiter,
         upstream_authorization: config.upstream_api_key.as_ref().filter(|k| !k.is_empty()).map(|k| format!("Bearer {k}")),

@@ -86,33 +86,49 @@ impl LimiterHandle {
         self.cell.get()
     }
 
-    /// Connects in the background, retrying until Redis answers.
-    pub fn start(config: &GatewayConfig, db: PgPool, support: tokio::runtime::Handle) -> Arc<Self> {
+    /// Connects to Redis: first while starting (so that no request is admitted unchecked when
+    /// Redis is there), then, if that failed, in the background until it answers.
+    pub fn start(config: &GatewayConfig, db: PgPool, support: &tokio::runtime::Runtime) -> Arc<Self> {
         let handle = Arc::new(Self { cell: OnceCell::new() });
         let (url, timeout) = (config.redis_url.clone(), Duration::from_millis(config.redis_timeout_ms.max(1)));
         let (lease, offset) = (config.reservation_lease_seconds, config.limiter_clock_offset_seconds);
-        let h = handle.clone();
-        let spend = Arc::new(PgSpend { db, support: support.clone() });
-        support.spawn(async move {
-            loop {
+        let spend: Arc<dyn SpendSource> = Arc::new(PgSpend { db, support: support.handle().clone() });
+        let connect = move || {
+            let (url, spend) = (url.clone(), spend.clone());
+            async move {
                 // Connecting may take longer than a request's Redis budget.
-                match RedisConn::connect(&url, Duration::from_secs(2)).await {
-                    Ok(conn) => {
-                        let limiter = RedisLimiter::new(conn, timeout, lease, offset, spend.clone());
-                        match tokio::time::timeout(Duration::from_secs(2), limiter.load_script()).await {
-                            Ok(Ok(())) => {
-                                let _ = h.cell.set(Arc::new(limiter));
+                let conn = RedisConn::connect(&url, Duration::from_secs(2)).await.map_err(|e| e.to_string())?;
+                let limiter = RedisLimiter::new(conn, timeout, lease, offset, spend);
+                match tokio::time::timeout(Duration::from_secs(2), limiter.load_script()).await {
+                    Ok(Ok(())) => Ok(Arc::new(limiter) as Arc<dyn Limiter>),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err("timed out loading the limiter script".to_string()),
+                }
+            }
+        };
+        match support.block_on(connect()) {
+            Ok(limiter) => {
+                let _ = handle.cell.set(limiter);
+                tracing::info!("limiter connected to redis");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "limiter cannot reach redis at start; retrying in the background");
+                let h = handle.clone();
+                support.spawn(async move {
+                    loop {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        match connect().await {
+                            Ok(limiter) => {
+                                let _ = h.cell.set(limiter);
                                 tracing::info!("limiter connected to redis");
                                 return;
                             }
-                            other => tracing::warn!(?other, "could not load the limiter script"),
+                            Err(e) => tracing::warn!(error = %e, "limiter cannot reach redis; retrying"),
                         }
                     }
-                    Err(e) => tracing::warn!(error = %e, "limiter cannot reach redis; retrying"),
-                }
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                });
             }
-        });
+        }
         handle
     }
 }

@@ -211,25 +211,6 @@ impl Limiter for RedisLimiter {
                 3 => Some(Reason::Budget),
                 _ => None,
             };
-            match status {
-                0 => {
-                    if refusal.is_none() {
-                        refusal = Some(Refusal {
-                            scope: scope.kind,
-                            reason: reason.unwrap_or(Reason::Rpm),
-                            retry_after: retry.max(0) as u64,
-                        });
-                    }
-                    continue;
-                }
-                1 | 2 => {
-                    if let (2, Some(reason)) = (status, reason) {
-                        warnings.push((scope.kind, reason));
-                    }
-                    held.push(Held { scope: (*scope).clone(), made_at: now, period: period.clone() });
-                }
-                other => return Err(LimiterError::Protocol(format!("status {other}"))),
-            }
             if let Some(rpm) = scope.limits.rpm {
                 let remaining = (rpm - rpm_used).max(0) as u64;
                 if standing.remaining_requests.is_none_or(|r| remaining < r) {
@@ -245,6 +226,24 @@ impl Limiter for RedisLimiter {
                     standing.remaining_tokens = Some(remaining);
                     standing.reset_tokens_secs = tpm_reset.max(0) as u64;
                 }
+            }
+            match status {
+                0 => {
+                    if refusal.is_none() {
+                        refusal = Some(Refusal {
+                            scope: scope.kind,
+                            reason: reason.unwrap_or(Reason::Rpm),
+                            retry_after: retry.max(0) as u64,
+                        });
+                    }
+                }
+                1 | 2 => {
+                    if let (2, Some(reason)) = (status, reason) {
+                        warnings.push((scope.kind, reason));
+                    }
+                    held.push(Held { scope: (*scope).clone(), made_at: now, period: period.clone() });
+                }
+                other => return Err(LimiterError::Protocol(format!("status {other}"))),
             }
         }
         if refusal.is_some() {

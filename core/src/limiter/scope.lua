@@ -166,9 +166,12 @@ if op == 'reserve' then
       if ARGV[12] == '' then
         return {-1, 0, now, period, 0, 0, 0, 0, 0, 0}
       end
-      redis.call('SET', budget_key, ARGV[12])
-      if ttl > 0 then redis.call('EXPIRE', budget_key, ttl) end
-      spent = ARGV[12]
+      -- Several requests may seed at once: only the first seed counts, never overwriting
+      -- spend settled since.
+      if redis.call('SET', budget_key, ARGV[12], 'NX') and ttl > 0 then
+        redis.call('EXPIRE', budget_key, ttl)
+      end
+      spent = redis.call('GET', budget_key)
     end
     local reserved = tonumber(redis.call('HGET', res_key, '__total') or '0')
     budget_left = budget - tonumber(spent) - reserved

@@ -3,6 +3,7 @@
 mod harness;
 
 mod errors;
+mod limits;
 mod load;
 mod observability;
 mod proxying;
