@@ -1,17 +1,20 @@
 //! Step 4 of a request: the scopes that carry limits, what the request may at most use, and the
-//! limiter that reserves it. The limiter connects to Redis in the background; until it has, or
-//! when Redis fails, requests are admitted (or refused with 503 under `fail_closed`) and the
-//! fallback is counted in metrics.
+//! limiter that reserves it (Redis, or each replica's share while Redis is unreachable).
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use async_trait::async_trait;
 use chrono::NaiveDate;
 use rust_decimal::Decimal;
 use sqlx::PgPool;
-use tokio::sync::OnceCell;
 use tollgate_core::limiter::{
-    micros_ceil, Demand, Limiter, RedisConn, RedisLimiter, Scope, ScopeKind, SpendSource,
+    micros_ceil, Demand, Observations, RedisConn, RedisLimiter, ResilientLimiter, Scope, ScopeKind, SpendSource,
 };
 
 use crate::{
@@ -76,59 +79,65 @@ impl SpendSource for PgSpend {
     }
 }
 
-/// The limiter once Redis has been reached.
+/// The limiter and the background work that keeps it connected: connecting to Redis (first while
+/// starting, so that no request is admitted unchecked when Redis is there, then in the background
+/// until it answers) and a heartbeat every second that counts the live replicas for the fallback.
 pub struct LimiterHandle {
-    cell: OnceCell<Arc<dyn Limiter>>,
+    pub limiter: Arc<ResilientLimiter>,
 }
 
-impl LimiterHandle {
-    pub fn get(&self) -> Option<&Arc<dyn Limiter>> {
-        self.cell.get()
-    }
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+/// A replica not heard from for this long no longer counts as live.
+const HEARTBEAT_WINDOW: Duration = Duration::from_secs(5);
 
-    /// Connects to Redis: first while starting (so that no request is admitted unchecked when
-    /// Redis is there), then, if that failed, in the background until it answers.
+impl LimiterHandle {
     pub fn start(config: &GatewayConfig, db: PgPool, support: &tokio::runtime::Runtime) -> Arc<Self> {
-        let handle = Arc::new(Self { cell: OnceCell::new() });
+        let live = Arc::new(AtomicU32::new(1));
+        let observations = Arc::new(Observations::default());
+        let spend: Arc<dyn SpendSource> = Arc::new(PgSpend { db, support: support.handle().clone() });
+        let limiter = Arc::new(ResilientLimiter::new(live.clone(), observations.clone(), spend.clone(), config.fail_closed));
         let (url, timeout) = (config.redis_url.clone(), Duration::from_millis(config.redis_timeout_ms.max(1)));
         let (lease, offset) = (config.reservation_lease_seconds, config.limiter_clock_offset_seconds);
-        let spend: Arc<dyn SpendSource> = Arc::new(PgSpend { db, support: support.handle().clone() });
         let connect = move || {
-            let (url, spend) = (url.clone(), spend.clone());
+            let (url, spend, observations) = (url.clone(), spend.clone(), observations.clone());
             async move {
                 // Connecting may take longer than a request's Redis budget.
                 let conn = RedisConn::connect(&url, Duration::from_secs(2)).await.map_err(|e| e.to_string())?;
-                let limiter = RedisLimiter::new(conn, timeout, lease, offset, spend);
-                match tokio::time::timeout(Duration::from_secs(2), limiter.load_script()).await {
-                    Ok(Ok(())) => Ok(Arc::new(limiter) as Arc<dyn Limiter>),
+                let redis = RedisLimiter::new(conn, timeout, lease, offset, spend).with_observations(observations);
+                match tokio::time::timeout(Duration::from_secs(2), redis.load_script()).await {
+                    Ok(Ok(())) => Ok(Arc::new(redis)),
                     Ok(Err(e)) => Err(e.to_string()),
                     Err(_) => Err("timed out loading the limiter script".to_string()),
                 }
             }
         };
         match support.block_on(connect()) {
-            Ok(limiter) => {
-                let _ = handle.cell.set(limiter);
+            Ok(redis) => {
+                limiter.connect(redis);
                 tracing::info!("limiter connected to redis");
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "limiter cannot reach redis at start; retrying in the background");
-                let h = handle.clone();
-                support.spawn(async move {
-                    loop {
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                        match connect().await {
-                            Ok(limiter) => {
-                                let _ = h.cell.set(limiter);
-                                tracing::info!("limiter connected to redis");
-                                return;
-                            }
-                            Err(e) => tracing::warn!(error = %e, "limiter cannot reach redis; retrying"),
-                        }
-                    }
-                });
-            }
+            Err(e) => tracing::warn!(error = %e, "limiter cannot reach redis at start; limiting locally until it can"),
         }
-        handle
+        let replica = uuid::Uuid::new_v4().to_string();
+        let l = limiter.clone();
+        support.spawn(async move {
+            loop {
+                match l.primary() {
+                    None => match connect().await {
+                        Ok(redis) => {
+                            l.connect(redis);
+                            tracing::info!("limiter connected to redis");
+                        }
+                        Err(e) => tracing::warn!(error = %e, "limiter cannot reach redis; retrying"),
+                    },
+                    Some(redis) => match redis.heartbeat(&replica, HEARTBEAT_WINDOW).await {
+                        Ok(n) => live.store(n, Ordering::Relaxed),
+                        Err(e) => tracing::debug!(error = %e, "heartbeat failed; keeping the last replica count"),
+                    },
+                }
+                tokio::time::sleep(HEARTBEAT_EVERY).await;
+            }
+        });
+        Arc::new(Self { limiter })
     }
 }

@@ -25,7 +25,7 @@ use pingora::{
 use serde_json::json;
 use uuid::Uuid;
 
-use tollgate_core::limiter::{micros_round, Reason, Reservation, Standing};
+use tollgate_core::limiter::{micros_round, Limiter, Reason, Reservation, Standing};
 
 use crate::{
     auth::{key_hash, load_key, presented_key, AuthContext, Lookup},
@@ -232,21 +232,20 @@ impl Gateway {
         }
         let demand = limits::demand(&ctx.request_id, facts, model, &ctx.endpoint, s.config.default_max_tokens);
         let started = Instant::now();
-        let result = match s.limiter.get() {
-            Some(limiter) => limiter.reserve(&scopes, &demand).await.map_err(|e| e.to_string()),
-            None => Err("limiter not connected".to_string()),
-        };
+        let limiter = &s.limiter.limiter;
+        let result = limiter.reserve(&scopes, &demand).await;
         s.metrics.redis_latency.observe(started.elapsed().as_secs_f64());
+        let fallback = limiter.fallback_active();
+        s.metrics.fallback_active.set(fallback as i64);
+        if fallback {
+            s.metrics.redis_errors.inc();
+        }
         let admission = match result {
-            Ok(a) => {
-                s.metrics.fallback_active.set(0);
-                a
-            }
+            Ok(a) => a,
             Err(e) => {
-                s.metrics.redis_errors.inc();
-                s.metrics.fallback_active.set(1);
+                // Only under fail_closed: otherwise the fallback answers.
                 tracing::warn!(error = %e, "limits could not be checked");
-                return if s.config.fail_closed { Err(GatewayError::LimitsUnavailable) } else { Ok(()) };
+                return Err(GatewayError::LimitsUnavailable);
             }
         };
         for (scope, reason) in &admission.warnings {
@@ -595,7 +594,8 @@ impl ProxyHttp for Gateway {
             s.metrics.upstream_latency.observe(sent.elapsed().as_secs_f64());
         }
         let row = self.usage_row(ctx, e.is_some());
-        if let (Some(reservation), Some(limiter)) = (ctx.reservation.take(), s.limiter.get().cloned()) {
+        if let Some(reservation) = ctx.reservation.take() {
+            let limiter = s.limiter.limiter.clone();
             // Off the client's path: the response is already out.
             let used = row
                 .as_ref()

@@ -7,7 +7,9 @@
 //! maximum cost against the budget, in every scope, in one pipelined round trip; if any scope
 //! refuses, the others are refunded. Settling replaces the reservation with the real amounts.
 
+mod fallback;
 mod redis_limiter;
+mod resilient;
 
 use async_trait::async_trait;
 use chrono::NaiveDate;
@@ -15,7 +17,9 @@ use uuid::Uuid;
 
 use crate::limits::{BudgetPeriod, Enforcement, Limits};
 
+pub use fallback::{FallbackLimiter, LastKnown, Observations};
 pub use redis_limiter::{RedisConn, RedisLimiter, SCOPE_SCRIPT};
+pub use resilient::ResilientLimiter;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ScopeKind {
@@ -110,6 +114,8 @@ pub struct Held {
 pub struct Reservation {
     pub demand: Demand,
     pub held: Vec<Held>,
+    /// Made by the fallback while Redis was unreachable: settled there too.
+    pub local: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]

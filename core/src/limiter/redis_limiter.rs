@@ -84,14 +84,33 @@ pub struct RedisLimiter {
     /// Added to Redis TIME; 0 outside tests of period boundaries.
     clock_offset_secs: i64,
     seed: Arc<dyn SpendSource>,
+    /// What each reservation saw, for the fallback to start from.
+    observations: Arc<Observations>,
 }
+
+/// Keeps this replica in the live set and answers how many replicas are live.
+static HEARTBEAT_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(include_str!("heartbeat.lua")));
 
 /// One scope's answer to `reserve`.
 type Reply = (i64, i64, i64, String, i64, i64, i64, i64, i64, i64);
 
 impl RedisLimiter {
     pub fn new(conn: RedisConn, timeout: Duration, lease_secs: u64, clock_offset_secs: i64, seed: Arc<dyn SpendSource>) -> Self {
-        Self { conn, timeout, lease_secs, clock_offset_secs, seed }
+        Self { conn, timeout, lease_secs, clock_offset_secs, seed, observations: Arc::default() }
+    }
+
+    pub fn with_observations(mut self, observations: Arc<Observations>) -> Self {
+        self.observations = observations;
+        self
+    }
+
+    /// Marks `replica` alive and returns how many replicas were alive in the last `window`.
+    pub async fn heartbeat(&self, replica: &str, window: Duration) -> Result<u32, LimiterError> {
+        let mut conn = self.conn.clone();
+        let mut inv = HEARTBEAT_SCRIPT.prepare_invoke();
+        inv.key("tg:{replicas}").arg(replica).arg(window.as_millis() as u64);
+        let live: u32 = self.bounded(async move { inv.invoke_async(&mut conn).await }).await?;
+        Ok(live.max(1))
     }
 
     pub fn connection(&self) -> RedisConn {
@@ -178,7 +197,7 @@ impl Limiter for RedisLimiter {
                 refusal: None,
                 warnings: vec![],
                 standing: Standing::default(),
-                reservation: Some(Reservation { demand: demand.clone(), held: vec![] }),
+                reservation: Some(Reservation { demand: demand.clone(), held: vec![], local: false }),
             });
         }
         let mut replies = self.reserve_pass(&scopes, demand, &HashMap::new()).await?;
@@ -204,7 +223,11 @@ impl Limiter for RedisLimiter {
         let mut warnings = Vec::new();
         let mut standing = Standing::default();
         for (scope, r) in scopes.iter().zip(&replies) {
-            let (status, reason, now, period, rpm_used, rpm_reset, tpm_used, tpm_reset, _left, retry) = r.clone();
+            let (status, reason, now, period, rpm_used, rpm_reset, tpm_used, tpm_reset, left, retry) = r.clone();
+            self.observations.record(
+                scope.redis_prefix(),
+                LastKnown { at: now, rpm_used, tpm_used, budget_left: scope.limits.max_budget.map(|_| left) },
+            );
             let reason = match reason {
                 1 => Some(Reason::Rpm),
                 2 => Some(Reason::Tpm),
@@ -250,7 +273,7 @@ impl Limiter for RedisLimiter {
             self.undo("refund", &held, demand, demand.tokens, demand.cost_micros).await?;
             return Ok(Admission { refusal, warnings, standing, reservation: None });
         }
-        Ok(Admission { refusal: None, warnings, standing, reservation: Some(Reservation { demand: demand.clone(), held }) })
+        Ok(Admission { refusal: None, warnings, standing, reservation: Some(Reservation { demand: demand.clone(), held, local: false }) })
     }
 
     async fn settle(&self, reservation: &Reservation, tokens: u64, cost_micros: i64) -> Result<(), LimiterError> {

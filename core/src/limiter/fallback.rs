@@ -1,0 +1,222 @@
+//! What limits mean while Redis is unreachable: each replica enforces its share of every limit
+//! (limit / live replicas, the count last seen through the heartbeat set in Redis), starting from
+//! the usage last seen in Redis; a budget gets the replica's share of its last known remaining
+//! (or, for a scope not seen yet, of what PostgreSQL says is left). Shares are rounded down, so
+//! the replicas together never admit more than the limit.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Arc, Mutex,
+    },
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use async_trait::async_trait;
+use chrono::{Datelike, Utc};
+
+use super::*;
+
+/// What Redis last said about a scope.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LastKnown {
+    pub at: i64,
+    pub rpm_used: i64,
+    pub tpm_used: i64,
+    /// Budget left (micro-USD) after the last reservation, if the scope has a budget.
+    pub budget_left: Option<i64>,
+}
+
+/// Last known state of every scope, kept up to date by the Redis limiter.
+#[derive(Default)]
+pub struct Observations {
+    scopes: Mutex<HashMap<String, LastKnown>>,
+}
+
+impl Observations {
+    pub fn record(&self, prefix: String, seen: LastKnown) {
+        self.scopes.lock().expect("observations lock").insert(prefix, seen);
+    }
+
+    fn get(&self, prefix: &str) -> Option<LastKnown> {
+        self.scopes.lock().expect("observations lock").get(prefix).copied()
+    }
+}
+
+#[derive(Default)]
+struct LocalScope {
+    /// (second, requests, tokens) buckets of the last 60 seconds.
+    buckets: VecDeque<(i64, i64, i64)>,
+    /// This replica's budget share left, once known.
+    budget_left: Option<i64>,
+}
+
+impl LocalScope {
+    fn used(&mut self, now: i64) -> (i64, i64) {
+        while self.buckets.front().is_some_and(|b| b.0 <= now - 60) {
+            self.buckets.pop_front();
+        }
+        self.buckets.iter().fold((0, 0), |(r, t), b| (r + b.1, t + b.2))
+    }
+
+    /// Adds to the bucket of second `sec`; a second older than every bucket is out of the
+    /// window already and is ignored.
+    fn add(&mut self, sec: i64, requests: i64, tokens: i64) {
+        if let Some(b) = self.buckets.iter_mut().rev().find(|b| b.0 == sec) {
+            b.1 += requests;
+            b.2 += tokens;
+        } else if self.buckets.back().is_none_or(|b| b.0 < sec) {
+            self.buckets.push_back((sec, requests, tokens));
+        }
+    }
+}
+
+pub struct FallbackLimiter {
+    live_replicas: Arc<AtomicU32>,
+    observations: Arc<Observations>,
+    seed: Arc<dyn SpendSource>,
+    scopes: Mutex<HashMap<String, LocalScope>>,
+}
+
+fn now_secs() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+fn share(limit: i64, replicas: i64) -> i64 {
+    limit.max(0) / replicas.max(1)
+}
+
+impl FallbackLimiter {
+    pub fn new(live_replicas: Arc<AtomicU32>, observations: Arc<Observations>, seed: Arc<dyn SpendSource>) -> Self {
+        Self { live_replicas, observations, seed, scopes: Mutex::new(HashMap::new()) }
+    }
+
+    /// A budget share for a scope seen for the first time during the outage.
+    async fn initial_budget(&self, scope: &Scope, budget: i64, replicas: i64) -> i64 {
+        if let Some(left) = self.observations.get(&scope.redis_prefix()).and_then(|o| o.budget_left) {
+            return share(left, replicas);
+        }
+        let today = Utc::now().date_naive();
+        let since = match scope.limits.budget_period {
+            BudgetPeriod::None => NaiveDate::from_ymd_opt(1970, 1, 1),
+            BudgetPeriod::Daily => Some(today),
+            BudgetPeriod::Weekly => today.checked_sub_days(chrono::Days::new(today.weekday().num_days_from_monday() as u64)),
+            BudgetPeriod::Monthly => today.with_day(1),
+        }
+        .unwrap_or(today);
+        match self.seed.spent_micros(scope, since).await {
+            Ok(spent) => share(budget - spent, replicas),
+            // Neither Redis nor PostgreSQL can say what is left: admit nothing against it.
+            Err(_) => 0,
+        }
+    }
+}
+
+#[async_trait]
+impl Limiter for FallbackLimiter {
+    async fn reserve(&self, scopes: &[Scope], demand: &Demand) -> Result<Admission, LimiterError> {
+        let replicas = self.live_replicas.load(Ordering::Relaxed).max(1) as i64;
+        let now = now_secs();
+        // Budgets not yet known locally are looked up before taking the lock.
+        let mut initial = HashMap::new();
+        for s in scopes.iter().filter(|s| s.limits.max_budget.is_some()) {
+            let known = self.scopes.lock().expect("fallback lock").get(&s.redis_prefix()).is_some_and(|l| l.budget_left.is_some());
+            if !known {
+                let budget = s.limits.max_budget_micros().unwrap_or(0);
+                initial.insert(s.redis_prefix(), self.initial_budget(s, budget, replicas).await);
+            }
+        }
+        let mut local = self.scopes.lock().expect("fallback lock");
+        let mut refusal = None;
+        let mut warnings = Vec::new();
+        let mut standing = Standing::default();
+        for s in scopes.iter().filter(|s| !s.limits.is_empty()) {
+            let prefix = s.redis_prefix();
+            let fresh = !local.contains_key(&prefix);
+            let entry = local.entry(prefix.clone()).or_default();
+            if fresh {
+                // Start from this replica's part of what Redis last counted in the window.
+                if let Some(o) = self.observations.get(&prefix).filter(|o| o.at > now - 60) {
+                    let part = |used: i64| (used + replicas - 1) / replicas;
+                    entry.add(o.at, part(o.rpm_used), part(o.tpm_used));
+                }
+            }
+            if let Some(v) = initial.get(&prefix) {
+                entry.budget_left = Some(*v);
+            }
+            let (requests, tokens) = entry.used(now);
+            let over = if s.limits.rpm.is_some_and(|l| requests + 1 > share(l, replicas)) {
+                Some(Reason::Rpm)
+            } else if s.limits.tpm.is_some_and(|l| tokens + demand.tokens as i64 > share(l, replicas)) {
+                Some(Reason::Tpm)
+            } else if entry.budget_left.is_some_and(|left| demand.cost_micros > left || left <= 0) {
+                Some(Reason::Budget)
+            } else {
+                None
+            };
+            if let Some(rpm) = s.limits.rpm {
+                standing.limit_requests = Some(rpm as u64);
+                standing.remaining_requests = Some((share(rpm, replicas) - requests).max(0) as u64);
+            }
+            match (over, s.limits.enforcement) {
+                (Some(reason), Enforcement::Hard) => {
+                    refusal.get_or_insert(Refusal { scope: s.kind, reason, retry_after: 1 });
+                }
+                (Some(reason), _) => warnings.push((s.kind, reason)),
+                (None, _) => {}
+            }
+        }
+        if refusal.is_some() {
+            return Ok(Admission { refusal, warnings, standing, reservation: None });
+        }
+        for s in scopes.iter().filter(|s| !s.limits.is_empty()) {
+            let entry = local.get_mut(&s.redis_prefix()).expect("present");
+            entry.add(now, 1, demand.tokens as i64);
+            if let Some(left) = entry.budget_left.as_mut() {
+                *left -= demand.cost_micros;
+            }
+        }
+        let held = scopes
+            .iter()
+            .filter(|s| !s.limits.is_empty())
+            .map(|s| Held { scope: s.clone(), made_at: now, period: String::new() })
+            .collect();
+        Ok(Admission { refusal: None, warnings, standing, reservation: Some(Reservation { demand: demand.clone(), held, local: true }) })
+    }
+
+    async fn settle(&self, reservation: &Reservation, tokens: u64, cost_micros: i64) -> Result<(), LimiterError> {
+        let mut local = self.scopes.lock().expect("fallback lock");
+        let d = &reservation.demand;
+        for h in &reservation.held {
+            if let Some(entry) = local.get_mut(&h.scope.redis_prefix()) {
+                entry.add(h.made_at, 0, tokens as i64 - d.tokens as i64);
+                if let Some(left) = entry.budget_left.as_mut() {
+                    *left += d.cost_micros - cost_micros;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn release(&self, reservation: &Reservation) -> Result<(), LimiterError> {
+        let mut local = self.scopes.lock().expect("fallback lock");
+        let d = &reservation.demand;
+        for h in &reservation.held {
+            if let Some(entry) = local.get_mut(&h.scope.redis_prefix()) {
+                entry.add(h.made_at, -1, -(d.tokens as i64));
+                if let Some(left) = entry.budget_left.as_mut() {
+                    *left += d.cost_micros;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl FallbackLimiter {
+    /// Forgets local state once Redis is back (Redis is the truth again).
+    pub fn reset(&self) {
+        self.scopes.lock().expect("fallback lock").clear();
+    }
+}
