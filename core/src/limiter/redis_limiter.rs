@@ -161,30 +161,60 @@ impl RedisLimiter {
         }
     }
 
-    async fn reserve_pass(&self, scopes: &[&Scope], demand: &Demand, seeds: &HashMap<usize, i64>) -> Result<Vec<Reply>, LimiterError> {
-        let mut pipe = redis::pipe();
-        for (i, scope) in scopes.iter().enumerate() {
-            let mut inv = SCOPE_SCRIPT.prepare_invoke();
-            self.base_args(&mut inv, "reserve", scope, demand);
-            inv.arg(seeds.get(&i).map(|s| s.to_string()).unwrap_or_default());
-            pipe.invoke_script(&inv);
+    /// Runs one script call per scope in one round trip: a pipeline on one node; on a cluster
+    /// (whose pipelines cannot span slots) concurrent calls, one per scope's slot.
+    async fn run_all<T: redis::FromRedisValue + Send>(&self, calls: &[redis::ScriptInvocation<'_>]) -> Result<Vec<T>, LimiterError> {
+        match &self.conn {
+            RedisConn::Single(_) => {
+                let mut pipe = redis::pipe();
+                for call in calls {
+                    pipe.invoke_script(call);
+                }
+                self.run(&pipe).await
+            }
+            RedisConn::Cluster(_) => {
+                let each = calls.iter().map(|call| {
+                    let mut pipe = redis::pipe();
+                    pipe.invoke_script(call);
+                    async move {
+                        let mut one: Vec<T> = self.run(&pipe).await?;
+                        one.pop().ok_or_else(|| LimiterError::Protocol("empty reply".into()))
+                    }
+                });
+                futures::future::join_all(each).await.into_iter().collect()
+            }
         }
-        self.run(&pipe).await
+    }
+
+    async fn reserve_pass(&self, scopes: &[&Scope], demand: &Demand, seeds: &HashMap<usize, i64>) -> Result<Vec<Reply>, LimiterError> {
+        let calls: Vec<_> = scopes
+            .iter()
+            .enumerate()
+            .map(|(i, scope)| {
+                let mut inv = SCOPE_SCRIPT.prepare_invoke();
+                self.base_args(&mut inv, "reserve", scope, demand);
+                inv.arg(seeds.get(&i).map(|s| s.to_string()).unwrap_or_default());
+                inv
+            })
+            .collect();
+        self.run_all(&calls).await
     }
 
     async fn undo(&self, op: &str, held: &[Held], demand: &Demand, tokens: u64, cost: i64) -> Result<(), LimiterError> {
         if held.is_empty() {
             return Ok(());
         }
-        let mut pipe = redis::pipe();
         let actual = Demand { tokens, cost_micros: cost, ..demand.clone() };
-        for h in held {
-            let mut inv = SCOPE_SCRIPT.prepare_invoke();
-            self.base_args(&mut inv, op, &h.scope, &actual);
-            inv.arg(h.made_at).arg(demand.tokens).arg(&h.period);
-            pipe.invoke_script(&inv).ignore();
-        }
-        self.run::<()>(&pipe).await
+        let calls: Vec<_> = held
+            .iter()
+            .map(|h| {
+                let mut inv = SCOPE_SCRIPT.prepare_invoke();
+                self.base_args(&mut inv, op, &h.scope, &actual);
+                inv.arg(h.made_at).arg(demand.tokens).arg(&h.period);
+                inv
+            })
+            .collect();
+        self.run_all::<Value>(&calls).await.map(|_| ())
     }
 }
 

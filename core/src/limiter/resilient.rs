@@ -77,6 +77,7 @@ impl Limiter for ResilientLimiter {
                     return Ok(a);
                 }
                 Err(e) => {
+                    tracing::warn!(error = %e, "redis limiter failed; limiting locally");
                     self.mark(false);
                     if self.fail_closed {
                         return Err(e);

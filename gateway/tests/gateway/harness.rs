@@ -32,6 +32,7 @@ pub fn database_url(db: &PgPool) -> String {
 }
 
 pub struct Stack {
+    pub redis: String,
     pub db: PgPool,
     pub http: reqwest::Client,
     pub api: String,
@@ -158,11 +159,13 @@ impl Stack {
         Self::start_with(db, vec![]).await
     }
 
+    /// `env` may name its own `TOLLGATE_REDIS_URL`; the control API then uses it too.
     pub async fn start_with(db: PgPool, env: Vec<(&str, &str)>) -> Stack {
         let mock = start_mock().await;
         let admin_key = tollgate_core::keys::generate_key();
+        let redis = env.iter().find(|(k, _)| *k == "TOLLGATE_REDIS_URL").map(|(_, v)| v.to_string()).unwrap_or_else(redis_url);
         let mut config = ControlApiConfig::default();
-        config.redis_url = redis_url();
+        config.redis_url = redis.clone();
         config.admin_api_keys = vec![admin_key.clone()];
         let state = AppState::new(&config, db.clone()).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -174,17 +177,14 @@ impl Stack {
             env: env.into_iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         })
         .await;
-        Stack { db, http: reqwest::Client::new(), api, admin_key, mock, gateway }
+        Stack { redis, db, http: reqwest::Client::new(), api, admin_key, mock, gateway }
     }
 
     /// Another gateway process on the same database, Redis and upstream.
     pub async fn replica(&self, env: Vec<(&str, &str)>) -> Gateway {
-        Gateway::start(GatewayOptions {
-            database_url: database_url(&self.db),
-            upstream_url: self.mock.clone(),
-            env: env.into_iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-        })
-        .await
+        let mut env: Vec<(String, String)> = env.into_iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        env.insert(0, ("TOLLGATE_REDIS_URL".into(), self.redis.clone()));
+        Gateway::start(GatewayOptions { database_url: database_url(&self.db), upstream_url: self.mock.clone(), env }).await
     }
 
     pub async fn admin(&self, method: reqwest::Method, path: &str, body: Value) -> Value {
@@ -283,4 +283,99 @@ pub async fn error_of(resp: reqwest::Response) -> (StatusCode, String) {
 
 pub fn user_msg(text: &str) -> Value {
     json!([{"role": "user", "content": text}])
+}
+
+/// A Redis server of the test's own, on a free port (never the shared one), killed on drop.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<Child>,
+    dir: TempDir,
+    cluster: bool,
+}
+
+impl RedisServer {
+    pub async fn start() -> RedisServer {
+        Self::spawn(free_port(), TempDir::new(), false).await
+    }
+
+    async fn spawn(port: u16, dir: TempDir, cluster: bool) -> RedisServer {
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&dir.0)
+            .stdout(std::fs::File::create(dir.0.join(format!("redis-{port}.log"))).unwrap());
+        if cluster {
+            cmd.args(["--cluster-enabled", "yes", "--cluster-config-file", &format!("nodes-{port}.conf")]);
+        }
+        let child = cmd.spawn().expect("redis-server (installed by scripts/test)");
+        let server = RedisServer { port, child: Some(child), dir, cluster };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL: the server vanishes with everything it held.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// A new, empty server on the same port.
+    pub async fn restart(mut self) -> RedisServer {
+        self.kill();
+        let (port, dir, cluster) = (self.port, std::mem::replace(&mut self.dir, TempDir::new()), self.cluster);
+        Self::spawn(port, dir, cluster).await
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A Redis Cluster of three masters on loopback.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub async fn start() -> RedisCluster {
+        let mut nodes = Vec::new();
+        for _ in 0..3 {
+            nodes.push(RedisServer::spawn(free_port(), TempDir::new(), true).await);
+        }
+        let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        let status = Command::new("redis-cli")
+            .arg("--cluster").arg("create").args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("redis-cli");
+        assert!(status.success(), "cluster create failed");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = Command::new("redis-cli").args(["-p", &nodes[0].port.to_string(), "cluster", "info"]).output().unwrap();
+            if String::from_utf8_lossy(&out.stdout).contains("cluster_state:ok") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "cluster never became ok");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        RedisCluster { nodes }
+    }
+
+    pub fn url(&self) -> String {
+        let nodes: Vec<String> = self.nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        format!("redis+cluster://{}", nodes.join(","))
+    }
 }

@@ -7,3 +7,4 @@ mod limits;
 mod load;
 mod observability;
 mod proxying;
+mod resilience;
