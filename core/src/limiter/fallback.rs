@@ -73,6 +73,8 @@ impl LocalScope {
 }
 
 pub struct FallbackLimiter {
+    /// Spend settled here that Redis has not been told about yet.
+    unsynced: Mutex<Vec<(Scope, i64, i64)>>,
     live_replicas: Arc<AtomicU32>,
     observations: Arc<Observations>,
     seed: Arc<dyn SpendSource>,
@@ -89,7 +91,7 @@ fn share(limit: i64, replicas: i64) -> i64 {
 
 impl FallbackLimiter {
     pub fn new(live_replicas: Arc<AtomicU32>, observations: Arc<Observations>, seed: Arc<dyn SpendSource>) -> Self {
-        Self { live_replicas, observations, seed, scopes: Mutex::new(HashMap::new()) }
+        Self { unsynced: Mutex::new(Vec::new()), live_replicas, observations, seed, scopes: Mutex::new(HashMap::new()) }
     }
 
     /// A budget share for a scope seen for the first time during the outage.
@@ -186,6 +188,10 @@ impl Limiter for FallbackLimiter {
     }
 
     async fn settle(&self, reservation: &Reservation, tokens: u64, cost_micros: i64) -> Result<(), LimiterError> {
+        self.unsynced
+            .lock()
+            .expect("fallback lock")
+            .extend(reservation.held.iter().map(|h| (h.scope.clone(), cost_micros, now_secs())));
         let mut local = self.scopes.lock().expect("fallback lock");
         let d = &reservation.demand;
         for h in &reservation.held {
@@ -218,5 +224,14 @@ impl FallbackLimiter {
     /// Forgets local state once Redis is back (Redis is the truth again).
     pub fn reset(&self) {
         self.scopes.lock().expect("fallback lock").clear();
+    }
+
+    /// Spend settled here since the last call, for Redis to add.
+    pub fn take_unsynced(&self) -> Vec<(Scope, i64, i64)> {
+        std::mem::take(&mut *self.unsynced.lock().expect("fallback lock"))
+    }
+
+    pub fn put_back_unsynced(&self, spends: Vec<(Scope, i64, i64)>) {
+        self.unsynced.lock().expect("fallback lock").extend(spends);
     }
 }

@@ -104,6 +104,26 @@ impl RedisLimiter {
         self
     }
 
+    /// Adds spend admitted elsewhere (by the fallback; `(scope, micro-USD, settled at)`) to each
+    /// scope's current budget period, unless the period was seeded after it was settled.
+    pub async fn add_spend(&self, spends: &[(Scope, i64, i64)]) -> Result<(), LimiterError> {
+        let calls: Vec<_> = spends
+            .iter()
+            .filter(|(s, cost, _)| s.limits.max_budget.is_some() && *cost > 0)
+            .map(|(scope, cost, at)| {
+                let mut inv = SCOPE_SCRIPT.prepare_invoke();
+                let d = Demand { request_id: String::new(), tokens: 0, cost_micros: *cost };
+                self.base_args(&mut inv, "spend", scope, &d);
+                inv.arg(at);
+                inv
+            })
+            .collect();
+        if calls.is_empty() {
+            return Ok(());
+        }
+        self.run_all::<Value>(&calls).await.map(|_| ())
+    }
+
     /// Marks `replica` alive and returns how many replicas were alive in the last `window`.
     pub async fn heartbeat(&self, replica: &str, window: Duration) -> Result<u32, LimiterError> {
         let mut conn = self.conn.clone();

@@ -54,6 +54,18 @@ impl ResilientLimiter {
         if down { None } else { self.primary.get() }
     }
 
+    /// Tells Redis what the fallback spent, once Redis answers again.
+    async fn sync_fallback_spend(&self) {
+        let Some(primary) = self.usable_primary() else { return };
+        let spends = self.fallback.take_unsynced();
+        if spends.is_empty() {
+            return;
+        }
+        if primary.add_spend(&spends).await.is_err() {
+            self.fallback.put_back_unsynced(spends);
+        }
+    }
+
     fn mark(&self, up: bool) {
         let was_fallback = self.in_fallback.swap(!up, std::sync::atomic::Ordering::Relaxed);
         if up {
@@ -74,6 +86,7 @@ impl Limiter for ResilientLimiter {
             match primary.reserve(scopes, demand).await {
                 Ok(a) => {
                     self.mark(true);
+                    self.sync_fallback_spend().await;
                     return Ok(a);
                 }
                 Err(e) => {
@@ -96,7 +109,11 @@ impl Limiter for ResilientLimiter {
     async fn settle(&self, reservation: &Reservation, tokens: u64, cost_micros: i64) -> Result<(), LimiterError> {
         match (reservation.local, self.primary.get()) {
             (false, Some(p)) => p.settle(reservation, tokens, cost_micros).await,
-            _ => self.fallback.settle(reservation, tokens, cost_micros).await,
+            _ => {
+                self.fallback.settle(reservation, tokens, cost_micros).await?;
+                self.sync_fallback_spend().await;
+                Ok(())
+            }
         }
     }
 

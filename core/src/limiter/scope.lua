@@ -2,7 +2,8 @@
 -- with KEYS[1], which carries the scope's hash tag, so a scope lives in one Redis Cluster slot.
 --
 -- KEYS[1]  scope prefix, e.g. "tg:{key:<uuid>}"
--- ARGV[1]  op: "reserve" | "refund" | "settle"
+-- ARGV[1]  op: "reserve" | "refund" | "settle" | "spend" (add ARGV[8] to the current period's
+--          budget: spend admitted by a replica's fallback while Redis was unreachable)
 -- ARGV[2]  request id
 -- ARGV[3]  rpm limit (-1: none)      ARGV[4] tpm limit (-1: none)
 -- ARGV[5]  budget, micro-USD (-1: none)
@@ -168,8 +169,13 @@ if op == 'reserve' then
       end
       -- Several requests may seed at once: only the first seed counts, never overwriting
       -- spend settled since.
-      if redis.call('SET', budget_key, ARGV[12], 'NX') and ttl > 0 then
-        redis.call('EXPIRE', budget_key, ttl)
+      if redis.call('SET', budget_key, ARGV[12], 'NX') then
+        -- When the seed was read: spend settled earlier is in it already (see "spend").
+        redis.call('SET', budget_key .. ':seeded', now)
+        if ttl > 0 then
+          redis.call('EXPIRE', budget_key, ttl)
+          redis.call('EXPIRE', budget_key .. ':seeded', ttl)
+        end
       end
       spent = redis.call('GET', budget_key)
     end
@@ -220,6 +226,20 @@ if op == 'reserve' then
   end
   return {status, reason, now, period, rpm_used, rpm_reset, tpm_used, tpm_reset, budget_left, retry}
 end
+
+if op == 'spend' then
+  -- ARGV[12]: when the spend was settled. A budget seeded after that already counts it.
+  if budget >= 0 and cost > 0 then
+    local period = period_of(now)
+    local budget_key = prefix .. ':b:' .. period
+    local seeded = tonumber(redis.call('GET', budget_key .. ':seeded') or '0')
+    if redis.call('EXISTS', budget_key) == 1 and seeded < tonumber(ARGV[12]) then
+      redis.call('INCRBY', budget_key, cost)
+    end
+  end
+  return 1
+end
+
 
 local made_at = tonumber(ARGV[12])
 local reserved_tokens = tonumber(ARGV[13] or '0')

@@ -97,6 +97,9 @@ impl Gateway {
             .env("TOLLGATE_ADMIN_LISTEN", format!("127.0.0.1:{admin_port}"))
             .env("TOLLGATE_UPSTREAM_URL", &opts.upstream_url)
             .env("TOLLGATE_UPSTREAM_API_KEY", "sk-upstream-credential")
+            // Debug builds on a busy machine: a generous Redis budget, so that only the tests
+            // about outages see the fallback (they set their own).
+            .env("TOLLGATE_REDIS_TIMEOUT_MS", "1000")
             .env("TOLLGATE_GRACE_PERIOD_SECONDS", "1")
             .env("TOLLGATE_GRACEFUL_SHUTDOWN_TIMEOUT_SECONDS", "5")
             .env("TOLLGATE_SPOOL_DIR", dir.0.join("spool"))

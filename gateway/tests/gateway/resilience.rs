@@ -39,11 +39,12 @@ async fn priced_key(stack: &Stack, email: &str) -> (String, String, String) {
 async fn limits_hold_through_a_redis_outage_and_budgets_are_reseeded(db: PgPool) {
     let redis = RedisServer::start().await;
     let url = redis.url();
-    let stack = Stack::start_with(db, vec![("TOLLGATE_REDIS_URL", &url)]).await;
+    let stack = Stack::start_with(db, vec![("TOLLGATE_REDIS_URL", &url), ("TOLLGATE_REDIS_TIMEOUT_MS", "100")]).await;
     let (key, key_id, uid) = priced_key(&stack, "outage@example.com").await;
     stack.admin(reqwest::Method::PATCH, &format!("/keys/{key_id}"), json!({"limits": {"rpm": 30}})).await;
     stack.admin(reqwest::Method::PATCH, &format!("/users/{uid}"), json!({"limits": {"max_budget": 1.0, "budget_period": "monthly"}})).await;
-    let (r2, r3) = (stack.replica(vec![]).await, stack.replica(vec![]).await);
+    let timeout = vec![("TOLLGATE_REDIS_TIMEOUT_MS", "100")];
+    let (r2, r3) = (stack.replica(timeout.clone()).await, stack.replica(timeout).await);
     let bases = [stack.gateway.base.as_str(), r2.base.as_str(), r3.base.as_str()];
     // Let every replica's heartbeat register (one a second).
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -81,7 +82,7 @@ async fn limits_hold_through_a_redis_outage_and_budgets_are_reseeded(db: PgPool)
 async fn fail_closed_answers_503_without_redis(db: PgPool) {
     let mut redis = RedisServer::start().await;
     let url = redis.url();
-    let stack = Stack::start_with(db, vec![("TOLLGATE_REDIS_URL", &url), ("TOLLGATE_FAIL_CLOSED", "true")]).await;
+    let stack = Stack::start_with(db, vec![("TOLLGATE_REDIS_URL", &url), ("TOLLGATE_FAIL_CLOSED", "true"), ("TOLLGATE_REDIS_TIMEOUT_MS", "100")]).await;
     let (key, key_id, _) = priced_key(&stack, "closed@example.com").await;
     stack.admin(reqwest::Method::PATCH, &format!("/keys/{key_id}"), json!({"limits": {"rpm": 100}})).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
