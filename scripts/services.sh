@@ -242,6 +242,8 @@ ensure_redis() {
       _redis_ping || die "Redis did not start; see $(rel "$dir")/redis.log"
     fi
   fi
+  # Tests of outages and of Redis Cluster start servers of their own.
+  command -v redis-server >/dev/null 2>&1 || apt_install redis-server
   log "Redis ready at $host:$port"
 }
 

@@ -175,3 +175,23 @@ async fn revocation_reaches_every_replica_within_100ms(db: PgPool) {
         assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "{base} still accepts the key 100 ms after revoke");
     }
 }
+
+#[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
+async fn soft_limits_warn_and_monitor_limits_only_count(db: PgPool) {
+    let stack = Stack::start(db).await;
+    let (key, key_id, uid) = stack.ready_key("soft@example.com", &["m"]).await;
+    stack.admin(reqwest::Method::PATCH, &format!("/keys/{key_id}"), json!({"limits": {"rpm": 1, "enforcement": "soft"}})).await;
+    stack.admin(reqwest::Method::PATCH, &format!("/users/{uid}"), json!({"limits": {"tpm": 1, "enforcement": "monitor"}})).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let body = json!({"model": "m", "messages": user_msg("hi")});
+    let first = stack.chat(&key, body.clone()).send().await.unwrap();
+    assert_eq!(first.status(), StatusCode::OK);
+    assert!(first.headers().get("x-tollgate-warning").is_none(), "the key's rpm is not exceeded yet");
+    let second = stack.chat(&key, body).send().await.unwrap();
+    assert_eq!(second.status(), StatusCode::OK, "soft limits admit");
+    let warning = second.headers()["x-tollgate-warning"].to_str().unwrap().to_string();
+    assert_eq!(warning, "rpm limit exceeded on key", "monitor limits do not warn the client");
+    let metrics = stack.http.get(format!("{}/metrics", stack.gateway.admin)).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains(r#"tollgate_gateway_limit_warnings_total{reason="rpm",scope="key"} 1"#), "{metrics}");
+    assert!(metrics.contains(r#"tollgate_gateway_limit_warnings_total{reason="tpm",scope="user"} 2"#), "{metrics}");
+}
