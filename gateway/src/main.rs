@@ -1,6 +1,10 @@
 //! `tollgate-gateway [--config FILE] [--listen ADDR] [--admin-listen ADDR]`: parse config, run.
 
 use clap::Parser;
+
+// glibc's allocator contends on its arena locks under pingora's many small allocations.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use figment::{providers::Serialized, Figment};
 use tollgate_gateway::config::GatewayConfig;
 

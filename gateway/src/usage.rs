@@ -160,34 +160,39 @@ pub fn channel(
 }
 
 impl UsageWriter {
-    /// Runs until every sink is dropped, then flushes what is left.
+    /// Runs until every sink is dropped, then flushes what is left. The writer wakes on its
+    /// interval and drains the queue, rather than on every row: under load a per-row wake-up
+    /// costs the request threads more than the write itself.
     pub async fn run(mut self) {
         let mut batch: Vec<UsageRow> = Vec::with_capacity(self.batch_size);
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tokio::select! {
-                msg = self.rx.recv() => match msg {
-                    Some(Message::Row(row)) => {
+            tick.tick().await;
+            let mut waiting: Vec<oneshot::Sender<()>> = Vec::new();
+            let closed = loop {
+                match self.rx.try_recv() {
+                    Ok(Message::Row(row)) => {
                         self.metrics.usage_queue_depth.dec();
                         batch.push(row);
                         if batch.len() >= self.batch_size {
                             self.flush(&mut batch).await;
                         }
                     }
-                    Some(Message::Flush(done)) => {
-                        self.flush(&mut batch).await;
-                        let _ = done.send(());
-                    }
-                    None => break,
-                },
-                _ = tick.tick() => {
-                    self.flush(&mut batch).await;
-                    self.replay_spool().await;
+                    Ok(Message::Flush(done)) => waiting.push(done),
+                    Err(mpsc::error::TryRecvError::Empty) => break false,
+                    Err(mpsc::error::TryRecvError::Disconnected) => break true,
                 }
+            };
+            self.flush(&mut batch).await;
+            for done in waiting {
+                let _ = done.send(());
             }
+            if closed {
+                break;
+            }
+            self.replay_spool().await;
         }
-        self.flush(&mut batch).await;
     }
 
     async fn flush(&self, batch: &mut Vec<UsageRow>) {

@@ -2,6 +2,10 @@
 //! with no logic at all, the physical limit the gateway is measured against.
 
 use async_trait::async_trait;
+
+// The same allocator as the gateway, so that the comparison is of logic, not of allocators.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::Parser;
 use pingora::{
     prelude::HttpPeer,

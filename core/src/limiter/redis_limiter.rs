@@ -227,6 +227,8 @@ impl RedisLimiter {
         let actual = Demand { tokens, cost_micros: cost, ..demand.clone() };
         let calls: Vec<_> = held
             .iter()
+            // A settlement changes only tokens and spend: scopes with neither need no call.
+            .filter(|h| op != "settle" || h.scope.limits.tpm.is_some() || h.scope.limits.max_budget.is_some())
             .map(|h| {
                 let mut inv = SCOPE_SCRIPT.prepare_invoke();
                 self.base_args(&mut inv, op, &h.scope, &actual);
@@ -234,6 +236,9 @@ impl RedisLimiter {
                 inv
             })
             .collect();
+        if calls.is_empty() {
+            return Ok(());
+        }
         self.run_all::<Value>(&calls).await.map(|_| ())
     }
 }

@@ -18,8 +18,8 @@
 -- ARGV[13] refund/settle: tokens reserved
 -- ARGV[14] settle: the budget period the reservation was made in
 --
--- Windows: a hash of per-second buckets ("<second>" -> count); a window's use is the sum of the
--- buckets of the last 60 seconds. Budget: "<prefix>:b:<period>" holds settled spend; reservations
+-- Windows: a hash of per-second buckets ("<second>" -> count) with a running total of those in
+-- the last 60 seconds. Budget: "<prefix>:b:<period>" holds settled spend; reservations
 -- in flight are "<prefix>:res" (request id -> micro-USD, plus "__total") with leases in
 -- "<prefix>:lease" (request id -> expiry), swept on every call.
 --
@@ -91,22 +91,42 @@ local function period_of(sec)
   return 'all', 0
 end
 
+-- A window is a hash of per-second buckets plus 't' (the total of the buckets still inside the
+-- window) and 's' (the last second already taken out of 't'). Buckets leave the total as their
+-- second falls out of the window, so a call costs one HMGET, not a scan of 60 buckets.
+-- Returns the total and the seconds until the oldest bucket that may count leaves.
 local function window_use(key)
-  local fields = redis.call('HGETALL', key)
-  local used, oldest = 0, nil
-  for i = 1, #fields, 2 do
-    local sec = tonumber(fields[i])
-    local n = tonumber(fields[i + 1])
-    if sec <= now - WINDOW then
-      redis.call('HDEL', key, fields[i])
-    elseif n > 0 then
-      used = used + n
-      if oldest == nil or sec < oldest then oldest = sec end
+  local st = redis.call('HMGET', key, 't', 's')
+  local total = tonumber(st[1] or '0')
+  local swept = tonumber(st[2] or '0')
+  local edge = now - WINDOW
+  if swept < edge then
+    if swept <= edge - WINDOW then
+      -- The newest bucket is older than the window: nothing counts any more.
+      redis.call('DEL', key)
+      total = 0
+    else
+      for sec = swept + 1, edge do
+        local v = redis.call('HGET', key, sec)
+        if v then
+          total = total - tonumber(v)
+          redis.call('HDEL', key, sec)
+        end
+      end
     end
+    swept = edge
+    redis.call('HSET', key, 't', total, 's', swept)
   end
-  local reset = 0
-  if oldest ~= nil then reset = oldest + WINDOW - now end
-  return used, reset
+  return total, (total > 0) and (swept + 1 + WINDOW - now) or 0
+end
+
+-- Adds n to the bucket of second `sec` if it still counts.
+local function window_add(key, sec, n)
+  local swept = tonumber(redis.call('HGET', key, 's') or '0')
+  if sec > swept and sec > now - WINDOW then
+    redis.call('HINCRBY', key, sec, n)
+    redis.call('HINCRBY', key, 't', n)
+  end
 end
 
 -- Seconds until `need` units have left the window.
@@ -115,7 +135,9 @@ local function wait_for(key, need)
   local secs = {}
   for i = 1, #fields, 2 do
     local sec = tonumber(fields[i])
-    if sec > now - WINDOW then table.insert(secs, {sec, tonumber(fields[i + 1])}) end
+    if fields[i] ~= 't' and fields[i] ~= 's' and sec > now - WINDOW then
+      table.insert(secs, {sec, tonumber(fields[i + 1])})
+    end
   end
   table.sort(secs, function(a, b) return a[1] < b[1] end)
   local freed = 0
@@ -204,14 +226,13 @@ if op == 'reserve' then
     status = 2
   end
   if status ~= 0 then
-    local bucket = tostring(now)
     if rpm >= 0 then
-      redis.call('HINCRBY', rpm_key, bucket, 1)
+      window_add(rpm_key, now, 1)
       redis.call('EXPIRE', rpm_key, WINDOW * 2)
       rpm_used = rpm_used + 1
     end
     if tpm >= 0 then
-      redis.call('HINCRBY', tpm_key, bucket, tokens)
+      window_add(tpm_key, now, tokens)
       redis.call('EXPIRE', tpm_key, WINDOW * 2)
       tpm_used = tpm_used + tokens
     end
@@ -243,20 +264,17 @@ end
 
 local made_at = tonumber(ARGV[12])
 local reserved_tokens = tonumber(ARGV[13] or '0')
-local bucket = tostring(made_at)
 
 if op == 'refund' then
-  if rpm >= 0 and made_at > now - WINDOW then redis.call('HINCRBY', rpm_key, bucket, -1) end
-  if tpm >= 0 and made_at > now - WINDOW then redis.call('HINCRBY', tpm_key, bucket, -reserved_tokens) end
+  if rpm >= 0 then window_add(rpm_key, made_at, -1) end
+  if tpm >= 0 then window_add(tpm_key, made_at, -reserved_tokens) end
   if budget >= 0 then release(id) end
   return 1
 end
 
 if op == 'settle' then
   -- Tokens: replace the reservation by the real count, in the second it was made.
-  if tpm >= 0 and made_at > now - WINDOW then
-    redis.call('HINCRBY', tpm_key, bucket, tokens - reserved_tokens)
-  end
+  if tpm >= 0 then window_add(tpm_key, made_at, tokens - reserved_tokens) end
   if budget >= 0 then
     sweep()
     release(id)
