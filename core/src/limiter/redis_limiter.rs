@@ -14,6 +14,7 @@ use redis::{
     cluster_async::ClusterConnection,
     Cmd, ErrorKind, Pipeline, RedisFuture, RedisResult, Value,
 };
+use tokio::sync::{mpsc, oneshot};
 
 use super::*;
 
@@ -86,6 +87,8 @@ pub struct RedisLimiter {
     seed: Arc<dyn SpendSource>,
     /// What each reservation saw, for the fallback to start from.
     observations: Arc<Observations>,
+    /// On one node, calls of concurrent requests go to Redis together (see [`Coalescer`]).
+    coalescer: Option<mpsc::Sender<Pending>>,
 }
 
 /// Keeps this replica in the live set and answers how many replicas are live.
@@ -94,9 +97,36 @@ static HEARTBEAT_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Scrip
 /// One scope's answer to `reserve`.
 type Reply = (i64, i64, i64, String, i64, i64, i64, i64, i64, i64);
 
+/// One request's part of a script call: its scopes, with each scope's extra fields
+/// (see scope.lua: `a`, `b`, `c`).
+#[derive(Clone)]
+struct Call {
+    request_id: String,
+    tokens: u64,
+    cost: i64,
+    entries: Vec<(Scope, String, String, String)>,
+}
+
+/// A call waiting to be sent with others.
+struct Pending {
+    op: &'static str,
+    call: Call,
+    done: oneshot::Sender<Result<Vec<Reply>, String>>,
+}
+
+/// The most calls one script invocation carries.
+const MAX_BATCH: usize = 128;
+
 impl RedisLimiter {
     pub fn new(conn: RedisConn, timeout: Duration, lease_secs: u64, clock_offset_secs: i64, seed: Arc<dyn SpendSource>) -> Self {
-        Self { conn, timeout, lease_secs, clock_offset_secs, seed, observations: Arc::default() }
+        let mut limiter =
+            Self { conn, timeout, lease_secs, clock_offset_secs, seed, observations: Arc::default(), coalescer: None };
+        if let RedisConn::Single(_) = limiter.conn {
+            let (tx, rx) = mpsc::channel(4096);
+            tokio::spawn(Coalescer { conn: limiter.conn.clone(), timeout, lease_secs, clock_offset_secs }.run(rx));
+            limiter.coalescer = Some(tx);
+        }
+        limiter
     }
 
     pub fn with_observations(mut self, observations: Arc<Observations>) -> Self {
@@ -107,21 +137,20 @@ impl RedisLimiter {
     /// Adds spend admitted elsewhere (by the fallback; `(scope, micro-USD, settled at)`) to each
     /// scope's current budget period, unless the period was seeded after it was settled.
     pub async fn add_spend(&self, spends: &[(Scope, i64, i64)]) -> Result<(), LimiterError> {
-        let calls: Vec<_> = spends
+        let calls: Vec<Call> = spends
             .iter()
             .filter(|(s, cost, _)| s.limits.max_budget.is_some() && *cost > 0)
-            .map(|(scope, cost, at)| {
-                let mut inv = SCOPE_SCRIPT.prepare_invoke();
-                let d = Demand { request_id: String::new(), tokens: 0, cost_micros: *cost };
-                self.base_args(&mut inv, "spend", scope, &d);
-                inv.arg(at);
-                inv
+            .map(|(scope, cost, at)| Call {
+                request_id: String::new(),
+                tokens: 0,
+                cost: *cost,
+                entries: vec![(scope.clone(), at.to_string(), String::new(), String::new())],
             })
             .collect();
-        if calls.is_empty() {
-            return Ok(());
+        for call in calls {
+            self.call("spend", call).await?;
         }
-        self.run_all::<Value>(&calls).await.map(|_| ())
+        Ok(())
     }
 
     /// Marks `replica` alive and returns how many replicas were alive in the last `window`.
@@ -129,7 +158,7 @@ impl RedisLimiter {
         let mut conn = self.conn.clone();
         let mut inv = HEARTBEAT_SCRIPT.prepare_invoke();
         inv.key("tg:{replicas}").arg(replica).arg(window.as_millis() as u64);
-        let live: u32 = self.bounded(async move { inv.invoke_async(&mut conn).await }).await?;
+        let live: u32 = bounded(self.timeout, async move { inv.invoke_async(&mut conn).await }).await?;
         Ok(live.max(1))
     }
 
@@ -137,109 +166,188 @@ impl RedisLimiter {
         self.conn.clone()
     }
 
-    /// Loads the script on every node (a pipeline can only use EVALSHA).
+    /// Loads the script on every node (pipelines can only use EVALSHA).
     pub async fn load_script(&self) -> Result<(), LimiterError> {
-        let mut conn = self.conn.clone();
-        let mut cmd = redis::cmd("SCRIPT");
-        cmd.arg("LOAD").arg(include_str!("scope.lua"));
-        self.bounded(async move { cmd.query_async::<Value>(&mut conn).await }).await?;
-        Ok(())
+        load_script(&self.conn, self.timeout).await
     }
 
-    async fn bounded<T>(&self, f: impl std::future::Future<Output = RedisResult<T>>) -> Result<T, LimiterError> {
-        match tokio::time::timeout(self.timeout, f).await {
-            Ok(r) => Ok(r?),
-            Err(_) => Err(LimiterError::Timeout),
+    /// One request's call, answered per scope. On one node it joins the coalescer's next batch;
+    /// on a cluster each scope is its own call (one slot each), all at once.
+    async fn call(&self, op: &'static str, call: Call) -> Result<Vec<Reply>, LimiterError> {
+        if let Some(tx) = &self.coalescer {
+            let (done, answer) = oneshot::channel();
+            tx.send(Pending { op, call, done }).await.map_err(|_| LimiterError::Protocol("limiter stopped".into()))?;
+            return match tokio::time::timeout(self.timeout * 2, answer).await {
+                Ok(Ok(Ok(replies))) => Ok(replies),
+                Ok(Ok(Err(e))) => Err(LimiterError::Protocol(e)),
+                Ok(Err(_)) => Err(LimiterError::Protocol("limiter stopped".into())),
+                Err(_) => Err(LimiterError::Timeout),
+            };
+        }
+        let each = call.entries.iter().map(|entry| {
+            let single = Call { entries: vec![entry.clone()], ..call.clone() };
+            async move {
+                let inv = invocation(op, std::slice::from_ref(&single), self.lease_secs, self.clock_offset_secs);
+                let value: Value = run(&self.conn, self.timeout, &inv).await?;
+                Ok::<_, LimiterError>(replies_of(op, &value, 1)?.pop().unwrap_or_default())
+            }
+        });
+        let per_scope: Vec<Vec<Reply>> = futures::future::join_all(each).await.into_iter().collect::<Result<_, _>>()?;
+        Ok(per_scope.into_iter().flatten().collect())
+    }
+
+    fn call_for(&self, scopes: &[&Scope], demand: &Demand, extra: impl Fn(usize, &Scope) -> (String, String, String)) -> Call {
+        Call {
+            request_id: demand.request_id.clone(),
+            tokens: demand.tokens,
+            cost: demand.cost_micros,
+            entries: scopes.iter().enumerate().map(|(i, s)| {
+                let (a, b, c) = extra(i, s);
+                ((*s).clone(), a, b, c)
+            }).collect(),
         }
     }
 
-    fn base_args<'a>(&self, inv: &mut redis::ScriptInvocation<'a>, op: &str, scope: &Scope, demand: &Demand) {
-        let l = &scope.limits;
-        inv.key(scope.redis_prefix())
-            .arg(op)
-            .arg(&demand.request_id)
-            .arg(l.rpm.unwrap_or(-1))
-            .arg(l.tpm.unwrap_or(-1))
-            .arg(l.max_budget_micros().unwrap_or(-1))
-            .arg(period_arg(l.budget_period))
-            .arg(demand.tokens)
-            .arg(demand.cost_micros)
-            .arg(self.lease_secs)
-            .arg(self.clock_offset_secs)
-            .arg(enforcement_arg(l.enforcement));
-    }
-
-    /// Runs `pipe`; if Redis lost the script, loads it and runs again once.
-    async fn run<T: redis::FromRedisValue>(&self, pipe: &Pipeline) -> Result<T, LimiterError> {
-        let mut conn = self.conn.clone();
-        match self.bounded(pipe.query_async::<T>(&mut conn)).await {
-            Err(LimiterError::Redis(e)) if e.kind() == ErrorKind::NoScriptError => {
-                self.load_script().await?;
-                self.bounded(pipe.query_async::<T>(&mut conn)).await
-            }
-            other => other,
-        }
-    }
-
-    /// Runs one script call per scope in one round trip: a pipeline on one node; on a cluster
-    /// (whose pipelines cannot span slots) concurrent calls, one per scope's slot.
-    async fn run_all<T: redis::FromRedisValue + Send>(&self, calls: &[redis::ScriptInvocation<'_>]) -> Result<Vec<T>, LimiterError> {
-        match &self.conn {
-            RedisConn::Single(_) => {
-                let mut pipe = redis::pipe();
-                for call in calls {
-                    pipe.invoke_script(call);
-                }
-                self.run(&pipe).await
-            }
-            RedisConn::Cluster(_) => {
-                let each = calls.iter().map(|call| {
-                    let mut pipe = redis::pipe();
-                    pipe.invoke_script(call);
-                    async move {
-                        let mut one: Vec<T> = self.run(&pipe).await?;
-                        one.pop().ok_or_else(|| LimiterError::Protocol("empty reply".into()))
-                    }
-                });
-                futures::future::join_all(each).await.into_iter().collect()
-            }
-        }
-    }
-
-    async fn reserve_pass(&self, scopes: &[&Scope], demand: &Demand, seeds: &HashMap<usize, i64>) -> Result<Vec<Reply>, LimiterError> {
-        let calls: Vec<_> = scopes
+    async fn undo(&self, op: &'static str, held: &[Held], demand: &Demand, tokens: u64, cost: i64) -> Result<(), LimiterError> {
+        // A settlement changes only tokens and spend: scopes with neither need no call.
+        let held: Vec<&Held> = held
             .iter()
-            .enumerate()
-            .map(|(i, scope)| {
-                let mut inv = SCOPE_SCRIPT.prepare_invoke();
-                self.base_args(&mut inv, "reserve", scope, demand);
-                inv.arg(seeds.get(&i).map(|s| s.to_string()).unwrap_or_default());
-                inv
-            })
+            .filter(|h| op != "settle" || h.scope.limits.tpm.is_some() || h.scope.limits.max_budget.is_some())
             .collect();
-        self.run_all(&calls).await
-    }
-
-    async fn undo(&self, op: &str, held: &[Held], demand: &Demand, tokens: u64, cost: i64) -> Result<(), LimiterError> {
         if held.is_empty() {
             return Ok(());
         }
-        let actual = Demand { tokens, cost_micros: cost, ..demand.clone() };
-        let calls: Vec<_> = held
-            .iter()
-            // A settlement changes only tokens and spend: scopes with neither need no call.
-            .filter(|h| op != "settle" || h.scope.limits.tpm.is_some() || h.scope.limits.max_budget.is_some())
-            .map(|h| {
-                let mut inv = SCOPE_SCRIPT.prepare_invoke();
-                self.base_args(&mut inv, op, &h.scope, &actual);
-                inv.arg(h.made_at).arg(demand.tokens).arg(&h.period);
-                inv
-            })
-            .collect();
-        if calls.is_empty() {
-            return Ok(());
+        let call = Call {
+            request_id: demand.request_id.clone(),
+            tokens,
+            cost,
+            entries: held
+                .iter()
+                .map(|h| (h.scope.clone(), h.made_at.to_string(), demand.tokens.to_string(), h.period.clone()))
+                .collect(),
+        };
+        self.call(op, call).await.map(|_| ())
+    }
+}
+
+async fn bounded<T>(timeout: Duration, f: impl std::future::Future<Output = RedisResult<T>>) -> Result<T, LimiterError> {
+    match tokio::time::timeout(timeout, f).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(LimiterError::Timeout),
+    }
+}
+
+async fn load_script(conn: &RedisConn, timeout: Duration) -> Result<(), LimiterError> {
+    let mut conn = conn.clone();
+    let mut cmd = redis::cmd("SCRIPT");
+    cmd.arg("LOAD").arg(include_str!("scope.lua"));
+    bounded(timeout, async move { cmd.query_async::<Value>(&mut conn).await }).await?;
+    Ok(())
+}
+
+/// Runs one script invocation; if Redis lost the script, loads it and runs again once.
+async fn run(conn: &RedisConn, timeout: Duration, inv: &redis::ScriptInvocation<'_>) -> Result<Value, LimiterError> {
+    let mut c = conn.clone();
+    let mut pipe = redis::pipe();
+    pipe.invoke_script(inv);
+    let first: Result<(Value,), LimiterError> = bounded(timeout, pipe.query_async(&mut c)).await;
+    match first {
+        Ok((v,)) => Ok(v),
+        Err(LimiterError::Redis(e)) if e.kind() == ErrorKind::NoScriptError => {
+            load_script(conn, timeout).await?;
+            let (v,): (Value,) = bounded(timeout, pipe.query_async(&mut c)).await?;
+            Ok(v)
         }
-        self.run_all::<Value>(&calls).await.map(|_| ())
+        Err(e) => Err(e),
+    }
+}
+
+/// The script invocation for a batch of calls (see scope.lua for the layout).
+fn invocation<'a>(op: &str, calls: &[Call], lease_secs: u64, offset: i64) -> redis::ScriptInvocation<'a> {
+    let mut inv = SCOPE_SCRIPT.prepare_invoke();
+    let mut keys: Vec<String> = Vec::new();
+    inv.arg(op).arg(lease_secs).arg(offset).arg(calls.len());
+    for call in calls {
+        inv.arg(&call.request_id).arg(call.tokens).arg(call.cost).arg(call.entries.len());
+        for (scope, a, b, c) in &call.entries {
+            let prefix = scope.redis_prefix();
+            let index = match keys.iter().position(|k| *k == prefix) {
+                Some(i) => i + 1,
+                None => {
+                    keys.push(prefix);
+                    keys.len()
+                }
+            };
+            let l = &scope.limits;
+            inv.arg(index)
+                .arg(l.rpm.unwrap_or(-1))
+                .arg(l.tpm.unwrap_or(-1))
+                .arg(l.max_budget_micros().unwrap_or(-1))
+                .arg(period_arg(l.budget_period))
+                .arg(enforcement_arg(l.enforcement))
+                .arg(a)
+                .arg(b)
+                .arg(c);
+        }
+    }
+    for k in keys {
+        inv.key(k);
+    }
+    inv
+}
+
+/// Per-call replies: scope replies for `reserve`, nothing for the other ops.
+fn replies_of(op: &str, value: &Value, calls: usize) -> Result<Vec<Vec<Reply>>, LimiterError> {
+    if op != "reserve" {
+        return Ok(vec![Vec::new(); calls]);
+    }
+    redis::from_redis_value::<Vec<Vec<Reply>>>(value).map_err(LimiterError::Redis)
+}
+
+/// Sends the calls of concurrent requests to Redis together: whatever arrived while the previous
+/// batch was in flight goes in the next script invocation, in arrival order. A lone request pays
+/// nothing extra; under load one round trip and one script run serve many requests.
+struct Coalescer {
+    conn: RedisConn,
+    timeout: Duration,
+    lease_secs: u64,
+    clock_offset_secs: i64,
+}
+
+impl Coalescer {
+    async fn run(self, mut rx: mpsc::Receiver<Pending>) {
+        while let Some(first) = rx.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(p) => batch.push(p),
+                    Err(_) => break,
+                }
+            }
+            for op in ["reserve", "settle", "refund", "spend"] {
+                let (group, rest): (Vec<Pending>, Vec<Pending>) = batch.into_iter().partition(|p| p.op == op);
+                batch = rest;
+                if group.is_empty() {
+                    continue;
+                }
+                let calls: Vec<Call> = group.iter().map(|p| p.call.clone()).collect();
+                let inv = invocation(op, &calls, self.lease_secs, self.clock_offset_secs);
+                let result = run(&self.conn, self.timeout, &inv).await.and_then(|v| replies_of(op, &v, calls.len()));
+                match result {
+                    Ok(replies) => {
+                        for (p, r) in group.into_iter().zip(replies) {
+                            let _ = p.done.send(Ok(r));
+                        }
+                    }
+                    Err(e) => {
+                        let message = e.to_string();
+                        for p in group {
+                            let _ = p.done.send(Err(message.clone()));
+                        }
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -255,7 +363,8 @@ impl Limiter for RedisLimiter {
                 reservation: Some(Reservation { demand: demand.clone(), held: vec![], local: false }),
             });
         }
-        let mut replies = self.reserve_pass(&scopes, demand, &HashMap::new()).await?;
+        let no_seed = |_: usize, _: &Scope| (String::new(), String::new(), String::new());
+        let mut replies = self.call("reserve", self.call_for(&scopes, demand, no_seed)).await?;
         // Budgets Redis no longer holds are seeded from PostgreSQL's rollups, then reserved.
         let missing: Vec<usize> = replies.iter().enumerate().filter(|(_, r)| r.0 == -1).map(|(i, _)| i).collect();
         if !missing.is_empty() {
@@ -265,11 +374,18 @@ impl Limiter for RedisLimiter {
                     .ok_or_else(|| LimiterError::Protocol(format!("period {}", replies[i].3)))?;
                 seeds.insert(i, self.seed.spent_micros(scopes[i], since).await.map_err(LimiterError::Seed)?);
             }
-            let only: Vec<&Scope> = missing.iter().map(|&i| scopes[i]).collect();
-            let seeded: HashMap<usize, i64> = missing.iter().enumerate().map(|(j, i)| (j, seeds[i])).collect();
-            let again = self.reserve_pass(&only, demand, &seeded).await?;
-            for (j, &i) in missing.iter().enumerate() {
-                replies[i] = again[j].clone();
+            if self.coalescer.is_some() {
+                // One node: nothing of the request was applied; reserve it whole again.
+                let with_seeds = |i: usize, _: &Scope| (seeds.get(&i).map(|s| s.to_string()).unwrap_or_default(), String::new(), String::new());
+                replies = self.call("reserve", self.call_for(&scopes, demand, with_seeds)).await?;
+            } else {
+                // Cluster: each scope stands alone; reserve the seeded ones now.
+                let only: Vec<&Scope> = missing.iter().map(|&i| scopes[i]).collect();
+                let with_seeds = |j: usize, _: &Scope| (seeds[&missing[j]].to_string(), String::new(), String::new());
+                let again = self.call("reserve", self.call_for(&only, demand, with_seeds)).await?;
+                for (j, &i) in missing.iter().enumerate() {
+                    replies[i] = again[j].clone();
+                }
             }
         }
 
@@ -321,10 +437,13 @@ impl Limiter for RedisLimiter {
                     }
                     held.push(Held { scope: (*scope).clone(), made_at: now, period: period.clone() });
                 }
+                // Not applied because another scope of the request refused.
+                3 => {}
                 other => return Err(LimiterError::Protocol(format!("status {other}"))),
             }
         }
         if refusal.is_some() {
+            // Only a cluster applies scopes one by one; on one node `held` is empty here.
             self.undo("refund", &held, demand, demand.tokens, demand.cost_micros).await?;
             return Ok(Admission { refusal, warnings, standing, reservation: None });
         }

@@ -1,48 +1,33 @@
--- One limit scope (a key, user, team or subscription), atomically. Every key used here starts
--- with KEYS[1], which carries the scope's hash tag, so a scope lives in one Redis Cluster slot.
+-- Limits for a batch of requests, each over its scopes (key, user, team, subscription), atomically.
+-- Every key a scope uses starts with its prefix in KEYS (e.g. "tg:{key:<uuid>}"), whose braces
+-- make it one Redis Cluster slot; on a cluster a call carries one scope of one request.
 --
--- KEYS[1]  scope prefix, e.g. "tg:{key:<uuid>}"
--- ARGV[1]  op: "reserve" | "refund" | "settle" | "spend" (add ARGV[8] to the current period's
---          budget: spend admitted by a replica's fallback while Redis was unreachable)
--- ARGV[2]  request id
--- ARGV[3]  rpm limit (-1: none)      ARGV[4] tpm limit (-1: none)
--- ARGV[5]  budget, micro-USD (-1: none)
--- ARGV[6]  budget period: none | daily | weekly | monthly
--- ARGV[7]  tokens: to reserve (reserve, refund) or actually used (settle)
--- ARGV[8]  cost, micro-USD: to reserve (reserve, refund) or actually spent (settle)
--- ARGV[9]  lease seconds (reserve)
--- ARGV[10] clock offset seconds (added to Redis TIME; 0 outside tests)
--- ARGV[11] enforcement: hard | soft | monitor
--- ARGV[12] reserve: spend already recorded this period, to seed a missing budget ("" if unknown)
---          refund/settle: the second the reservation was made in
--- ARGV[13] refund/settle: tokens reserved
--- ARGV[14] settle: the budget period the reservation was made in
+-- ARGV[1] op: "reserve" | "refund" | "settle" | "spend"
+-- ARGV[2] lease seconds (reserve)      ARGV[3] clock offset seconds (added to Redis TIME; 0 outside tests)
+-- ARGV[4] number of requests, then per request:
+--   request id, tokens, cost (micro-USD), number of scopes, then per scope 9 fields:
+--   KEYS index, rpm (-1: none), tpm (-1), budget micro-USD (-1), budget period
+--   (none | daily | weekly | monthly), enforcement (hard | soft | monitor), and
+--   a: reserve: spend so far this period to seed a missing budget with ("" if unknown);
+--      refund/settle: the second the reservation was made in; spend: when it was settled
+--   b: refund/settle: tokens reserved        c: settle: the budget period reserved in
+-- For settle and spend, tokens and cost are what was really used.
 --
--- Windows: a hash of per-second buckets ("<second>" -> count) with a running total of those in
--- the last 60 seconds. Budget: "<prefix>:b:<period>" holds settled spend; reservations
--- in flight are "<prefix>:res" (request id -> micro-USD, plus "__total") with leases in
--- "<prefix>:lease" (request id -> expiry), swept on every call.
+-- Windows (RPM, TPM): a hash of per-second buckets plus 't' (the total of the buckets inside the
+-- window) and 's' (the last second already taken out of 't'). Budget: "<prefix>:b:<period>"
+-- holds settled spend; reservations in flight are "<prefix>:res" (request id -> micro-USD, and
+-- "__total") with leases in "<prefix>:lease", swept on every call.
 --
--- reserve returns {status, reason, now, period, rpm_used, rpm_reset, tpm_used, tpm_reset,
---                  budget_left, retry_after}
---   status 1: admitted, 0: refused (reason 1 rpm, 2 tpm, 3 budget), -1: the budget must be seeded,
---   2: admitted over a soft/monitor limit (reason says which).
+-- reserve returns, per request, per scope: {status, reason, now, period, rpm_used, rpm_reset,
+-- tpm_used, tpm_reset, budget_left, retry_after}. Status 1: admitted; 2: admitted over a soft or
+-- monitor limit (reason says which); 0: refused (reason 1 rpm, 2 tpm, 3 budget); -1: the budget
+-- must be seeded; 3: would have been admitted, but another scope of the request refused or needs
+-- a seed, so nothing of the request was applied.
 
-local prefix = KEYS[1]
 local op = ARGV[1]
-local id = ARGV[2]
-local rpm = tonumber(ARGV[3])
-local tpm = tonumber(ARGV[4])
-local budget = tonumber(ARGV[5])
-local period_kind = ARGV[6]
-local tokens = tonumber(ARGV[7])
-local cost = tonumber(ARGV[8])
-local lease = tonumber(ARGV[9])
-local offset = tonumber(ARGV[10])
-local enforcement = ARGV[11]
-
+local lease = tonumber(ARGV[2])
 local t = redis.call('TIME')
-local now = tonumber(t[1]) + offset
+local now = tonumber(t[1]) + tonumber(ARGV[3])
 local WINDOW = 60
 
 -- Civil date (proleptic Gregorian) of a day number since 1970-01-01.
@@ -72,17 +57,17 @@ local function days_from_civil(y, m, d)
 end
 
 -- The budget period a second belongs to, and the second it ends (0: never).
-local function period_of(sec)
+local function period_of(kind, sec)
   local days = math.floor(sec / 86400)
-  if period_kind == 'daily' then
+  if kind == 'daily' then
     local y, m, d = civil(days)
     return string.format('d%04d%02d%02d', y, m, d), (days + 1) * 86400
-  elseif period_kind == 'weekly' then
+  elseif kind == 'weekly' then
     -- ISO weeks start on Monday; 1970-01-01 was a Thursday.
     local monday = days - ((days + 3) % 7)
     local y, m, d = civil(monday)
     return string.format('w%04d%02d%02d', y, m, d), (monday + 7) * 86400
-  elseif period_kind == 'monthly' then
+  elseif kind == 'monthly' then
     local y, m = civil(days)
     local ny, nm = y, m + 1
     if nm == 13 then ny, nm = y + 1, 1 end
@@ -91,10 +76,8 @@ local function period_of(sec)
   return 'all', 0
 end
 
--- A window is a hash of per-second buckets plus 't' (the total of the buckets still inside the
--- window) and 's' (the last second already taken out of 't'). Buckets leave the total as their
--- second falls out of the window, so a call costs one HMGET, not a scan of 60 buckets.
--- Returns the total and the seconds until the oldest bucket that may count leaves.
+-- A window's total, after taking out the buckets that left it, and the seconds until the oldest
+-- bucket that may still count leaves.
 local function window_use(key)
   local st = redis.call('HMGET', key, 't', 's')
   local total = tonumber(st[1] or '0')
@@ -102,7 +85,6 @@ local function window_use(key)
   local edge = now - WINDOW
   if swept < edge then
     if swept <= edge - WINDOW then
-      -- The newest bucket is older than the window: nothing counts any more.
       redis.call('DEL', key)
       total = 0
     else
@@ -116,13 +98,15 @@ local function window_use(key)
     end
     swept = edge
     redis.call('HSET', key, 't', total, 's', swept)
+    -- Once a second is enough: an idle window disappears two windows after its last use.
+    redis.call('EXPIRE', key, WINDOW * 2)
   end
-  return total, (total > 0) and (swept + 1 + WINDOW - now) or 0
+  return total, (total > 0) and (swept + 1 + WINDOW - now) or 0, swept
 end
 
--- Adds n to the bucket of second `sec` if it still counts.
-local function window_add(key, sec, n)
-  local swept = tonumber(redis.call('HGET', key, 's') or '0')
+-- Adds n to the bucket of second `sec` if it still counts (`swept`: the window's 's', if known).
+local function window_add(key, sec, n, swept)
+  swept = swept or tonumber(redis.call('HGET', key, 's') or '0')
   if sec > swept and sec > now - WINDOW then
     redis.call('HINCRBY', key, sec, n)
     redis.call('HINCRBY', key, 't', n)
@@ -148,10 +132,7 @@ local function wait_for(key, need)
   return WINDOW
 end
 
-local res_key = prefix .. ':res'
-local lease_key = prefix .. ':lease'
-
-local function sweep()
+local function sweep(res_key, lease_key)
   local expired = redis.call('ZRANGEBYSCORE', lease_key, '-inf', now)
   for _, rid in ipairs(expired) do
     local amount = tonumber(redis.call('HGET', res_key, rid) or '0')
@@ -161,7 +142,7 @@ local function sweep()
   end
 end
 
-local function release(rid)
+local function release(res_key, lease_key, rid)
   local amount = redis.call('HGET', res_key, rid)
   if amount then
     redis.call('HINCRBY', res_key, '__total', -tonumber(amount))
@@ -170,124 +151,155 @@ local function release(rid)
   end
 end
 
-local rpm_key = prefix .. ':rpm'
-local tpm_key = prefix .. ':tpm'
+-- Reads the batch.
+local requests = {}
+local pos = 5
+for _ = 1, tonumber(ARGV[4]) do
+  local r = {id = ARGV[pos], tokens = tonumber(ARGV[pos + 1]), cost = tonumber(ARGV[pos + 2]), scopes = {}}
+  local n = tonumber(ARGV[pos + 3])
+  pos = pos + 4
+  for _ = 1, n do
+    local prefix = KEYS[tonumber(ARGV[pos])]
+    table.insert(r.scopes, {
+      prefix = prefix, rpm = tonumber(ARGV[pos + 1]), tpm = tonumber(ARGV[pos + 2]),
+      budget = tonumber(ARGV[pos + 3]), period_kind = ARGV[pos + 4], enforcement = ARGV[pos + 5],
+      a = ARGV[pos + 6], b = ARGV[pos + 7], c = ARGV[pos + 8],
+      rpm_key = prefix .. ':rpm', tpm_key = prefix .. ':tpm', res_key = prefix .. ':res', lease_key = prefix .. ':lease',
+    })
+    pos = pos + 9
+  end
+  table.insert(requests, r)
+end
 
-if op == 'reserve' then
-  local period, ends = period_of(now)
-  -- A period's spend outlives the period by a day (late settlements), then expires.
-  local ttl = (ends > 0) and (ends - now + 86400) or 0
-  local budget_key = prefix .. ':b:' .. period
-  local budget_left = -1
-  local status, reason, retry = 1, 0, 0
-  local soft = enforcement ~= 'hard'
-
-  if budget >= 0 then
-    sweep()
-    local spent = redis.call('GET', budget_key)
+-- Judges one scope of a reservation without changing anything but expired state.
+local function judge(r, s)
+  local reply = {1, 0, now, '', 0, 0, 0, 0, -1, 0}
+  local ends = 0
+  s.ttl = 0
+  if s.budget >= 0 then
+    local period
+    period, ends = period_of(s.period_kind, now)
+    reply[4] = period
+    s.budget_key = s.prefix .. ':b:' .. period
+    -- A period's spend outlives the period by a day (late settlements), then expires.
+    s.ttl = (ends > 0) and (ends - now + 86400) or 0
+    sweep(s.res_key, s.lease_key)
+    local spent = redis.call('GET', s.budget_key)
     if not spent then
-      if ARGV[12] == '' then
-        return {-1, 0, now, period, 0, 0, 0, 0, 0, 0}
+      if s.a == '' then
+        reply[1] = -1
+        return reply
       end
-      -- Several requests may seed at once: only the first seed counts, never overwriting
-      -- spend settled since.
-      if redis.call('SET', budget_key, ARGV[12], 'NX') then
+      -- Several requests may seed at once: only the first seed counts.
+      if redis.call('SET', s.budget_key, s.a, 'NX') then
         -- When the seed was read: spend settled earlier is in it already (see "spend").
-        redis.call('SET', budget_key .. ':seeded', now)
-        if ttl > 0 then
-          redis.call('EXPIRE', budget_key, ttl)
-          redis.call('EXPIRE', budget_key .. ':seeded', ttl)
+        redis.call('SET', s.budget_key .. ':seeded', now)
+        if s.ttl > 0 then
+          redis.call('EXPIRE', s.budget_key, s.ttl)
+          redis.call('EXPIRE', s.budget_key .. ':seeded', s.ttl)
         end
       end
-      spent = redis.call('GET', budget_key)
+      spent = redis.call('GET', s.budget_key)
     end
-    local reserved = tonumber(redis.call('HGET', res_key, '__total') or '0')
-    budget_left = budget - tonumber(spent) - reserved
-    if cost > budget_left or budget_left <= 0 then
-      status, reason = 0, 3
-      retry = (ends > 0) and (ends - now) or 0
-    end
-  end
-  local rpm_used, rpm_reset = 0, 0
-  if rpm >= 0 then
-    rpm_used, rpm_reset = window_use(rpm_key)
-    if status == 1 and rpm_used + 1 > rpm then
-      status, reason, retry = 0, 1, wait_for(rpm_key, rpm_used + 1 - rpm)
+    local reserved = tonumber(redis.call('HGET', s.res_key, '__total') or '0')
+    local left = s.budget - tonumber(spent) - reserved
+    reply[9] = left
+    if r.cost > left or left <= 0 then
+      reply[1], reply[2] = 0, 3
+      reply[10] = (ends > 0) and (ends - now) or 0
     end
   end
-  local tpm_used, tpm_reset = 0, 0
-  if tpm >= 0 then
-    tpm_used, tpm_reset = window_use(tpm_key)
-    if status == 1 and tpm_used + tokens > tpm then
-      status, reason, retry = 0, 2, wait_for(tpm_key, tpm_used + tokens - tpm)
+  if s.rpm >= 0 then
+    reply[5], reply[6], s.rpm_swept = window_use(s.rpm_key)
+    if reply[1] == 1 and reply[5] + 1 > s.rpm then
+      reply[1], reply[2], reply[10] = 0, 1, wait_for(s.rpm_key, reply[5] + 1 - s.rpm)
     end
   end
-  if status == 0 and soft then
-    status = 2
-  end
-  if status ~= 0 then
-    if rpm >= 0 then
-      window_add(rpm_key, now, 1)
-      redis.call('EXPIRE', rpm_key, WINDOW * 2)
-      rpm_used = rpm_used + 1
-    end
-    if tpm >= 0 then
-      window_add(tpm_key, now, tokens)
-      redis.call('EXPIRE', tpm_key, WINDOW * 2)
-      tpm_used = tpm_used + tokens
-    end
-    if budget >= 0 then
-      redis.call('HSET', res_key, id, cost)
-      redis.call('HINCRBY', res_key, '__total', cost)
-      redis.call('ZADD', lease_key, now + lease, id)
-      redis.call('EXPIRE', res_key, lease + ttl + 60)
-      redis.call('EXPIRE', lease_key, lease + ttl + 60)
-      budget_left = budget_left - cost
+  if s.tpm >= 0 then
+    reply[7], reply[8], s.tpm_swept = window_use(s.tpm_key)
+    if reply[1] == 1 and reply[7] + r.tokens > s.tpm then
+      reply[1], reply[2], reply[10] = 0, 2, wait_for(s.tpm_key, reply[7] + r.tokens - s.tpm)
     end
   end
-  return {status, reason, now, period, rpm_used, rpm_reset, tpm_used, tpm_reset, budget_left, retry}
+  if reply[1] == 0 and s.enforcement ~= 'hard' then
+    reply[1] = 2
+  end
+  return reply
 end
 
-if op == 'spend' then
-  -- ARGV[12]: when the spend was settled. A budget seeded after that already counts it.
-  if budget >= 0 and cost > 0 then
-    local period = period_of(now)
-    local budget_key = prefix .. ':b:' .. period
-    local seeded = tonumber(redis.call('GET', budget_key .. ':seeded') or '0')
-    if redis.call('EXISTS', budget_key) == 1 and seeded < tonumber(ARGV[12]) then
-      redis.call('INCRBY', budget_key, cost)
-    end
+local function apply(r, s, reply)
+  if s.rpm >= 0 then
+    window_add(s.rpm_key, now, 1, s.rpm_swept)
+    reply[5] = reply[5] + 1
   end
-  return 1
+  if s.tpm >= 0 then
+    window_add(s.tpm_key, now, r.tokens, s.tpm_swept)
+    reply[7] = reply[7] + r.tokens
+  end
+  if s.budget >= 0 then
+    redis.call('HSET', s.res_key, r.id, r.cost)
+    redis.call('HINCRBY', s.res_key, '__total', r.cost)
+    redis.call('ZADD', s.lease_key, now + lease, r.id)
+    redis.call('EXPIRE', s.res_key, lease + s.ttl + 60)
+    redis.call('EXPIRE', s.lease_key, lease + s.ttl + 60)
+    reply[9] = reply[9] - r.cost
+  end
 end
 
-
-local made_at = tonumber(ARGV[12])
-local reserved_tokens = tonumber(ARGV[13] or '0')
-
-if op == 'refund' then
-  if rpm >= 0 then window_add(rpm_key, made_at, -1) end
-  if tpm >= 0 then window_add(tpm_key, made_at, -reserved_tokens) end
-  if budget >= 0 then release(id) end
-  return 1
-end
-
-if op == 'settle' then
-  -- Tokens: replace the reservation by the real count, in the second it was made.
-  if tpm >= 0 then window_add(tpm_key, made_at, tokens - reserved_tokens) end
-  if budget >= 0 then
-    sweep()
-    release(id)
-    local budget_key = prefix .. ':b:' .. ARGV[14]
-    if cost > 0 then
-      -- Only a seeded period is added to: a missing one will be seeded from PostgreSQL,
-      -- which records this spend too.
-      if redis.call('EXISTS', budget_key) == 1 then
-        redis.call('INCRBY', budget_key, cost)
+if op == 'reserve' then
+  local out = {}
+  for _, r in ipairs(requests) do
+    local replies, all_ok = {}, true
+    for i, s in ipairs(r.scopes) do
+      replies[i] = judge(r, s)
+      if replies[i][1] == 0 or replies[i][1] == -1 then all_ok = false end
+    end
+    for i, s in ipairs(r.scopes) do
+      if all_ok then
+        apply(r, s, replies[i])
+      elseif replies[i][1] == 1 or replies[i][1] == 2 then
+        replies[i][1] = 3
       end
     end
+    table.insert(out, replies)
   end
-  return 1
+  return out
 end
 
-return redis.error_reply('unknown op ' .. tostring(op))
+for _, r in ipairs(requests) do
+  for _, s in ipairs(r.scopes) do
+    if op == 'refund' then
+      local made_at, reserved_tokens = tonumber(s.a), tonumber(s.b)
+      if s.rpm >= 0 then window_add(s.rpm_key, made_at, -1) end
+      if s.tpm >= 0 then window_add(s.tpm_key, made_at, -reserved_tokens) end
+      if s.budget >= 0 then release(s.res_key, s.lease_key, r.id) end
+    elseif op == 'settle' then
+      local made_at, reserved_tokens = tonumber(s.a), tonumber(s.b)
+      -- Tokens: the real count replaces the reservation, in the second it was made.
+      if s.tpm >= 0 then window_add(s.tpm_key, made_at, r.tokens - reserved_tokens) end
+      if s.budget >= 0 then
+        sweep(s.res_key, s.lease_key)
+        release(s.res_key, s.lease_key, r.id)
+        local budget_key = s.prefix .. ':b:' .. s.c
+        -- Only a seeded period is added to: a missing one is seeded from PostgreSQL, which
+        -- records this spend too.
+        if r.cost > 0 and redis.call('EXISTS', budget_key) == 1 then
+          redis.call('INCRBY', budget_key, r.cost)
+        end
+      end
+    elseif op == 'spend' then
+      -- Spend admitted by a replica's fallback while Redis was away; a budget seeded after it
+      -- was settled counts it already.
+      if s.budget >= 0 and r.cost > 0 then
+        local budget_key = s.prefix .. ':b:' .. period_of(s.period_kind, now)
+        local seeded = tonumber(redis.call('GET', budget_key .. ':seeded') or '0')
+        if redis.call('EXISTS', budget_key) == 1 and seeded < tonumber(s.a) then
+          redis.call('INCRBY', budget_key, r.cost)
+        end
+      end
+    else
+      return redis.error_reply('unknown op ' .. tostring(op))
+    end
+  end
+end
+return 1
