@@ -230,6 +230,18 @@ impl RedisLimiter {
     }
 }
 
+/// Keeps, of the headers' window figures `(limit, remaining, reset)`, the tighter of what they
+/// hold and this scope's window (`limit`, `used`, `reset`).
+fn tighten(figures: (&mut Option<u64>, &mut Option<u64>, &mut u64), limit: Option<i64>, used: i64, reset: i64) {
+    let Some(limit) = limit else { return };
+    let remaining = (limit - used).max(0) as u64;
+    if figures.1.is_none_or(|r| remaining < r) {
+        *figures.0 = Some(limit as u64);
+        *figures.1 = Some(remaining);
+        *figures.2 = reset.max(0) as u64;
+    }
+}
+
 async fn bounded<T>(timeout: Duration, f: impl std::future::Future<Output = RedisResult<T>>) -> Result<T, LimiterError> {
     match tokio::time::timeout(timeout, f).await {
         Ok(r) => Ok(r?),
@@ -405,22 +417,9 @@ impl Limiter for RedisLimiter {
                 3 => Some(Reason::Budget),
                 _ => None,
             };
-            if let Some(rpm) = scope.limits.rpm {
-                let remaining = (rpm - rpm_used).max(0) as u64;
-                if standing.remaining_requests.is_none_or(|r| remaining < r) {
-                    standing.limit_requests = Some(rpm as u64);
-                    standing.remaining_requests = Some(remaining);
-                    standing.reset_requests_secs = rpm_reset.max(0) as u64;
-                }
-            }
-            if let Some(tpm) = scope.limits.tpm {
-                let remaining = (tpm - tpm_used).max(0) as u64;
-                if standing.remaining_tokens.is_none_or(|r| remaining < r) {
-                    standing.limit_tokens = Some(tpm as u64);
-                    standing.remaining_tokens = Some(remaining);
-                    standing.reset_tokens_secs = tpm_reset.max(0) as u64;
-                }
-            }
+            let st = &mut standing;
+            tighten((&mut st.limit_requests, &mut st.remaining_requests, &mut st.reset_requests_secs), scope.limits.rpm, rpm_used, rpm_reset);
+            tighten((&mut st.limit_tokens, &mut st.remaining_tokens, &mut st.reset_tokens_secs), scope.limits.tpm, tpm_used, tpm_reset);
             match status {
                 0 => {
                     if refusal.is_none() {
