@@ -235,11 +235,8 @@ impl Gateway {
         let limiter = &s.limiter.limiter;
         let result = limiter.reserve(&scopes, &demand).await;
         s.metrics.redis_latency.observe(started.elapsed().as_secs_f64());
-        let fallback = limiter.fallback_active();
-        s.metrics.fallback_active.set(fallback as i64);
-        if fallback {
-            s.metrics.redis_errors.inc();
-        }
+        s.metrics.fallback_active.set(limiter.fallback_active() as i64);
+        s.metrics.redis_errors.inc_by(limiter.take_failures());
         let admission = match result {
             Ok(a) => a,
             Err(e) => {

@@ -4,7 +4,7 @@
 
 use std::{
     sync::{
-        atomic::{AtomicBool, AtomicU32},
+        atomic::{AtomicBool, AtomicU32, AtomicU64},
         Arc, Mutex, OnceLock,
     },
     time::{Duration, Instant},
@@ -21,6 +21,8 @@ pub struct ResilientLimiter {
     fallback: FallbackLimiter,
     down_until: Mutex<Option<Instant>>,
     in_fallback: AtomicBool,
+    /// Calls to Redis that failed or timed out since the last `take_failures`.
+    failures: AtomicU64,
     fail_closed: bool,
 }
 
@@ -31,6 +33,7 @@ impl ResilientLimiter {
             fallback: FallbackLimiter::new(live_replicas, observations, seed),
             down_until: Mutex::new(None),
             in_fallback: AtomicBool::new(false),
+            failures: AtomicU64::new(0),
             fail_closed,
         }
     }
@@ -47,6 +50,11 @@ impl ResilientLimiter {
     /// Whether requests are being limited without Redis right now.
     pub fn fallback_active(&self) -> bool {
         self.in_fallback.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// How many Redis calls failed since the last time this was asked (for a counter metric).
+    pub fn take_failures(&self) -> u64 {
+        self.failures.swap(0, std::sync::atomic::Ordering::Relaxed)
     }
 
     fn usable_primary(&self) -> Option<&Arc<RedisLimiter>> {
@@ -91,6 +99,7 @@ impl Limiter for ResilientLimiter {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "redis limiter failed; limiting locally");
+                    self.failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     self.mark(false);
                     if self.fail_closed {
                         return Err(e);

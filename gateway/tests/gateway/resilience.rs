@@ -95,6 +95,7 @@ async fn fail_closed_answers_503_without_redis(db: PgPool) {
     assert_eq!(error_of(resp).await, (StatusCode::SERVICE_UNAVAILABLE, "limits_unavailable".into()));
     let metrics = stack.http.get(format!("{}/metrics", stack.gateway.admin)).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("tollgate_gateway_limiter_fallback_active 1"), "{metrics}");
+    assert!(metrics.contains("tollgate_gateway_redis_errors_total 1"), "one failed call, then Redis is skipped: {metrics}");
 }
 
 #[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
