@@ -75,10 +75,7 @@ struct Mock {
 
 pub fn router(config: MockConfig) -> Router {
     let mock = Mock { config, requests: Arc::new(Mutex::new(VecDeque::new())) };
-    Router::new()
-        .route("/mock/requests", get(recorded).delete(clear))
-        .fallback(handle)
-        .with_state(mock)
+    Router::new().route("/mock/requests", get(recorded).delete(clear)).fallback(handle).with_state(mock)
 }
 
 pub async fn serve(listener: tokio::net::TcpListener, config: MockConfig) -> std::io::Result<()> {
@@ -199,9 +196,7 @@ fn completion(body: &Bytes, b: &Behaviour, kind: Kind) -> Response {
         Err(_) => return error(StatusCode::BAD_REQUEST, "invalid_json", "body is not JSON"),
     };
     let model = req.get("model").and_then(Value::as_str).unwrap_or("mock-gpt").to_string();
-    let max_tokens = ["max_completion_tokens", "max_tokens"]
-        .iter()
-        .find_map(|k| req.get(*k).and_then(Value::as_u64));
+    let max_tokens = ["max_completion_tokens", "max_tokens"].iter().find_map(|k| req.get(*k).and_then(Value::as_u64));
     let completion_tokens = max_tokens.map_or(b.chunks as u64, |m| m.min(b.chunks as u64));
     let prompt = prompt_tokens(&req);
     let usage = json!({"prompt_tokens": prompt, "completion_tokens": completion_tokens,
@@ -219,10 +214,7 @@ fn completion(body: &Bytes, b: &Behaviour, kind: Kind) -> Response {
         };
         return Json(body).into_response();
     }
-    let include_usage = req
-        .pointer("/stream_options/include_usage")
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
+    let include_usage = req.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false);
     let object = if kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
     let chunk = |choice: Value, usage: Option<Value>| -> Bytes {
         let mut c = json!({"id": id, "object": object, "created": now(), "model": model, "choices": [choice]});

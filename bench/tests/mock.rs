@@ -20,7 +20,15 @@ fn events(text: &str) -> Vec<String> {
 async fn chat_json_has_deterministic_usage() {
     let base = start().await;
     let body = json!({"model": "m", "messages": [{"role": "user", "content": "one two three"}], "max_tokens": 2});
-    let resp: Value = reqwest::Client::new().post(format!("{base}/v1/chat/completions")).json(&body).send().await.unwrap().json().await.unwrap();
+    let resp: Value = reqwest::Client::new()
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(resp["usage"], json!({"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}));
     assert_eq!(resp["choices"][0]["message"]["content"], "tok tok ");
     assert_eq!(resp["model"], "m");
@@ -55,20 +63,38 @@ async fn chunk_delay_error_status_and_drop() {
     let http = reqwest::Client::new();
     let body = json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": "x"}]});
     let started = Instant::now();
-    let mut resp = http.post(format!("{base}/v1/chat/completions")).header("x-mock-chunks", "2")
-        .header("x-mock-chunk-delay-ms", "300").json(&body).send().await.unwrap();
+    let mut resp = http
+        .post(format!("{base}/v1/chat/completions"))
+        .header("x-mock-chunks", "2")
+        .header("x-mock-chunk-delay-ms", "300")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     let first = resp.chunk().await.unwrap().unwrap();
     assert!(started.elapsed() < Duration::from_millis(250), "first chunk before the delay");
     assert!(String::from_utf8_lossy(&first).contains("tok"));
     while resp.chunk().await.unwrap().is_some() {}
     assert!(started.elapsed() >= Duration::from_millis(600));
 
-    let resp = http.post(format!("{base}/v1/chat/completions")).header("x-mock-status", "503").json(&body).send().await.unwrap();
+    let resp = http
+        .post(format!("{base}/v1/chat/completions"))
+        .header("x-mock-status", "503")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 503);
     let err: Value = resp.json().await.unwrap();
     assert_eq!(err["error"]["type"], "server_error");
 
-    let mut resp = http.post(format!("{base}/v1/chat/completions")).header("x-mock-drop-after", "2").json(&body).send().await.unwrap();
+    let mut resp = http
+        .post(format!("{base}/v1/chat/completions"))
+        .header("x-mock-drop-after", "2")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     let mut got = 0;
     let outcome = loop {
         match resp.chunk().await {
@@ -85,8 +111,16 @@ async fn chunk_delay_error_status_and_drop() {
 async fn embeddings_models_and_records() {
     let base = start().await;
     let http = reqwest::Client::new();
-    let resp: Value = http.post(format!("{base}/v1/embeddings")).header("x-trace", "t1")
-        .json(&json!({"model": "e", "input": ["a b", "c"]})).send().await.unwrap().json().await.unwrap();
+    let resp: Value = http
+        .post(format!("{base}/v1/embeddings"))
+        .header("x-trace", "t1")
+        .json(&json!({"model": "e", "input": ["a b", "c"]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(resp["data"].as_array().unwrap().len(), 2);
     assert_eq!(resp["usage"]["prompt_tokens"], 3);
     let models: Value = http.get(format!("{base}/v1/models")).send().await.unwrap().json().await.unwrap();

@@ -108,7 +108,11 @@ impl Caller {
     /// 404 unless the caller may see resources owned by `owner`: to a user, others' resources
     /// do not exist.
     pub fn ensure_sees(&self, owner: Uuid, what: &'static str) -> ApiResult<()> {
-        if self.sees(owner) { Ok(()) } else { Err(ApiError::NotFound(what)) }
+        if self.sees(owner) {
+            Ok(())
+        } else {
+            Err(ApiError::NotFound(what))
+        }
     }
 }
 
@@ -125,21 +129,14 @@ impl FromRequestParts<AppState> for Caller {
             .filter(|t| !t.is_empty())
             .ok_or_else(|| ApiError::Unauthorized("missing bearer token".into()))?;
         let principal = state.auth.authenticate(token).await?;
-        let request_id = parts
-            .headers
-            .get("x-request-id")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+        let request_id = parts.headers.get("x-request-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
         let forwarded = parts
             .headers
             .get("x-forwarded-for")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.split(',').next())
             .map(|v| v.trim().to_owned());
-        let peer = parts
-            .extensions
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|c| c.0.ip().to_string());
+        let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip().to_string());
         Ok(Caller { principal, request_id, ip: forwarded.or(peer) })
     }
 }
@@ -166,10 +163,10 @@ impl Authenticator {
         }
         let presented = hash_key(token);
         // Compare against every configured key without stopping early.
-        let matched = self
-            .admin_key_hashes
-            .iter()
-            .fold(None, |found, h| if hashes_equal(h, &presented) { Some(h) } else { found });
+        let matched =
+            self.admin_key_hashes
+                .iter()
+                .fold(None, |found, h| if hashes_equal(h, &presented) { Some(h) } else { found });
         match matched {
             Some(h) => Ok(Principal::AdminKey { label: format!("admin-key:{}", hex_prefix(h)) }),
             None => Err(ApiError::Unauthorized("invalid credentials".into())),
@@ -178,9 +175,10 @@ impl Authenticator {
 
     /// Maps verified claims to a user, creating the user on first sight.
     async fn user_from_claims(&self, claims: &Map<String, Value>) -> ApiResult<Principal> {
-        let role = self.jwt.role(claims).ok_or_else(|| {
-            ApiError::forbidden("token carries no Tollgate role (roles claim or mapped group)")
-        })?;
+        let role = self
+            .jwt
+            .role(claims)
+            .ok_or_else(|| ApiError::forbidden("token carries no Tollgate role (roles claim or mapped group)"))?;
         let sub = claims.get("sub").and_then(Value::as_str).unwrap_or_default();
         if sub.is_empty() || sub.len() > 255 {
             return Err(ApiError::Unauthorized("token has no usable subject".into()));
@@ -230,14 +228,11 @@ impl Authenticator {
         let Some((id, status)) = created else {
             // A concurrent first request created it, or the email belongs to another subject.
             tx.rollback().await?;
-            let again: Option<(Uuid, String)> =
-                sqlx::query_as("SELECT id, status FROM users WHERE oidc_subject = $1")
-                    .bind(sub)
-                    .fetch_optional(&self.db)
-                    .await?;
-            return again.ok_or_else(|| {
-                ApiError::conflict("the token's email belongs to another identity")
-            });
+            let again: Option<(Uuid, String)> = sqlx::query_as("SELECT id, status FROM users WHERE oidc_subject = $1")
+                .bind(sub)
+                .fetch_optional(&self.db)
+                .await?;
+            return again.ok_or_else(|| ApiError::conflict("the token's email belongs to another identity"));
         };
         sqlx::query("INSERT INTO team_members (team_id, user_id) VALUES ($1, $2)")
             .bind(DEFAULT_TEAM_ID)
@@ -296,7 +291,9 @@ impl JwtVerifier {
         let unauthorized = |m: &str| ApiError::Unauthorized(m.to_string());
         let header = decode_header(token).map_err(|_| unauthorized("malformed token"))?;
         let key = match header.alg {
-            Algorithm::HS256 => self.hs256.clone().map(Arc::new).ok_or_else(|| unauthorized("HS256 tokens are not accepted"))?,
+            Algorithm::HS256 => {
+                self.hs256.clone().map(Arc::new).ok_or_else(|| unauthorized("HS256 tokens are not accepted"))?
+            }
             Algorithm::RS256 => {
                 let jwks = self.jwks.as_ref().ok_or_else(|| unauthorized("RS256 tokens are not accepted"))?;
                 let kid = header.kid.as_deref().unwrap_or_default();
@@ -314,13 +311,11 @@ impl JwtVerifier {
             Some(aud) => validation.set_audience(&[aud]),
             None => validation.validate_aud = false,
         }
-        decode::<Map<String, Value>>(token, &key, &validation)
-            .map(|data| data.claims)
-            .map_err(|e| match e.kind() {
-                jsonwebtoken::errors::ErrorKind::ExpiredSignature => unauthorized("token expired"),
-                jsonwebtoken::errors::ErrorKind::InvalidSignature => unauthorized("bad token signature"),
-                _ => unauthorized("invalid token"),
-            })
+        decode::<Map<String, Value>>(token, &key, &validation).map(|data| data.claims).map_err(|e| match e.kind() {
+            jsonwebtoken::errors::ErrorKind::ExpiredSignature => unauthorized("token expired"),
+            jsonwebtoken::errors::ErrorKind::InvalidSignature => unauthorized("bad token signature"),
+            _ => unauthorized("invalid token"),
+        })
     }
 
     /// The strongest role named by the roles claim, else mapped from the groups claim.
@@ -328,14 +323,11 @@ impl JwtVerifier {
         let strings = |claim: &str| -> Vec<String> {
             match claims.get(claim) {
                 Some(Value::String(s)) => s.split([',', ' ']).map(str::to_owned).collect(),
-                Some(Value::Array(items)) => {
-                    items.iter().filter_map(Value::as_str).map(str::to_owned).collect()
-                }
+                Some(Value::Array(items)) => items.iter().filter_map(Value::as_str).map(str::to_owned).collect(),
                 _ => Vec::new(),
             }
         };
-        let mut roles: Vec<Role> =
-            strings(&self.config.roles_claim).iter().filter_map(|r| Role::parse(r)).collect();
+        let mut roles: Vec<Role> = strings(&self.config.roles_claim).iter().filter_map(|r| Role::parse(r)).collect();
         if roles.is_empty() {
             roles = strings(&self.config.groups_claim)
                 .iter()

@@ -118,9 +118,7 @@ impl IntoResponse for ApiError {
         let body = ErrorBody { error: ErrorDetail { code: self.code(), message, field } };
         let mut response = (self.status_code(), Json(body)).into_response();
         if matches!(self, ApiError::Unauthorized(_)) {
-            response
-                .headers_mut()
-                .insert("www-authenticate", axum::http::HeaderValue::from_static("Bearer"));
+            response.headers_mut().insert("www-authenticate", axum::http::HeaderValue::from_static("Bearer"));
         }
         response
     }
@@ -133,9 +131,7 @@ impl From<sqlx::Error> for ApiError {
             let constraint = db.constraint().unwrap_or_default().to_string();
             match db.code().as_deref() {
                 Some("23505") => return ApiError::Conflict(conflict_message(&constraint)),
-                Some("23503") => {
-                    return ApiError::Conflict(format!("still referenced ({constraint})"))
-                }
+                Some("23503") => return ApiError::Conflict(format!("still referenced ({constraint})")),
                 Some("23514") => return ApiError::invalid(constraint, "value not allowed"),
                 // Invalid text (e.g. NUL bytes) or numeric out of range for a column.
                 Some("22021") | Some("22P05") => {

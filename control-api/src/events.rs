@@ -35,11 +35,8 @@ impl EventPublisher {
             .set_connection_timeout(REDIS_TIMEOUT)
             .set_response_timeout(REDIS_TIMEOUT)
             .set_number_of_retries(1);
-        match tokio::time::timeout(
-            REDIS_TIMEOUT,
-            ConnectionManager::new_with_config(self.inner.client.clone(), config),
-        )
-        .await
+        match tokio::time::timeout(REDIS_TIMEOUT, ConnectionManager::new_with_config(self.inner.client.clone(), config))
+            .await
         {
             Ok(Ok(conn)) => {
                 *slot = Some(conn.clone());

@@ -38,9 +38,8 @@ pub fn app(state: AppState) -> Router {
         .merge(SwaggerUi::new("/docs").url("/api/v1/openapi.json", openapi::ApiDoc::openapi()))
         .fallback(|| async { ApiError::NotFound("route") })
         .method_not_allowed_fallback(|| async {
-            let mut response = axum::response::IntoResponse::into_response(ApiError::bad_request(
-                "method not allowed on this path",
-            ));
+            let mut response =
+                axum::response::IntoResponse::into_response(ApiError::bad_request("method not allowed on this path"));
             *response.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
             response
         })
@@ -52,11 +51,7 @@ pub fn app(state: AppState) -> Router {
 }
 
 pub async fn connect_db(url: &str) -> anyhow::Result<PgPool> {
-    Ok(PgPoolOptions::new()
-        .max_connections(16)
-        .acquire_timeout(Duration::from_secs(5))
-        .connect(url)
-        .await?)
+    Ok(PgPoolOptions::new().max_connections(16).acquire_timeout(Duration::from_secs(5)).connect(url).await?)
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves.

@@ -8,9 +8,7 @@ use axum::{
     middleware::Next,
     response::{IntoResponse, Response},
 };
-use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
-};
+use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder};
 
 use crate::state::AppState;
 
@@ -30,8 +28,7 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let registry = Registry::new_custom(Some("tollgate_control_api".into()), None)
-            .expect("registry");
+        let registry = Registry::new_custom(Some("tollgate_control_api".into()), None).expect("registry");
         let requests = IntCounterVec::new(
             Opts::new("http_requests_total", "HTTP requests by route, method and status"),
             &["route", "method", "status"],
@@ -43,11 +40,9 @@ impl Metrics {
             &["route", "method"],
         )
         .expect("metric");
-        let sync_runs = IntCounterVec::new(
-            Opts::new("model_sync_runs_total", "Model sync runs by outcome"),
-            &["outcome"],
-        )
-        .expect("metric");
+        let sync_runs =
+            IntCounterVec::new(Opts::new("model_sync_runs_total", "Model sync runs by outcome"), &["outcome"])
+                .expect("metric");
         let invalidations = IntCounterVec::new(
             Opts::new("invalidations_published_total", "Invalidation messages by outcome"),
             &["outcome"],
@@ -68,25 +63,17 @@ impl Metrics {
 }
 
 pub async fn track(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".to_owned());
+    let route =
+        req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "unmatched".to_owned());
     let method = req.method().as_str().to_owned();
     let start = Instant::now();
     let response = next.run(req).await;
     let m = &state.metrics;
     m.latency.with_label_values(&[&route, &method]).observe(start.elapsed().as_secs_f64());
-    m.requests
-        .with_label_values(&[&route, &method, response.status().as_str()])
-        .inc();
+    m.requests.with_label_values(&[&route, &method, response.status().as_str()]).inc();
     response
 }
 
 pub async fn render(State(state): State<AppState>) -> impl IntoResponse {
-    (
-        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(),
-    )
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render())
 }

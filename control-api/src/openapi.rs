@@ -57,9 +57,7 @@ impl Modify for BearerAndErrors {
             ),
         );
         for item in openapi.paths.paths.values_mut() {
-            let ops = [
-                &mut item.get, &mut item.post, &mut item.put, &mut item.patch, &mut item.delete,
-            ];
+            let ops = [&mut item.get, &mut item.post, &mut item.put, &mut item.patch, &mut item.delete];
             for op in ops.into_iter().flatten() {
                 for (code, description) in ERRORS {
                     op.responses.responses.entry((*code).to_string()).or_insert_with(|| {

@@ -36,8 +36,7 @@ pub fn email(field: &str, value: &str) -> ApiResult<String> {
     let v = text(field, value, 254)?;
     let ok = match v.split_once('@') {
         Some((local, domain)) => {
-            !local.is_empty() && !domain.is_empty() && !domain.contains('@')
-                && !v.chars().any(char::is_whitespace)
+            !local.is_empty() && !domain.is_empty() && !domain.contains('@') && !v.chars().any(char::is_whitespace)
         }
         None => false,
     };

@@ -48,9 +48,7 @@ where
     let env: &'static [(&str, &str)] = spec.env;
     let figment = figment
         .merge(Env::prefixed("TOLLGATE_").filter_map(move |var| {
-            env.iter()
-                .find(|(name, _)| var.as_str().eq_ignore_ascii_case(name))
-                .map(|(_, key)| (*key).into())
+            env.iter().find(|(name, _)| var.as_str().eq_ignore_ascii_case(name)).map(|(_, key)| (*key).into())
         }))
         .merge(overrides);
     figment.extract().map_err(|e| ConfigError::Invalid(Box::new(e)))

@@ -76,10 +76,7 @@ mod tests {
     #[test]
     fn hash_is_sha256_of_the_whole_key() {
         // SHA-256("abc"), a published test vector.
-        assert_eq!(
-            hex::encode(hash_key("abc")),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
+        assert_eq!(hex::encode(hash_key("abc")), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
     }
 
     #[test]

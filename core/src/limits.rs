@@ -128,8 +128,8 @@ mod tests {
 
     #[test]
     fn full_limits_round_trip() {
-        let l = parse(r#"{"rpm":10,"tpm":1000,"max_budget":1.5,"budget_period":"monthly","enforcement":"soft"}"#)
-            .unwrap();
+        let l =
+            parse(r#"{"rpm":10,"tpm":1000,"max_budget":1.5,"budget_period":"monthly","enforcement":"soft"}"#).unwrap();
         l.validate().unwrap();
         assert_eq!(l.max_budget_micros(), Some(1_500_000));
         let back = parse(&serde_json::to_string(&l).unwrap()).unwrap();

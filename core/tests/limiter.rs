@@ -56,7 +56,9 @@ async fn rpm_is_a_rolling_sixty_second_window() {
     let key = scope(ScopeKind::Key, Limits { rpm: Some(3), ..Default::default() });
     // Ten seconds into a minute that begins at a fixed offset from the real clock.
     let base = 1_000_000 - (now() % 1_000_000);
-    for (offset, admitted) in [(0, true), (10, true), (20, true), (30, false), (59, false), (60, true), (61, false), (70, true)] {
+    for (offset, admitted) in
+        [(0, true), (10, true), (20, true), (30, false), (59, false), (60, true), (61, false), (70, true)]
+    {
         let l = limiter_at(base + offset, 600, Arc::default()).await;
         let a = l.reserve(std::slice::from_ref(&key), &demand(1, 0)).await.unwrap();
         assert_eq!(a.refusal.is_none(), admitted, "at +{offset}s: {a:?}");

@@ -53,6 +53,9 @@ async fn main() -> anyhow::Result<()> {
         rows_written += rows.len() as u64;
     }
     let secs = started.elapsed().as_secs_f64();
-    println!("{{\"rows\": {rows_written}, \"seconds\": {secs:.3}, \"rows_per_second\": {:.0}, \"batch\": {batch}}}", rows_written as f64 / secs);
+    println!(
+        "{{\"rows\": {rows_written}, \"seconds\": {secs:.3}, \"rows_per_second\": {:.0}, \"batch\": {batch}}}",
+        rows_written as f64 / secs
+    );
     Ok(())
 }

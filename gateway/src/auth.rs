@@ -226,9 +226,7 @@ impl KeyCache {
             InvalidationKind::Model => false,
         };
         for s in &self.shards {
-            s.write()
-                .expect("key cache lock")
-                .retain(|_, e| !e.ctx.as_deref().is_some_and(concerns));
+            s.write().expect("key cache lock").retain(|_, e| !e.ctx.as_deref().is_some_and(concerns));
         }
     }
 }
@@ -256,7 +254,11 @@ mod tests {
             team_models: vec![],
             team_limits: Limits::default(),
             team_member: true,
-            subscriptions: vec![ActiveSubscription { id: Uuid::from_u128(50), model: "m".into(), limits: Limits::default() }],
+            subscriptions: vec![ActiveSubscription {
+                id: Uuid::from_u128(50),
+                model: "m".into(),
+                limits: Limits::default(),
+            }],
         }
     }
 

@@ -51,10 +51,8 @@ impl ModelCatalog {
     }
 
     pub async fn reload_one(&self, db: &PgPool, id: &str) -> Result<(), sqlx::Error> {
-        let row: Option<ModelInfo> = sqlx::query_as(&format!("SELECT {COLUMNS} FROM models WHERE id = $1"))
-            .bind(id)
-            .fetch_optional(db)
-            .await?;
+        let row: Option<ModelInfo> =
+            sqlx::query_as(&format!("SELECT {COLUMNS} FROM models WHERE id = $1")).bind(id).fetch_optional(db).await?;
         let mut models = self.models.write().expect("catalog lock");
         match row {
             Some(m) => models.insert(id.to_string(), Arc::new(m)),

@@ -95,7 +95,8 @@ pub fn run(config: GatewayConfig) -> anyhow::Result<()> {
         )
     });
     let writer = support.spawn(writer.run());
-    let invalidator = Invalidator { keys: keys.clone(), catalog: catalog.clone(), db: db.clone(), metrics: metrics.clone() };
+    let invalidator =
+        Invalidator { keys: keys.clone(), catalog: catalog.clone(), db: db.clone(), metrics: metrics.clone() };
     support.spawn(invalidator.run(config.redis_url.clone()));
     let refresh = (catalog.clone(), db.clone());
     support.spawn(async move {
@@ -110,7 +111,11 @@ pub fn run(config: GatewayConfig) -> anyhow::Result<()> {
     let limiter = limits::LimiterHandle::start(&config, db.clone(), &support);
     let state = Arc::new(GatewayState {
         limiter,
-        upstream_authorization: config.upstream_api_key.as_ref().filter(|k| !k.is_empty()).map(|k| format!("Bearer {k}")),
+        upstream_authorization: config
+            .upstream_api_key
+            .as_ref()
+            .filter(|k| !k.is_empty())
+            .map(|k| format!("Bearer {k}")),
         metered_paths: metered_paths(&config),
         auth_failures: auth_failure_limiter(config.failed_auth_per_minute),
         upstream,

@@ -43,7 +43,13 @@ pub fn scopes(auth: &AuthContext, subscription: &ActiveSubscription) -> Vec<Scop
 }
 
 /// The most a request can use: its prompt estimate plus its completion allowance, priced.
-pub fn demand(request_id: &str, facts: &RequestFacts, model: &ModelInfo, endpoint: &str, default_max_tokens: u64) -> Demand {
+pub fn demand(
+    request_id: &str,
+    facts: &RequestFacts,
+    model: &ModelInfo,
+    endpoint: &str,
+    default_max_tokens: u64,
+) -> Demand {
     let completion = if endpoint.ends_with("/embeddings") { 0 } else { facts.max_tokens.unwrap_or(default_max_tokens) };
     Demand {
         request_id: request_id.to_string(),
@@ -95,7 +101,8 @@ impl LimiterHandle {
         let live = Arc::new(AtomicU32::new(1));
         let observations = Arc::new(Observations::default());
         let spend: Arc<dyn SpendSource> = Arc::new(PgSpend { db, support: support.handle().clone() });
-        let limiter = Arc::new(ResilientLimiter::new(live.clone(), observations.clone(), spend.clone(), config.fail_closed));
+        let limiter =
+            Arc::new(ResilientLimiter::new(live.clone(), observations.clone(), spend.clone(), config.fail_closed));
         let (url, timeout) = (config.redis_url.clone(), Duration::from_millis(config.redis_timeout_ms.max(1)));
         let (lease, offset) = (config.reservation_lease_seconds, config.limiter_clock_offset_seconds);
         let connect = move || {

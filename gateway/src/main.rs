@@ -29,7 +29,9 @@ fn main() -> anyhow::Result<()> {
     tollgate_gateway::init_logging();
     let args = Args::parse();
     let mut flags = Figment::new();
-    for (key, value) in [("listen", args.listen), ("admin_listen", args.admin_listen), ("upstream_url", args.upstream_url)] {
+    for (key, value) in
+        [("listen", args.listen), ("admin_listen", args.admin_listen), ("upstream_url", args.upstream_url)]
+    {
         if let Some(v) = value {
             flags = flags.merge(Serialized::default(key, v));
         }

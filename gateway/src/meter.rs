@@ -23,7 +23,10 @@ const MAX_JSON_BODY: usize = 16 * 1024 * 1024;
 pub enum Meter {
     #[default]
     Off,
-    Json { body: BytesMut, overflow: bool },
+    Json {
+        body: BytesMut,
+        overflow: bool,
+    },
     Sse(SseMeter),
 }
 

@@ -2,8 +2,7 @@
 //! scope type); never a key, user or request id.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -56,7 +55,8 @@ impl Metrics {
             c
         };
         let histogram = |name: &str, help: &str| {
-            let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec())).expect("metric");
+            let h =
+                Histogram::with_opts(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec())).expect("metric");
             registry.register(Box::new(h.clone())).expect("register");
             h
         };
@@ -67,19 +67,29 @@ impl Metrics {
         )
         .expect("metric");
         registry.register(Box::new(latency.clone())).expect("register");
-        let fallback_active = IntGauge::new("limiter_fallback_active", "1 while limits are checked without Redis").expect("metric");
+        let fallback_active =
+            IntGauge::new("limiter_fallback_active", "1 while limits are checked without Redis").expect("metric");
         registry.register(Box::new(fallback_active.clone())).expect("register");
-        let usage_queue_depth = IntGauge::new("usage_queue_depth", "Usage rows waiting for the writer").expect("metric");
+        let usage_queue_depth =
+            IntGauge::new("usage_queue_depth", "Usage rows waiting for the writer").expect("metric");
         registry.register(Box::new(usage_queue_depth.clone())).expect("register");
         Self {
-            requests: counter_vec("requests_total", "Requests by model, status class and outcome", &["model", "status", "outcome"]),
+            requests: counter_vec(
+                "requests_total",
+                "Requests by model, status class and outcome",
+                &["model", "status", "outcome"],
+            ),
             latency,
             upstream_latency: histogram("upstream_duration_seconds", "Time from sending upstream to the last byte"),
             ttfb: histogram("time_to_first_byte_seconds", "Time from request to the first response byte"),
             prompt_tokens: counter_vec("prompt_tokens_total", "Prompt tokens by model", &["model"]),
             completion_tokens: counter_vec("completion_tokens_total", "Completion tokens by model", &["model"]),
             spend_micros: counter_vec("spend_micro_usd_total", "Spend in micro-USD by model", &["model"]),
-            rejections: counter_vec("rejections_total", "Requests refused, by reason and scope type", &["reason", "scope"]),
+            rejections: counter_vec(
+                "rejections_total",
+                "Requests refused, by reason and scope type",
+                &["reason", "scope"],
+            ),
             key_cache_hits: counter("key_cache_hits_total", "Key lookups answered from the cache"),
             key_cache_misses: counter("key_cache_misses_total", "Key lookups that read PostgreSQL"),
             usage_queue_depth,
@@ -89,7 +99,11 @@ impl Metrics {
             redis_latency: histogram("redis_duration_seconds", "Latency of the limiter's Redis round trips"),
             redis_errors: counter("redis_errors_total", "Limiter calls to Redis that failed or timed out"),
             fallback_active,
-            limit_warnings: counter_vec("limit_warnings_total", "Requests admitted over a soft or monitor limit", &["reason", "scope"]),
+            limit_warnings: counter_vec(
+                "limit_warnings_total",
+                "Requests admitted over a soft or monitor limit",
+                &["reason", "scope"],
+            ),
             registry,
         }
     }

@@ -29,9 +29,9 @@ use tollgate_core::limiter::{micros_round, Limiter, Reason, Reservation, Standin
 
 use crate::{
     auth::{key_hash, load_key, presented_key, AuthContext, Lookup},
-    limits,
     catalog::ModelInfo,
     error::GatewayError,
+    limits,
     meter::{Meter, Usage},
     metrics::status_class,
     request::{self, RequestFacts},
@@ -45,9 +45,20 @@ const SMALL_BODY: usize = 60 * 1024;
 /// Headers never forwarded upstream: hop-by-hop ones, the client's credentials, and identity
 /// headers a client might try to forge.
 const DROPPED_HEADERS: &[&str] = &[
-    "authorization", "api-key", "x-api-key", "proxy-authorization", "connection", "keep-alive",
-    "proxy-connection", "te", "trailer", "upgrade", "accept-encoding", "x-tollgate-user-id",
-    "x-tollgate-team-id", "x-tollgate-key-id",
+    "authorization",
+    "api-key",
+    "x-api-key",
+    "proxy-authorization",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+    "accept-encoding",
+    "x-tollgate-user-id",
+    "x-tollgate-team-id",
+    "x-tollgate-key-id",
 ];
 
 pub struct Gateway {
@@ -248,7 +259,9 @@ impl Gateway {
         for (scope, reason) in &admission.warnings {
             s.metrics.limit_warnings.with_label_values(&[reason.as_str(), scope.as_str()]).inc();
             // Monitor-only limits count silently; soft ones tell the client.
-            let soft = scopes.iter().any(|x| x.kind == *scope && x.limits.enforcement == tollgate_core::limits::Enforcement::Soft);
+            let soft = scopes
+                .iter()
+                .any(|x| x.kind == *scope && x.limits.enforcement == tollgate_core::limits::Enforcement::Soft);
             if soft {
                 ctx.warnings.push(format!("{} limit exceeded on {}", reason.as_str(), scope.as_str()));
             }
@@ -258,7 +271,11 @@ impl Gateway {
             s.metrics.rejections.with_label_values(&[r.reason.as_str(), r.scope.as_str()]).inc();
             return Err(match r.reason {
                 Reason::Budget => GatewayError::BudgetExhausted { scope: r.scope.as_str(), retry_after: r.retry_after },
-                reason => GatewayError::RateLimited { scope: r.scope.as_str(), reason: reason.as_str(), retry_after: r.retry_after },
+                reason => GatewayError::RateLimited {
+                    scope: r.scope.as_str(),
+                    reason: reason.as_str(),
+                    retry_after: r.retry_after,
+                },
             });
         }
         ctx.reservation = admission.reservation;
@@ -384,7 +401,13 @@ impl ProxyHttp for Gateway {
                 while let Some(chunk) = session.read_request_body().await? {
                     buf.extend_from_slice(&chunk);
                     if buf.len() > SMALL_BODY {
-                        return self.refuse(session, ctx, GatewayError::InvalidRequest("body longer than its content-length".into())).await;
+                        return self
+                            .refuse(
+                                session,
+                                ctx,
+                                GatewayError::InvalidRequest("body longer than its content-length".into()),
+                            )
+                            .await;
                     }
                 }
                 let body = buf.freeze();
@@ -501,7 +524,12 @@ impl ProxyHttp for Gateway {
         Ok(())
     }
 
-    async fn response_filter(&self, _session: &mut Session, resp: &mut ResponseHeader, ctx: &mut RequestCtx) -> Result<()> {
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
         ctx.status = resp.status.as_u16();
         ctx.ttfb_ms = Some(ctx.started.elapsed().as_millis().min(i32::MAX as u128) as i32);
         self.state.metrics.ttfb.observe(ctx.started.elapsed().as_secs_f64());

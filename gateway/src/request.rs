@@ -100,7 +100,10 @@ mod tests {
 
     #[test]
     fn reads_the_fields_that_matter() {
-        let f = parse(br#"{"model":"m","messages":[{"role":"user","content":"hi"}],"stream":true,"max_completion_tokens":7}"#).unwrap();
+        let f = parse(
+            br#"{"model":"m","messages":[{"role":"user","content":"hi"}],"stream":true,"max_completion_tokens":7}"#,
+        )
+        .unwrap();
         assert_eq!(f.model, "m");
         assert!(f.stream);
         assert!(!f.client_wants_usage);

@@ -43,12 +43,7 @@ impl Upstream {
             .next()
             .ok_or_else(|| anyhow::anyhow!("upstream host {host} does not resolve"))?;
         let authority = uri.authority().map(|a| a.to_string()).unwrap_or_else(|| host.to_string());
-        Ok(Self {
-            addr,
-            authority,
-            sni: host.to_string(),
-            base_path: uri.path().trim_end_matches('/').to_string(),
-        })
+        Ok(Self { addr, authority, sni: host.to_string(), base_path: uri.path().trim_end_matches('/').to_string() })
     }
 }
 

@@ -46,7 +46,10 @@ fn main() {
         threads: args.threads,
         grace_period_seconds: Some(0),
         graceful_shutdown_timeout_seconds: Some(1),
-        pid_file: std::env::temp_dir().join(format!("tollgate-bare-proxy-{}.pid", std::process::id())).display().to_string(),
+        pid_file: std::env::temp_dir()
+            .join(format!("tollgate-bare-proxy-{}.pid", std::process::id()))
+            .display()
+            .to_string(),
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);

@@ -142,29 +142,21 @@ fn check_expiry(expires_at: Option<DateTime<Utc>>) -> ApiResult<()> {
 /// 422 unless `models` is within the user's active subscriptions and the team's allowed
 /// models. Holds the user's active subscriptions FOR SHARE so a concurrent cancel waits.
 async fn check_entitlement(conn: &mut PgConnection, user_id: Uuid, team_id: Uuid, models: &[String]) -> ApiResult<()> {
-    let active: Vec<String> = sqlx::query_scalar(
-        "SELECT model_id FROM subscriptions WHERE user_id = $1 AND status = 'active' FOR SHARE",
-    )
-    .bind(user_id)
-    .fetch_all(&mut *conn)
-    .await?;
-    let missing: Vec<&str> =
-        models.iter().filter(|m| !active.contains(m)).map(String::as_str).collect();
+    let active: Vec<String> =
+        sqlx::query_scalar("SELECT model_id FROM subscriptions WHERE user_id = $1 AND status = 'active' FOR SHARE")
+            .bind(user_id)
+            .fetch_all(&mut *conn)
+            .await?;
+    let missing: Vec<&str> = models.iter().filter(|m| !active.contains(m)).map(String::as_str).collect();
     if !missing.is_empty() {
-        return Err(ApiError::invalid(
-            "models",
-            format!("no active subscription for: {}", missing.join(", ")),
-        ));
+        return Err(ApiError::invalid("models", format!("no active subscription for: {}", missing.join(", "))));
     }
     let allowed: Vec<String> = sqlx::query_scalar("SELECT allowed_models FROM teams WHERE id = $1")
         .bind(team_id)
         .fetch_one(&mut *conn)
         .await?;
-    let outside: Vec<&str> = models
-        .iter()
-        .filter(|m| !allowed.is_empty() && !allowed.contains(m))
-        .map(String::as_str)
-        .collect();
+    let outside: Vec<&str> =
+        models.iter().filter(|m| !allowed.is_empty() && !allowed.contains(m)).map(String::as_str).collect();
     if !outside.is_empty() {
         return Err(ApiError::invalid("models", format!("not allowed for the team: {}", outside.join(", "))));
     }
@@ -208,10 +200,7 @@ async fn create(
     Json(body): Json<CreateKey>,
 ) -> ApiResult<(StatusCode, axum::Json<IssuedKey>)> {
     caller.require_writer()?;
-    let user_id = body
-        .user_id
-        .or(caller.actor_id())
-        .ok_or_else(|| ApiError::invalid("user_id", "required"))?;
+    let user_id = body.user_id.or(caller.actor_id()).ok_or_else(|| ApiError::invalid("user_id", "required"))?;
     caller.ensure_sees(user_id, "user")?;
     let name = validate::text("name", &body.name, 200)?;
     let models = normalize_models(body.models.unwrap_or_default())?;
@@ -223,13 +212,12 @@ async fn create(
 
     let mut tx = state.db.begin().await?;
     users::require_active(&mut tx, user_id).await?;
-    let member: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM team_members WHERE team_id = $1 AND user_id = $2)",
-    )
-    .bind(team_id)
-    .bind(user_id)
-    .fetch_one(&mut *tx)
-    .await?;
+    let member: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM team_members WHERE team_id = $1 AND user_id = $2)")
+            .bind(team_id)
+            .bind(user_id)
+            .fetch_one(&mut *tx)
+            .await?;
     if !member {
         return Err(ApiError::invalid("team_id", "the user is not a member of this team"));
     }
@@ -250,8 +238,15 @@ async fn create(
     .bind(&metadata)
     .fetch_one(&mut *tx)
     .await?;
-    audit::record(&mut tx, &caller, "key.create", "key", api_key.id,
-        json!({"user_id": user_id, "team_id": team_id, "models": models, "key_prefix": api_key.key_prefix})).await?;
+    audit::record(
+        &mut tx,
+        &caller,
+        "key.create",
+        "key",
+        api_key.id,
+        json!({"user_id": user_id, "team_id": team_id, "models": models, "key_prefix": api_key.key_prefix}),
+    )
+    .await?;
     commit_and_publish(&state, tx, vec![]).await?;
     Ok((StatusCode::CREATED, axum::Json(IssuedKey { key, api_key })))
 }
@@ -311,7 +306,11 @@ async fn update(
 /// Users may rotate only keys whose models are all still actively subscribed.
 #[utoipa::path(post, path = "/api/v1/keys/{id}/rotate", tag = "keys", params(("id" = Uuid, Path)),
     responses((status = 200, body = IssuedKey)))]
-async fn rotate(State(state): State<AppState>, caller: Caller, Path(id): Path<Uuid>) -> ApiResult<axum::Json<IssuedKey>> {
+async fn rotate(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<Uuid>,
+) -> ApiResult<axum::Json<IssuedKey>> {
     let current = visible(&state, &caller, id).await?;
     caller.require_writer()?;
     if current.revoked_at.is_some() {
@@ -332,8 +331,15 @@ async fn rotate(State(state): State<AppState>, caller: Caller, Path(id): Path<Uu
     .fetch_optional(&mut *tx)
     .await?
     .ok_or_else(|| ApiError::conflict("a revoked key cannot be rotated"))?;
-    audit::record(&mut tx, &caller, "key.rotate", "key", id,
-        json!({"old_prefix": current.key_prefix, "key_prefix": api_key.key_prefix})).await?;
+    audit::record(
+        &mut tx,
+        &caller,
+        "key.rotate",
+        "key",
+        id,
+        json!({"old_prefix": current.key_prefix, "key_prefix": api_key.key_prefix}),
+    )
+    .await?;
     commit_and_publish(&state, tx, vec![Invalidation::new(InvalidationKind::Key, id)]).await?;
     Ok(axum::Json(IssuedKey { key, api_key }))
 }

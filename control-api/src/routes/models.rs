@@ -139,12 +139,11 @@ pub async fn check_models_exist(db: &sqlx::PgPool, field: &str, ids: &[String]) 
     if ids.is_empty() {
         return Ok(());
     }
-    let missing: Vec<String> = sqlx::query_scalar(
-        "SELECT m FROM unnest($1::text[]) m WHERE NOT EXISTS (SELECT 1 FROM models WHERE id = m)",
-    )
-    .bind(ids)
-    .fetch_all(db)
-    .await?;
+    let missing: Vec<String> =
+        sqlx::query_scalar("SELECT m FROM unnest($1::text[]) m WHERE NOT EXISTS (SELECT 1 FROM models WHERE id = m)")
+            .bind(ids)
+            .fetch_all(db)
+            .await?;
     if !missing.is_empty() {
         return Err(ApiError::invalid(field, format!("unknown models: {}", missing.join(", "))));
     }
@@ -236,7 +235,8 @@ async fn update(
     Json(body): Json<UpdateModel>,
 ) -> ApiResult<axum::Json<Model>> {
     caller.require_admin()?;
-    let upstream = body.upstream_model.as_deref().map(|u| validate::identifier("upstream_model", u, 512)).transpose()?;
+    let upstream =
+        body.upstream_model.as_deref().map(|u| validate::identifier("upstream_model", u, 512)).transpose()?;
     let provider = body.provider.as_deref().map(|p| validate::identifier("provider", p, 100)).transpose()?;
     let input = body.input_cost_per_token.map(|c| check_cost("input_cost_per_token", c)).transpose()?;
     let output = body.output_cost_per_token.map(|c| check_cost("output_cost_per_token", c)).transpose()?;
@@ -266,9 +266,16 @@ async fn update(
     .fetch_optional(&mut *tx)
     .await?
     .ok_or(ApiError::NotFound("model"))?;
-    audit::record(&mut tx, &caller, "model.update", "model", &id,
+    audit::record(
+        &mut tx,
+        &caller,
+        "model.update",
+        "model",
+        &id,
         json!({"enabled": model.enabled, "input_cost_per_token": model.input_cost_per_token,
-               "output_cost_per_token": model.output_cost_per_token})).await?;
+               "output_cost_per_token": model.output_cost_per_token}),
+    )
+    .await?;
     commit_and_publish(&state, tx, vec![Invalidation::new(InvalidationKind::Model, &id)]).await?;
     Ok(axum::Json(model))
 }
@@ -314,16 +321,15 @@ impl LitellmClient {
         Ok(Self {
             url: config.url.clone().filter(|u| !u.is_empty()),
             api_key: config.api_key.clone().filter(|k| !k.is_empty()),
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(config.timeout_seconds.max(1)))
-                .build()?,
+            http: reqwest::Client::builder().timeout(Duration::from_secs(config.timeout_seconds.max(1))).build()?,
         })
     }
 
     pub async fn model_info(&self) -> ApiResult<Vec<UpstreamModel>> {
-        let base = self.url.as_deref().ok_or_else(|| {
-            ApiError::Unavailable("model sync is not configured (TOLLGATE_LITELLM_URL)".into())
-        })?;
+        let base = self
+            .url
+            .as_deref()
+            .ok_or_else(|| ApiError::Unavailable("model sync is not configured (TOLLGATE_LITELLM_URL)".into()))?;
         let mut req = self.http.get(format!("{}/model/info", base.trim_end_matches('/')));
         if let Some(key) = &self.api_key {
             req = req.bearer_auth(key);
@@ -361,7 +367,8 @@ pub fn parse_model_info(body: &Value) -> Result<Vec<UpstreamModel>, String> {
             .find_map(|k| info.get(*k).and_then(Value::as_i64))
             .and_then(|n| i32::try_from(n).ok())
             .filter(|n| *n > 0);
-        let cost = |k: &str| info.get(k).and_then(Value::as_f64).and_then(Decimal::from_f64).filter(|d| !d.is_sign_negative());
+        let cost =
+            |k: &str| info.get(k).and_then(Value::as_f64).and_then(Decimal::from_f64).filter(|d| !d.is_sign_negative());
         let mut metadata = serde_json::Map::new();
         for k in ["mode", "max_output_tokens", "max_tokens"] {
             if let Some(v) = info.get(k).filter(|v| !v.is_null()) {
@@ -438,8 +445,15 @@ async fn run_sync(state: &AppState, caller: &Caller) -> ApiResult<SyncReport> {
     .bind(&ids)
     .fetch_all(&mut *tx)
     .await?;
-    audit::record(&mut tx, caller, "model.sync", "model", "*",
-        json!({"created": report.created, "updated": report.updated, "unavailable": report.unavailable})).await?;
+    audit::record(
+        &mut tx,
+        caller,
+        "model.sync",
+        "model",
+        "*",
+        json!({"created": report.created, "updated": report.updated, "unavailable": report.unavailable}),
+    )
+    .await?;
     let messages = report
         .created
         .iter()
@@ -458,8 +472,7 @@ mod tests {
 
     #[test]
     fn parses_the_captured_litellm_model_info() {
-        let body: Value =
-            serde_json::from_str(include_str!("../../tests/fixtures/litellm/model-info.json")).unwrap();
+        let body: Value = serde_json::from_str(include_str!("../../tests/fixtures/litellm/model-info.json")).unwrap();
         let models = parse_model_info(&body).unwrap();
         let ids: Vec<&str> = models.iter().map(|m| m.id.as_str()).collect();
         assert_eq!(ids, ["gpt-4o-mini", "granite-3-8b", "text-embedding-3-small", "claude-sonnet"]);

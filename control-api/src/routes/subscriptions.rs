@@ -125,10 +125,7 @@ async fn create(
     Json(body): Json<CreateSubscription>,
 ) -> ApiResult<(StatusCode, axum::Json<Subscription>)> {
     caller.require_writer()?;
-    let user_id = body
-        .user_id
-        .or(caller.actor_id())
-        .ok_or_else(|| ApiError::invalid("user_id", "required"))?;
+    let user_id = body.user_id.or(caller.actor_id()).ok_or_else(|| ApiError::invalid("user_id", "required"))?;
     caller.ensure_sees(user_id, "user")?;
     let model_id = validate::identifier("model_id", &body.model_id, 256)?;
     let limits = validate_limits("limits", body.limits)?;
@@ -156,8 +153,15 @@ async fn create(
     .bind(Jsonb(&limits))
     .fetch_one(&mut *tx)
     .await?;
-    audit::record(&mut tx, &caller, "subscription.create", "subscription", sub.id,
-        serde_json::json!({"user_id": user_id, "model_id": model_id, "status": sub.status})).await?;
+    audit::record(
+        &mut tx,
+        &caller,
+        "subscription.create",
+        "subscription",
+        sub.id,
+        serde_json::json!({"user_id": user_id, "model_id": model_id, "status": sub.status}),
+    )
+    .await?;
     // The user's set of models changed: gateways reload what they hold for the user.
     commit_and_publish(&state, tx, vec![Invalidation::new(InvalidationKind::User, user_id)]).await?;
     Ok((StatusCode::CREATED, axum::Json(sub)))
@@ -165,7 +169,11 @@ async fn create(
 
 #[utoipa::path(get, path = "/api/v1/subscriptions/{id}", tag = "subscriptions", params(("id" = Uuid, Path)),
     responses((status = 200, body = Subscription)))]
-async fn fetch(State(state): State<AppState>, caller: Caller, Path(id): Path<Uuid>) -> ApiResult<axum::Json<Subscription>> {
+async fn fetch(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<Uuid>,
+) -> ApiResult<axum::Json<Subscription>> {
     Ok(axum::Json(visible(&state, &caller, id).await?))
 }
 
@@ -189,8 +197,8 @@ async fn update(
     .bind(Jsonb(&limits))
     .fetch_one(&mut *tx)
     .await?;
-    audit::record(&mut tx, &caller, "subscription.update", "subscription", id,
-        serde_json::json!({"limits": limits})).await?;
+    audit::record(&mut tx, &caller, "subscription.update", "subscription", id, serde_json::json!({"limits": limits}))
+        .await?;
     commit_and_publish(&state, tx, vec![Invalidation::new(InvalidationKind::Subscription, id)]).await?;
     Ok(axum::Json(sub))
 }
@@ -234,8 +242,15 @@ async fn transition(
     .fetch_optional(&mut *tx)
     .await?
     .ok_or_else(|| ApiError::conflict(format!("cannot {action} a {} subscription", current.status)))?;
-    audit::record(&mut tx, caller, &format!("subscription.{action}"), "subscription", id,
-        serde_json::json!({"from": current.status, "to": sub.status})).await?;
+    audit::record(
+        &mut tx,
+        caller,
+        &format!("subscription.{action}"),
+        "subscription",
+        id,
+        serde_json::json!({"from": current.status, "to": sub.status}),
+    )
+    .await?;
     commit_and_publish(state, tx, vec![Invalidation::new(InvalidationKind::Subscription, id)]).await?;
     Ok(axum::Json(sub))
 }
@@ -243,7 +258,11 @@ async fn transition(
 /// Approve a pending subscription (administrators only).
 #[utoipa::path(post, path = "/api/v1/subscriptions/{id}/approve", tag = "subscriptions", params(("id" = Uuid, Path)),
     responses((status = 200, body = Subscription)))]
-async fn approve(State(state): State<AppState>, caller: Caller, Path(id): Path<Uuid>) -> ApiResult<axum::Json<Subscription>> {
+async fn approve(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<Uuid>,
+) -> ApiResult<axum::Json<Subscription>> {
     visible(&state, &caller, id).await?;
     caller.require_admin()?;
     use SubscriptionStatus::*;
@@ -253,7 +272,11 @@ async fn approve(State(state): State<AppState>, caller: Caller, Path(id): Path<U
 /// Suspend a pending or active subscription (administrators only).
 #[utoipa::path(post, path = "/api/v1/subscriptions/{id}/suspend", tag = "subscriptions", params(("id" = Uuid, Path)),
     responses((status = 200, body = Subscription)))]
-async fn suspend(State(state): State<AppState>, caller: Caller, Path(id): Path<Uuid>) -> ApiResult<axum::Json<Subscription>> {
+async fn suspend(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<Uuid>,
+) -> ApiResult<axum::Json<Subscription>> {
     visible(&state, &caller, id).await?;
     caller.require_admin()?;
     use SubscriptionStatus::*;
@@ -263,7 +286,11 @@ async fn suspend(State(state): State<AppState>, caller: Caller, Path(id): Path<U
 /// Reactivate a suspended subscription (administrators only).
 #[utoipa::path(post, path = "/api/v1/subscriptions/{id}/reactivate", tag = "subscriptions", params(("id" = Uuid, Path)),
     responses((status = 200, body = Subscription)))]
-async fn reactivate(State(state): State<AppState>, caller: Caller, Path(id): Path<Uuid>) -> ApiResult<axum::Json<Subscription>> {
+async fn reactivate(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<Uuid>,
+) -> ApiResult<axum::Json<Subscription>> {
     visible(&state, &caller, id).await?;
     caller.require_admin()?;
     use SubscriptionStatus::*;
@@ -275,7 +302,11 @@ async fn reactivate(State(state): State<AppState>, caller: Caller, Path(id): Pat
 /// block.
 #[utoipa::path(post, path = "/api/v1/subscriptions/{id}/cancel", tag = "subscriptions", params(("id" = Uuid, Path)),
     responses((status = 200, body = Subscription)))]
-async fn cancel(State(state): State<AppState>, caller: Caller, Path(id): Path<Uuid>) -> ApiResult<axum::Json<Subscription>> {
+async fn cancel(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<Uuid>,
+) -> ApiResult<axum::Json<Subscription>> {
     visible(&state, &caller, id).await?;
     caller.require_writer()?;
     use SubscriptionStatus::*;

@@ -203,7 +203,8 @@ async fn update(
     visible(&state, &caller, id).await?;
     caller.require_admin()?;
     let name = body.name.as_deref().map(|n| validate::text("name", n, 200)).transpose()?;
-    let description = body.description.as_deref().map(|d| validate::optional_text("description", d, 2000)).transpose()?;
+    let description =
+        body.description.as_deref().map(|d| validate::optional_text("description", d, 2000)).transpose()?;
     let limits = body.limits.map(|l| validate_limits("limits", Some(l))).transpose()?;
     let models = validate_models(&state.db, body.allowed_models).await?;
     let mut tx = state.db.begin().await?;
@@ -221,8 +222,15 @@ async fn update(
     .fetch_optional(&mut *tx)
     .await?
     .ok_or(ApiError::NotFound("team"))?;
-    audit::record(&mut tx, &caller, "team.update", "team", id,
-        serde_json::json!({"allowed_models": team.allowed_models})).await?;
+    audit::record(
+        &mut tx,
+        &caller,
+        "team.update",
+        "team",
+        id,
+        serde_json::json!({"allowed_models": team.allowed_models}),
+    )
+    .await?;
     commit_and_publish(&state, tx, vec![Invalidation::new(InvalidationKind::Team, id)]).await?;
     Ok(axum::Json(team))
 }
@@ -237,10 +245,8 @@ async fn remove(State(state): State<AppState>, caller: Caller, Path(id): Path<Uu
         return Err(ApiError::conflict("the Default Team cannot be deleted"));
     }
     let mut tx = state.db.begin().await?;
-    let keys: i64 = sqlx::query_scalar("SELECT count(*) FROM api_keys WHERE team_id = $1")
-        .bind(id)
-        .fetch_one(&mut *tx)
-        .await?;
+    let keys: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM api_keys WHERE team_id = $1").bind(id).fetch_one(&mut *tx).await?;
     if keys > 0 {
         return Err(ApiError::conflict(format!("{keys} keys belong to this team; move or delete them first")));
     }
@@ -309,8 +315,15 @@ async fn add_member(
     .bind(role)
     .fetch_one(&mut *tx)
     .await?;
-    audit::record(&mut tx, &caller, "team.member.add", "team", id,
-        serde_json::json!({"user_id": body.user_id, "role": role})).await?;
+    audit::record(
+        &mut tx,
+        &caller,
+        "team.member.add",
+        "team",
+        id,
+        serde_json::json!({"user_id": body.user_id, "role": role}),
+    )
+    .await?;
     commit_and_publish(&state, tx, vec![Invalidation::new(InvalidationKind::Team, id)]).await?;
     Ok((StatusCode::CREATED, axum::Json(member)))
 }
@@ -326,13 +339,12 @@ async fn remove_member(
     visible(&state, &caller, id).await?;
     caller.require_admin()?;
     let mut tx = state.db.begin().await?;
-    let keys: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM api_keys WHERE team_id = $1 AND user_id = $2 AND revoked_at IS NULL",
-    )
-    .bind(id)
-    .bind(user_id)
-    .fetch_one(&mut *tx)
-    .await?;
+    let keys: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM api_keys WHERE team_id = $1 AND user_id = $2 AND revoked_at IS NULL")
+            .bind(id)
+            .bind(user_id)
+            .fetch_one(&mut *tx)
+            .await?;
     if keys > 0 {
         return Err(ApiError::conflict(format!("the user holds {keys} unrevoked keys on this team")));
     }

@@ -95,12 +95,7 @@ async fn report(
     Query(q): Query<UsageQuery>,
 ) -> ApiResult<axum::Json<UsageReport>> {
     let to = q.to.as_deref().map(|v| parse_time("to", v)).transpose()?.unwrap_or_else(Utc::now);
-    let from = q
-        .from
-        .as_deref()
-        .map(|v| parse_time("from", v))
-        .transpose()?
-        .unwrap_or(to - Duration::days(30));
+    let from = q.from.as_deref().map(|v| parse_time("from", v)).transpose()?.unwrap_or(to - Duration::days(30));
     if from >= to {
         return Err(ApiError::invalid("from", "must be before `to`"));
     }
@@ -115,10 +110,7 @@ async fn report(
     let group_by = q.group_by.unwrap_or_default();
     let (table, bucket_filter) = match group_by {
         GroupBy::Hour => ("usage_hourly", "hour >= date_trunc('hour', $1) AND hour < $2"),
-        _ => (
-            "usage_daily",
-            "day >= ($1 AT TIME ZONE 'UTC')::date AND (day::timestamp AT TIME ZONE 'UTC') < $2",
-        ),
+        _ => ("usage_daily", "day >= ($1 AT TIME ZONE 'UTC')::date AND (day::timestamp AT TIME ZONE 'UTC') < $2"),
     };
     let group = match group_by {
         GroupBy::Day => "to_char(day, 'YYYY-MM-DD')",

@@ -105,10 +105,8 @@ pub(crate) async fn load(db: impl sqlx::PgExecutor<'_>, id: Uuid) -> ApiResult<U
 
 /// 422 naming `user_id` unless the user exists and is active.
 pub(crate) async fn require_active(conn: &mut sqlx::PgConnection, user_id: Uuid) -> ApiResult<()> {
-    let status: Option<String> = sqlx::query_scalar("SELECT status FROM users WHERE id = $1")
-        .bind(user_id)
-        .fetch_optional(conn)
-        .await?;
+    let status: Option<String> =
+        sqlx::query_scalar("SELECT status FROM users WHERE id = $1").bind(user_id).fetch_optional(conn).await?;
     match status.as_deref() {
         None => Err(ApiError::invalid("user_id", "no such user")),
         Some("active") => Ok(()),
@@ -180,8 +178,15 @@ async fn create(
         .bind(user.id)
         .execute(&mut *tx)
         .await?;
-    audit::record(&mut tx, &caller, "user.create", "user", user.id,
-        serde_json::json!({"email": email, "roles": roles})).await?;
+    audit::record(
+        &mut tx,
+        &caller,
+        "user.create",
+        "user",
+        user.id,
+        serde_json::json!({"email": email, "roles": roles}),
+    )
+    .await?;
     commit_and_publish(&state, tx, vec![]).await?;
     Ok((StatusCode::CREATED, axum::Json(user)))
 }
@@ -195,11 +200,7 @@ async fn me(State(state): State<AppState>, caller: Caller) -> ApiResult<axum::Js
 
 #[utoipa::path(get, path = "/api/v1/users/{id}", tag = "users", params(("id" = Uuid, Path)),
     responses((status = 200, body = User)))]
-async fn fetch(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<Uuid>,
-) -> ApiResult<axum::Json<User>> {
+async fn fetch(State(state): State<AppState>, caller: Caller, Path(id): Path<Uuid>) -> ApiResult<axum::Json<User>> {
     caller.ensure_sees(id, "user")?;
     Ok(axum::Json(load(&state.db, id).await?))
 }
@@ -232,8 +233,15 @@ async fn update(
     .fetch_optional(&mut *tx)
     .await?
     .ok_or(ApiError::NotFound("user"))?;
-    audit::record(&mut tx, &caller, "user.update", "user", id,
-        serde_json::json!({"status": user.status, "roles": user.roles})).await?;
+    audit::record(
+        &mut tx,
+        &caller,
+        "user.update",
+        "user",
+        id,
+        serde_json::json!({"status": user.status, "roles": user.roles}),
+    )
+    .await?;
     commit_and_publish(&state, tx, vec![Invalidation::new(InvalidationKind::User, id)]).await?;
     Ok(axum::Json(user))
 }

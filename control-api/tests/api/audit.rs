@@ -21,14 +21,19 @@ async fn audit_rows_carry_actor_target_request_id_and_address(db: PgPool) {
     let team: serde_json::Value = resp.json().await.unwrap();
 
     // A pending subscription approved by an admin is audited too.
-    app.admin_post("/api/v1/models", json!({"id": "r", "input_cost_per_token": 0, "output_cost_per_token": 0, "restricted": true})).await;
+    app.admin_post(
+        "/api/v1/models",
+        json!({"id": "r", "input_cost_per_token": 0, "output_cost_per_token": 0, "restricted": true}),
+    )
+    .await;
     let token = user_token("aud", "aud@example.com", &["user"]);
     let (_, sub) = app.post("/api/v1/subscriptions", &token, json!({"model_id": "r"})).await;
     app.admin_post(&format!("/api/v1/subscriptions/{}/approve", id(&sub)), json!({})).await;
     let actions: Vec<String> = app.audit_actions("subscription", &id(&sub)).await.into_iter().map(|(a, _)| a).collect();
     assert_eq!(actions, ["subscription.create", "subscription.approve"]);
 
-    let (status, page) = app.get(&format!("/api/v1/audit?target_type=team&target_id={}", id(&team)), &app.admin_key.clone()).await;
+    let (status, page) =
+        app.get(&format!("/api/v1/audit?target_type=team&target_id={}", id(&team)), &app.admin_key.clone()).await;
     assert_eq!(status, StatusCode::OK, "{page}");
     let rows = page["data"].as_array().unwrap();
     assert_eq!(rows.len(), 1);

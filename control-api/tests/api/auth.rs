@@ -47,7 +47,8 @@ async fn missing_wrong_expired_and_forged_credentials_are_401(db: PgPool) {
 #[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
 async fn valid_token_without_a_role_is_403(db: PgPool) {
     let app = TestApp::spawn(db).await;
-    let token = hs256_token(json!({"sub": "norole", "email": "n@example.com", "groups": ["unrelated"], "exp": now() + 600}));
+    let token =
+        hs256_token(json!({"sub": "norole", "email": "n@example.com", "groups": ["unrelated"], "exp": now() + 600}));
     let (status, body) = status_with(&app, Some(&token)).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
     assert!(body["error"]["message"].as_str().unwrap().contains("role"));
@@ -86,7 +87,10 @@ async fn jwt_user_is_created_on_first_use_and_groups_map_to_roles(db: PgPool) {
 #[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
 async fn rs256_tokens_verify_against_the_jwks(db: PgPool) {
     let app = TestApp::spawn(db).await;
-    let token = rs256_token("test-key-1", json!({"sub": "oidc-1", "email": "o@example.com", "roles": ["admin"], "exp": now() + 600}));
+    let token = rs256_token(
+        "test-key-1",
+        json!({"sub": "oidc-1", "email": "o@example.com", "roles": ["admin"], "exp": now() + 600}),
+    );
     let (status, body) = app.get("/api/v1/users", &token).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let expired = rs256_token("test-key-1", json!({"sub": "oidc-1", "roles": ["admin"], "exp": now() - 600}));

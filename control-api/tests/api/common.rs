@@ -44,8 +44,7 @@ async fn serve_router(router: Router) -> SocketAddr {
 impl TestApp {
     pub async fn spawn(db: PgPool) -> Self {
         // The LiteLLM stand-in checks the credential the control API presents.
-        let model_info: ModelInfoReply =
-            Arc::new(Mutex::new((200, serde_json::from_str(MODEL_INFO).unwrap())));
+        let model_info: ModelInfoReply = Arc::new(Mutex::new((200, serde_json::from_str(MODEL_INFO).unwrap())));
         let litellm = Router::new()
             .route(
                 "/model/info",
@@ -60,10 +59,9 @@ impl TestApp {
             )
             .with_state(model_info.clone());
         let litellm_addr = serve_router(litellm).await;
-        let jwks_addr = serve_router(Router::new().route(
-            "/jwks.json",
-            get(|| async { ([("content-type", "application/json")], JWKS) }),
-        ))
+        let jwks_addr = serve_router(
+            Router::new().route("/jwks.json", get(|| async { ([("content-type", "application/json")], JWKS) })),
+        )
         .await;
 
         let admin_key = tollgate_core::keys::generate_key();
@@ -82,7 +80,13 @@ impl TestApp {
     }
 
     /// Sends a request with `token` as bearer (if any) and a JSON body (if any).
-    pub async fn call(&self, method: Method, path: &str, token: Option<&str>, body: Option<Value>) -> (StatusCode, Value) {
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
         let mut req = self.http.request(method, format!("{}{path}", self.base));
         if let Some(t) = token {
             req = req.bearer_auth(t);
@@ -93,7 +97,9 @@ impl TestApp {
         let resp = req.send().await.unwrap();
         let status = resp.status();
         let text = resp.text().await.unwrap();
-        let value = if text.is_empty() { Value::Null } else {
+        let value = if text.is_empty() {
+            Value::Null
+        } else {
             serde_json::from_str(&text).unwrap_or_else(|_| panic!("non-JSON response {status}: {text}"))
         };
         (status, value)
@@ -152,14 +158,12 @@ impl TestApp {
 
     /// The audit rows for one target, oldest first: `(action, actor)`.
     pub async fn audit_actions(&self, target_type: &str, target_id: &str) -> Vec<(String, String)> {
-        sqlx::query_as(
-            "SELECT action, actor FROM audit_logs WHERE target_type = $1 AND target_id = $2 ORDER BY id",
-        )
-        .bind(target_type)
-        .bind(target_id)
-        .fetch_all(&self.db)
-        .await
-        .unwrap()
+        sqlx::query_as("SELECT action, actor FROM audit_logs WHERE target_type = $1 AND target_id = $2 ORDER BY id")
+            .bind(target_type)
+            .bind(target_id)
+            .fetch_all(&self.db)
+            .await
+            .unwrap()
     }
 
     pub async fn count(&self, table: &str) -> i64 {

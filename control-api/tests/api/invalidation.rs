@@ -36,7 +36,11 @@ async fn enforcing_writes_publish_invalidations(db: PgPool) {
     expected.push(Invalidation::new(Subscription, &sid));
     app.admin_post(&format!("/api/v1/subscriptions/{sid}/reactivate"), json!({})).await;
     expected.push(Invalidation::new(Subscription, &sid));
-    app.admin_post("/api/v1/models", json!({"id": "inv-r", "input_cost_per_token": 0, "output_cost_per_token": 0, "restricted": true})).await;
+    app.admin_post(
+        "/api/v1/models",
+        json!({"id": "inv-r", "input_cost_per_token": 0, "output_cost_per_token": 0, "restricted": true}),
+    )
+    .await;
     expected.push(Invalidation::new(Model, "inv-r"));
     let token = user_token("inv-user", "inv@example.com", &["user"]);
     let (_, pending) = app.post("/api/v1/subscriptions", &token, json!({"model_id": "inv-r"})).await;
@@ -66,7 +70,8 @@ async fn enforcing_writes_publish_invalidations(db: PgPool) {
     expected.push(Invalidation::new(Subscription, &sid));
     app.admin_post("/api/v1/models/sync", json!({})).await;
     expected.push(Invalidation::new(Model, "granite-3-8b"));
-    app.admin_post("/api/v1/models", json!({"id": "gone", "input_cost_per_token": 0, "output_cost_per_token": 0})).await;
+    app.admin_post("/api/v1/models", json!({"id": "gone", "input_cost_per_token": 0, "output_cost_per_token": 0}))
+        .await;
     app.delete("/api/v1/models/gone", &admin).await;
     expected.push(Invalidation::new(Model, "gone"));
     expected.push(Invalidation::new(Model, "gone"));
@@ -83,7 +88,10 @@ async fn enforcing_writes_publish_invalidations(db: PgPool) {
         if ours.contains(&m.id) {
             received.push(m);
         }
-        if expected.iter().all(|e| received.iter().filter(|r| *r == e).count() >= expected.iter().filter(|x| *x == e).count()) {
+        if expected
+            .iter()
+            .all(|e| received.iter().filter(|r| *r == e).count() >= expected.iter().filter(|x| *x == e).count())
+        {
             break;
         }
     }

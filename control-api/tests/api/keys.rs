@@ -7,10 +7,8 @@ use crate::common::*;
 
 /// Every column of every api_keys row, as text.
 async fn stored_key_rows(app: &TestApp) -> String {
-    let rows: Vec<String> = sqlx::query_scalar("SELECT row_to_json(k)::text FROM api_keys k")
-        .fetch_all(&app.db)
-        .await
-        .unwrap();
+    let rows: Vec<String> =
+        sqlx::query_scalar("SELECT row_to_json(k)::text FROM api_keys k").fetch_all(&app.db).await.unwrap();
     rows.join("\n")
 }
 
@@ -29,7 +27,11 @@ async fn key_is_shown_once_and_only_its_hash_is_stored(db: PgPool) {
     let (user, model) = app.subscribed_user("k@example.com", "m").await;
     let uid = id(&user);
     let (status, created) = app
-        .post("/api/v1/keys", &admin, json!({"user_id": uid, "name": "ci", "models": [model], "limits": {"rpm": 60}, "metadata": {"env": "ci"}}))
+        .post(
+            "/api/v1/keys",
+            &admin,
+            json!({"user_id": uid, "name": "ci", "models": [model], "limits": {"rpm": 60}, "metadata": {"env": "ci"}}),
+        )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{created}");
     let key = created["key"].as_str().unwrap().to_string();
@@ -62,17 +64,19 @@ async fn key_is_shown_once_and_only_its_hash_is_stored(db: PgPool) {
     assert_eq!(stored_hash(&app, &kid).await, Sha256::digest(new_key.as_bytes()).to_vec());
     let old_hash_left: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM api_keys WHERE key_hash = $1)")
         .bind(Sha256::digest(key.as_bytes()).to_vec())
-        .fetch_one(&app.db).await.unwrap();
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
     assert!(!old_hash_left);
 
     // Nor does the audit trail hold a key.
-    let audit: Vec<String> = sqlx::query_scalar("SELECT row_to_json(a)::text FROM audit_logs a").fetch_all(&app.db).await.unwrap();
+    let audit: Vec<String> =
+        sqlx::query_scalar("SELECT row_to_json(a)::text FROM audit_logs a").fetch_all(&app.db).await.unwrap();
     let audit = audit.join("\n");
     assert!(!audit.contains(&key[6..]) && !audit.contains(&new_key[6..]));
 
-    let (status, updated) = app
-        .patch(&format!("/api/v1/keys/{kid}"), &admin, json!({"name": "renamed", "limits": {"tpm": 100}}))
-        .await;
+    let (status, updated) =
+        app.patch(&format!("/api/v1/keys/{kid}"), &admin, json!({"name": "renamed", "limits": {"tpm": 100}})).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(updated["name"], "renamed");
     assert_eq!(updated["limits"]["tpm"], 100);
@@ -101,7 +105,8 @@ async fn key_models_must_be_actively_subscribed_and_allowed(db: PgPool) {
     let (user, _) = app.subscribed_user("e@example.com", "mine").await;
     let uid = id(&user);
     app.create_model("other").await;
-    let (status, body) = app.post("/api/v1/keys", &admin, json!({"user_id": uid, "name": "k", "models": ["mine", "other"]})).await;
+    let (status, body) =
+        app.post("/api/v1/keys", &admin, json!({"user_id": uid, "name": "k", "models": ["mine", "other"]})).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
     assert_eq!(body["error"]["field"], "models");
     assert!(body["error"]["message"].as_str().unwrap().contains("other"));
@@ -115,11 +120,15 @@ async fn key_models_must_be_actively_subscribed_and_allowed(db: PgPool) {
     // The team must allow the models, and the user must belong to the team.
     let team = app.admin_post("/api/v1/teams", json!({"name": "T", "allowed_models": ["other"]})).await;
     let tid = id(&team);
-    let (status, body) = app.post("/api/v1/keys", &admin, json!({"user_id": uid, "name": "k", "team_id": tid, "models": ["mine"]})).await;
+    let (status, body) = app
+        .post("/api/v1/keys", &admin, json!({"user_id": uid, "name": "k", "team_id": tid, "models": ["mine"]}))
+        .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(body["error"]["field"], "team_id");
     app.admin_post(&format!("/api/v1/teams/{tid}/members"), json!({"user_id": uid})).await;
-    let (status, body) = app.post("/api/v1/keys", &admin, json!({"user_id": uid, "name": "k", "team_id": tid, "models": ["mine"]})).await;
+    let (status, body) = app
+        .post("/api/v1/keys", &admin, json!({"user_id": uid, "name": "k", "team_id": tid, "models": ["mine"]}))
+        .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert!(body["error"]["message"].as_str().unwrap().contains("team"), "{body}");
 

@@ -9,10 +9,14 @@ async fn model_crud(db: PgPool) {
     let app = TestApp::spawn(db).await;
     let admin = app.admin_key.clone();
     let (status, model) = app
-        .post("/api/v1/models", &admin, json!({
+        .post(
+            "/api/v1/models",
+            &admin,
+            json!({
             "id": "openai/gpt-x", "upstream_model": "gpt-x-2026", "provider": "openai",
             "context_length": 8192, "input_cost_per_token": 0.0000025, "output_cost_per_token": 0.00001,
-            "restricted": true, "metadata": {"tier": "premium"}}))
+            "restricted": true, "metadata": {"tier": "premium"}}),
+        )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{model}");
     assert_eq!(model["input_cost_per_token"], 0.0000025);
@@ -26,7 +30,11 @@ async fn model_crud(db: PgPool) {
     assert_eq!(got["metadata"]["tier"], "premium");
 
     let (status, _) = app
-        .post("/api/v1/models", &admin, json!({"id": "openai/gpt-x", "input_cost_per_token": 0, "output_cost_per_token": 0}))
+        .post(
+            "/api/v1/models",
+            &admin,
+            json!({"id": "openai/gpt-x", "input_cost_per_token": 0, "output_cost_per_token": 0}),
+        )
         .await;
     assert_eq!(status, StatusCode::CONFLICT);
 
@@ -111,7 +119,9 @@ async fn sync_reads_litellm_model_info(db: PgPool) {
     assert_eq!(kept["status"], "active");
 
     let syncs: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_logs WHERE action = 'model.sync'")
-        .fetch_one(&app.db).await.unwrap();
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
     assert_eq!(syncs, 2);
 }
 

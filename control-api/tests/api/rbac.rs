@@ -18,8 +18,17 @@ async fn read_only_admin_reads_everything_and_writes_nothing(db: PgPool) {
     let sub: String = sqlx::query_scalar("SELECT id::text FROM subscriptions").fetch_one(&app.db).await.unwrap();
     let ro = user_token("ro-1", "ro@example.com", &["adminReadonly"]);
 
-    for path in ["/api/v1/users", "/api/v1/teams", "/api/v1/models", "/api/v1/subscriptions", "/api/v1/keys",
-        "/api/v1/audit", "/api/v1/usage", &format!("/api/v1/users/{uid}"), &format!("/api/v1/keys/{kid}")] {
+    for path in [
+        "/api/v1/users",
+        "/api/v1/teams",
+        "/api/v1/models",
+        "/api/v1/subscriptions",
+        "/api/v1/keys",
+        "/api/v1/audit",
+        "/api/v1/usage",
+        &format!("/api/v1/users/{uid}"),
+        &format!("/api/v1/keys/{kid}"),
+    ] {
         let (status, body) = app.get(path, &ro).await;
         assert_eq!(status, StatusCode::OK, "GET {path}: {body}");
     }
@@ -33,7 +42,11 @@ async fn read_only_admin_reads_everything_and_writes_nothing(db: PgPool) {
         (Method::PATCH, format!("/api/v1/teams/{DEFAULT_TEAM_ID}"), json!({"description": "x"})),
         (Method::POST, format!("/api/v1/teams/{DEFAULT_TEAM_ID}/members"), json!({"user_id": uid})),
         (Method::DELETE, format!("/api/v1/teams/{DEFAULT_TEAM_ID}/members/{uid}"), json!(null)),
-        (Method::POST, "/api/v1/models".into(), json!({"id": "x", "input_cost_per_token": 0, "output_cost_per_token": 0})),
+        (
+            Method::POST,
+            "/api/v1/models".into(),
+            json!({"id": "x", "input_cost_per_token": 0, "output_cost_per_token": 0}),
+        ),
         (Method::PATCH, "/api/v1/models/m".into(), json!({"enabled": false})),
         (Method::DELETE, "/api/v1/models/m".into(), json!(null)),
         (Method::POST, "/api/v1/models/sync".into(), json!({})),
@@ -82,13 +95,17 @@ async fn user_sees_and_changes_only_own_resources(db: PgPool) {
     assert!(alice_key["key"].is_string());
     let (status, body) = app.post("/api/v1/keys", &alice_token, json!({"name": "x", "models": ["n"]})).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
-    let (status, _) = app.post("/api/v1/keys", &alice_token, json!({"user_id": bob_id, "name": "x", "models": ["m"]})).await;
+    let (status, _) =
+        app.post("/api/v1/keys", &alice_token, json!({"user_id": bob_id, "name": "x", "models": ["m"]})).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
-    let (status, _) = app.post("/api/v1/subscriptions", &alice_token, json!({"user_id": bob_id, "model_id": "n"})).await;
+    let (status, _) =
+        app.post("/api/v1/subscriptions", &alice_token, json!({"user_id": bob_id, "model_id": "n"})).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 
     // Lists are limited to her own.
-    for (path, owner_field) in [("/api/v1/users", "id"), ("/api/v1/keys", "user_id"), ("/api/v1/subscriptions", "user_id")] {
+    for (path, owner_field) in
+        [("/api/v1/users", "id"), ("/api/v1/keys", "user_id"), ("/api/v1/subscriptions", "user_id")]
+    {
         let (status, page) = app.get(path, &alice_token).await;
         assert_eq!(status, StatusCode::OK);
         let rows = page["data"].as_array().unwrap();
@@ -131,7 +148,8 @@ async fn user_sees_and_changes_only_own_resources(db: PgPool) {
     }
     let (status, _) = app.patch(&format!("/api/v1/users/{alice_id}"), &alice_token, json!({"roles": ["admin"]})).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "no self-promotion");
-    let (status, _) = app.post(&format!("/api/v1/subscriptions/{}/suspend", id(&alice_sub)), &alice_token, json!({})).await;
+    let (status, _) =
+        app.post(&format!("/api/v1/subscriptions/{}/suspend", id(&alice_sub)), &alice_token, json!({})).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     let (status, _) = app.get("/api/v1/audit", &alice_token).await;
     assert_eq!(status, StatusCode::FORBIDDEN);

@@ -25,7 +25,9 @@ async fn health_ready_metrics_openapi_and_docs(db: PgPool) {
     app.get(&format!("/api/v1/users/{}", uuid()), &app.admin_key.clone()).await;
     let metrics = get("/metrics").await.text().await.unwrap();
     assert!(
-        metrics.contains(r#"tollgate_control_api_http_requests_total{method="GET",route="/api/v1/users/{id}",status="404"} 1"#),
+        metrics.contains(
+            r#"tollgate_control_api_http_requests_total{method="GET",route="/api/v1/users/{id}",status="404"} 1"#
+        ),
         "{metrics}"
     );
     assert!(metrics.contains("tollgate_control_api_http_request_duration_seconds_bucket"));
@@ -35,8 +37,10 @@ async fn health_ready_metrics_openapi_and_docs(db: PgPool) {
     for path in ["/api/v1/users", "/api/v1/keys/{id}/rotate", "/api/v1/models/sync", "/api/v1/usage", "/api/v1/audit"] {
         assert!(doc["paths"][path].is_object(), "{path} missing from the OpenAPI document");
     }
-    assert_eq!(doc["paths"]["/api/v1/keys"]["post"]["responses"]["422"]["content"]["application/json"]["schema"]["$ref"],
-        "#/components/schemas/ErrorBody");
+    assert_eq!(
+        doc["paths"]["/api/v1/keys"]["post"]["responses"]["422"]["content"]["application/json"]["schema"]["$ref"],
+        "#/components/schemas/ErrorBody"
+    );
     let docs = get("/docs/").await;
     assert_eq!(docs.status(), StatusCode::OK);
     assert!(docs.text().await.unwrap().contains("swagger"));

@@ -55,15 +55,27 @@ async fn subscription_lifecycle(db: PgPool) {
     assert_eq!(filtered["data"].as_array().unwrap().len(), 1);
 
     let names: Vec<String> = app.audit_actions("subscription", &sid).await.into_iter().map(|(a, _)| a).collect();
-    assert_eq!(names, ["subscription.create", "subscription.suspend", "subscription.reactivate",
-        "subscription.update", "subscription.cancel"]);
+    assert_eq!(
+        names,
+        [
+            "subscription.create",
+            "subscription.suspend",
+            "subscription.reactivate",
+            "subscription.update",
+            "subscription.cancel"
+        ]
+    );
 }
 
 #[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
 async fn restricted_model_needs_approval(db: PgPool) {
     let app = TestApp::spawn(db).await;
     let admin = app.admin_key.clone();
-    app.admin_post("/api/v1/models", json!({"id": "vip", "input_cost_per_token": 0, "output_cost_per_token": 0, "restricted": true})).await;
+    app.admin_post(
+        "/api/v1/models",
+        json!({"id": "vip", "input_cost_per_token": 0, "output_cost_per_token": 0, "restricted": true}),
+    )
+    .await;
     let user = app.create_user("vip@example.com").await;
     let token = user_token("vip-sub", "vip@example.com", &["user"]);
     let (status, sub) = app.post("/api/v1/subscriptions", &token, json!({"model_id": "vip"})).await;
@@ -91,7 +103,11 @@ async fn unknown_or_disabled_model_is_422(db: PgPool) {
     let (status, body) = app.post("/api/v1/subscriptions", &admin, json!({"user_id": uid, "model_id": "ghost"})).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(body["error"]["field"], "model_id");
-    app.admin_post("/api/v1/models", json!({"id": "off", "input_cost_per_token": 0, "output_cost_per_token": 0, "enabled": false})).await;
+    app.admin_post(
+        "/api/v1/models",
+        json!({"id": "off", "input_cost_per_token": 0, "output_cost_per_token": 0, "enabled": false}),
+    )
+    .await;
     let (status, body) = app.post("/api/v1/subscriptions", &admin, json!({"user_id": uid, "model_id": "off"})).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert!(body["error"]["message"].as_str().unwrap().contains("disabled"));

@@ -27,17 +27,14 @@ async fn team_lifecycle_with_members(db: PgPool) {
 
     let user = app.create_user("member@example.com").await;
     let uid = id(&user);
-    let (status, member) = app
-        .post(&format!("/api/v1/teams/{tid}/members"), &admin, json!({"user_id": uid, "role": "admin"}))
-        .await;
+    let (status, member) =
+        app.post(&format!("/api/v1/teams/{tid}/members"), &admin, json!({"user_id": uid, "role": "admin"})).await;
     assert_eq!(status, StatusCode::CREATED, "{member}");
     assert_eq!(member["role"], "admin");
     assert_eq!(member["email"], "member@example.com");
     let (status, _) = app.post(&format!("/api/v1/teams/{tid}/members"), &admin, json!({"user_id": uid})).await;
     assert_eq!(status, StatusCode::CONFLICT);
-    let (status, body) = app
-        .post(&format!("/api/v1/teams/{tid}/members"), &admin, json!({"user_id": uuid()}))
-        .await;
+    let (status, body) = app.post(&format!("/api/v1/teams/{tid}/members"), &admin, json!({"user_id": uuid()})).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(body["error"]["field"], "user_id");
 
@@ -46,18 +43,16 @@ async fn team_lifecycle_with_members(db: PgPool) {
     let (_, mine) = app.get(&format!("/api/v1/teams?member_id={uid}"), &admin).await;
     assert_eq!(mine["data"].as_array().unwrap().len(), 2, "Default Team and Research");
 
-    let (status, updated) = app
-        .patch(&format!("/api/v1/teams/{tid}"), &admin, json!({"description": "ML", "allowed_models": []}))
-        .await;
+    let (status, updated) =
+        app.patch(&format!("/api/v1/teams/{tid}"), &admin, json!({"description": "ML", "allowed_models": []})).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(updated["allowed_models"], json!([]));
     assert_eq!(updated["description"], "ML");
 
     // A member holding a key on the team cannot be removed, nor can the team be deleted.
     app.subscribe(&uid, "m1").await;
-    let key = app
-        .admin_post("/api/v1/keys", json!({"user_id": uid, "name": "k", "team_id": tid, "models": ["m1"]}))
-        .await;
+    let key =
+        app.admin_post("/api/v1/keys", json!({"user_id": uid, "name": "k", "team_id": tid, "models": ["m1"]})).await;
     let (status, _) = app.delete(&format!("/api/v1/teams/{tid}/members/{uid}"), &admin).await;
     assert_eq!(status, StatusCode::CONFLICT);
     let (status, _) = app.delete(&format!("/api/v1/teams/{tid}"), &admin).await;

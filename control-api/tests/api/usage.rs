@@ -41,37 +41,55 @@ async fn usage_groups_and_filters_rollups(db: PgPool) {
     let bob_id: Uuid = id(&app.create_user("bob@example.com").await).parse().unwrap();
     let team = tollgate_core::DEFAULT_TEAM_ID;
     let (ka, kb) = (Uuid::new_v4(), Uuid::new_v4());
-    insert_usage(&app, &[
-        ("2026-03-01", "2026-03-01T10:00:00Z", ka, "m1", alice_id, team, 3, 100, 50, "0.003"),
-        ("2026-03-01", "2026-03-01T11:00:00Z", ka, "m2", alice_id, team, 1, 10, 5, "0.0001"),
-        ("2026-03-02", "2026-03-02T09:00:00Z", kb, "m1", bob_id, team, 2, 40, 20, "0.5"),
-        ("2026-04-15", "2026-04-15T09:00:00Z", kb, "m1", bob_id, team, 7, 1, 1, "1"),
-    ]).await;
+    insert_usage(
+        &app,
+        &[
+            ("2026-03-01", "2026-03-01T10:00:00Z", ka, "m1", alice_id, team, 3, 100, 50, "0.003"),
+            ("2026-03-01", "2026-03-01T11:00:00Z", ka, "m2", alice_id, team, 1, 10, 5, "0.0001"),
+            ("2026-03-02", "2026-03-02T09:00:00Z", kb, "m1", bob_id, team, 2, 40, 20, "0.5"),
+            ("2026-04-15", "2026-04-15T09:00:00Z", kb, "m1", bob_id, team, 7, 1, 1, "1"),
+        ],
+    )
+    .await;
     let range = "from=2026-03-01&to=2026-03-03";
 
     let (status, r) = app.get(&format!("/api/v1/usage?group_by=day&{range}"), &admin).await;
     assert_eq!(status, StatusCode::OK, "{r}");
-    assert_eq!(r["data"], json!([
-        {"group": "2026-03-01", "requests": 4, "errors": 0, "prompt_tokens": 110, "completion_tokens": 55, "total_tokens": 165, "cost": 0.0031},
-        {"group": "2026-03-02", "requests": 2, "errors": 0, "prompt_tokens": 40, "completion_tokens": 20, "total_tokens": 60, "cost": 0.5},
-    ]));
+    assert_eq!(
+        r["data"],
+        json!([
+            {"group": "2026-03-01", "requests": 4, "errors": 0, "prompt_tokens": 110, "completion_tokens": 55, "total_tokens": 165, "cost": 0.0031},
+            {"group": "2026-03-02", "requests": 2, "errors": 0, "prompt_tokens": 40, "completion_tokens": 20, "total_tokens": 60, "cost": 0.5},
+        ])
+    );
     assert_eq!(r["totals"]["requests"], 6);
     assert_eq!(r["totals"]["cost"], 0.5031);
 
     let (_, r) = app.get(&format!("/api/v1/usage?group_by=model&{range}"), &admin).await;
-    let groups: Vec<(&str, i64)> = r["data"].as_array().unwrap().iter()
-        .map(|row| (row["group"].as_str().unwrap(), row["requests"].as_i64().unwrap())).collect();
+    let groups: Vec<(&str, i64)> = r["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| (row["group"].as_str().unwrap(), row["requests"].as_i64().unwrap()))
+        .collect();
     assert_eq!(groups, [("m1", 5), ("m2", 1)]);
 
     let (_, r) = app.get(&format!("/api/v1/usage?group_by=key&{range}&model_id=m1"), &admin).await;
     assert_eq!(r["data"].as_array().unwrap().len(), 2);
     let (_, r) = app.get(&format!("/api/v1/usage?group_by=user&{range}&key_id={kb}"), &admin).await;
-    assert_eq!(r["data"], json!([{"group": bob_id.to_string(), "requests": 2, "errors": 0, "prompt_tokens": 40, "completion_tokens": 20, "total_tokens": 60, "cost": 0.5}]));
-    let (_, r) = app.get(&format!("/api/v1/usage?group_by=team&from=2026-01-01&to=2026-12-31&team_id={team}"), &admin).await;
+    assert_eq!(
+        r["data"],
+        json!([{"group": bob_id.to_string(), "requests": 2, "errors": 0, "prompt_tokens": 40, "completion_tokens": 20, "total_tokens": 60, "cost": 0.5}])
+    );
+    let (_, r) =
+        app.get(&format!("/api/v1/usage?group_by=team&from=2026-01-01&to=2026-12-31&team_id={team}"), &admin).await;
     assert_eq!(r["data"][0]["requests"], 13);
 
     let (_, r) = app.get("/api/v1/usage?group_by=hour&from=2026-03-01T11:00:00Z&to=2026-03-02T00:00:00Z", &admin).await;
-    assert_eq!(r["data"], json!([{"group": "2026-03-01T11:00:00Z", "requests": 1, "errors": 0, "prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15, "cost": 0.0001}]));
+    assert_eq!(
+        r["data"],
+        json!([{"group": "2026-03-01T11:00:00Z", "requests": 1, "errors": 0, "prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15, "cost": 0.0001}])
+    );
 
     // A user sees only their own usage, whatever they ask for.
     let (_, r) = app.get(&format!("/api/v1/usage?group_by=user&{range}"), &alice_token).await;

@@ -36,8 +36,11 @@ async fn create_get_list_and_update_users(db: PgPool) {
     assert_eq!(filtered["data"].as_array().unwrap().len(), 1);
 
     let (status, updated) = app
-        .patch(&format!("/api/v1/users/{uid}"), &admin,
-            json!({"name": "Ada L.", "roles": ["adminReadonly"], "status": "suspended"}))
+        .patch(
+            &format!("/api/v1/users/{uid}"),
+            &admin,
+            json!({"name": "Ada L.", "roles": ["adminReadonly"], "status": "suspended"}),
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{updated}");
     assert_eq!(updated["name"], "Ada L.");
@@ -56,9 +59,8 @@ async fn create_get_list_and_update_users(db: PgPool) {
 async fn duplicate_email_is_409_case_insensitively(db: PgPool) {
     let app = TestApp::spawn(db).await;
     app.create_user("dup@example.com").await;
-    let (status, body) = app
-        .post("/api/v1/users", &app.admin_key.clone(), json!({"email": "DUP@example.com", "name": "x"}))
-        .await;
+    let (status, body) =
+        app.post("/api/v1/users", &app.admin_key.clone(), json!({"email": "DUP@example.com", "name": "x"})).await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     assert_eq!(body["error"]["code"], "conflict");
     assert_eq!(app.count("users").await, 1);
@@ -71,8 +73,7 @@ async fn unknown_user_is_404(db: PgPool) {
     let (status, body) = app.get(&format!("/api/v1/users/{}", uuid()), &app.admin_key.clone()).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(body["error"]["code"], "not_found");
-    let (status, _) = app
-        .patch(&format!("/api/v1/users/{}", uuid()), &app.admin_key.clone(), json!({"name": "x"}))
-        .await;
+    let (status, _) =
+        app.patch(&format!("/api/v1/users/{}", uuid()), &app.admin_key.clone(), json!({"name": "x"})).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 }

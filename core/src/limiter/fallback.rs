@@ -103,7 +103,9 @@ impl FallbackLimiter {
         let since = match scope.limits.budget_period {
             BudgetPeriod::None => NaiveDate::from_ymd_opt(1970, 1, 1),
             BudgetPeriod::Daily => Some(today),
-            BudgetPeriod::Weekly => today.checked_sub_days(chrono::Days::new(today.weekday().num_days_from_monday() as u64)),
+            BudgetPeriod::Weekly => {
+                today.checked_sub_days(chrono::Days::new(today.weekday().num_days_from_monday() as u64))
+            }
             BudgetPeriod::Monthly => today.with_day(1),
         }
         .unwrap_or(today);
@@ -123,7 +125,12 @@ impl Limiter for FallbackLimiter {
         // Budgets not yet known locally are looked up before taking the lock.
         let mut initial = HashMap::new();
         for s in scopes.iter().filter(|s| s.limits.max_budget.is_some()) {
-            let known = self.scopes.lock().expect("fallback lock").get(&s.redis_prefix()).is_some_and(|l| l.budget_left.is_some());
+            let known = self
+                .scopes
+                .lock()
+                .expect("fallback lock")
+                .get(&s.redis_prefix())
+                .is_some_and(|l| l.budget_left.is_some());
             if !known {
                 let budget = s.limits.max_budget_micros().unwrap_or(0);
                 initial.insert(s.redis_prefix(), self.initial_budget(s, budget, replicas).await);
@@ -184,7 +191,12 @@ impl Limiter for FallbackLimiter {
             .filter(|s| !s.limits.is_empty())
             .map(|s| Held { scope: s.clone(), made_at: now, period: String::new() })
             .collect();
-        Ok(Admission { refusal: None, warnings, standing, reservation: Some(Reservation { demand: demand.clone(), held, local: true }) })
+        Ok(Admission {
+            refusal: None,
+            warnings,
+            standing,
+            reservation: Some(Reservation { demand: demand.clone(), held, local: true }),
+        })
     }
 
     async fn settle(&self, reservation: &Reservation, tokens: u64, cost_micros: i64) -> Result<(), LimiterError> {

@@ -63,7 +63,12 @@ impl ConnectionLike for RedisConn {
         }
     }
 
-    fn req_packed_commands<'a>(&'a mut self, cmd: &'a Pipeline, offset: usize, count: usize) -> RedisFuture<'a, Vec<Value>> {
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             RedisConn::Single(c) => c.req_packed_commands(cmd, offset, count),
             RedisConn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
@@ -118,7 +123,13 @@ struct Pending {
 const MAX_BATCH: usize = 128;
 
 impl RedisLimiter {
-    pub fn new(conn: RedisConn, timeout: Duration, lease_secs: u64, clock_offset_secs: i64, seed: Arc<dyn SpendSource>) -> Self {
+    pub fn new(
+        conn: RedisConn,
+        timeout: Duration,
+        lease_secs: u64,
+        clock_offset_secs: i64,
+        seed: Arc<dyn SpendSource>,
+    ) -> Self {
         let mut limiter =
             Self { conn, timeout, lease_secs, clock_offset_secs, seed, observations: Arc::default(), coalescer: None };
         if let RedisConn::Single(_) = limiter.conn {
@@ -196,19 +207,35 @@ impl RedisLimiter {
         Ok(per_scope.into_iter().flatten().collect())
     }
 
-    fn call_for(&self, scopes: &[&Scope], demand: &Demand, extra: impl Fn(usize, &Scope) -> (String, String, String)) -> Call {
+    fn call_for(
+        &self,
+        scopes: &[&Scope],
+        demand: &Demand,
+        extra: impl Fn(usize, &Scope) -> (String, String, String),
+    ) -> Call {
         Call {
             request_id: demand.request_id.clone(),
             tokens: demand.tokens,
             cost: demand.cost_micros,
-            entries: scopes.iter().enumerate().map(|(i, s)| {
-                let (a, b, c) = extra(i, s);
-                ((*s).clone(), a, b, c)
-            }).collect(),
+            entries: scopes
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    let (a, b, c) = extra(i, s);
+                    ((*s).clone(), a, b, c)
+                })
+                .collect(),
         }
     }
 
-    async fn undo(&self, op: &'static str, held: &[Held], demand: &Demand, tokens: u64, cost: i64) -> Result<(), LimiterError> {
+    async fn undo(
+        &self,
+        op: &'static str,
+        held: &[Held],
+        demand: &Demand,
+        tokens: u64,
+        cost: i64,
+    ) -> Result<(), LimiterError> {
         // A settlement changes only tokens and spend: scopes with neither need no call.
         let held: Vec<&Held> = held
             .iter()
@@ -242,7 +269,10 @@ fn tighten(figures: (&mut Option<u64>, &mut Option<u64>, &mut u64), limit: Optio
     }
 }
 
-async fn bounded<T>(timeout: Duration, f: impl std::future::Future<Output = RedisResult<T>>) -> Result<T, LimiterError> {
+async fn bounded<T>(
+    timeout: Duration,
+    f: impl std::future::Future<Output = RedisResult<T>>,
+) -> Result<T, LimiterError> {
     match tokio::time::timeout(timeout, f).await {
         Ok(r) => Ok(r?),
         Err(_) => Err(LimiterError::Timeout),
@@ -388,7 +418,9 @@ impl Limiter for RedisLimiter {
             }
             if self.coalescer.is_some() {
                 // One node: nothing of the request was applied; reserve it whole again.
-                let with_seeds = |i: usize, _: &Scope| (seeds.get(&i).map(|s| s.to_string()).unwrap_or_default(), String::new(), String::new());
+                let with_seeds = |i: usize, _: &Scope| {
+                    (seeds.get(&i).map(|s| s.to_string()).unwrap_or_default(), String::new(), String::new())
+                };
                 replies = self.call("reserve", self.call_for(&scopes, demand, with_seeds)).await?;
             } else {
                 // Cluster: each scope stands alone; reserve the seeded ones now.
@@ -418,8 +450,18 @@ impl Limiter for RedisLimiter {
                 _ => None,
             };
             let st = &mut standing;
-            tighten((&mut st.limit_requests, &mut st.remaining_requests, &mut st.reset_requests_secs), scope.limits.rpm, rpm_used, rpm_reset);
-            tighten((&mut st.limit_tokens, &mut st.remaining_tokens, &mut st.reset_tokens_secs), scope.limits.tpm, tpm_used, tpm_reset);
+            tighten(
+                (&mut st.limit_requests, &mut st.remaining_requests, &mut st.reset_requests_secs),
+                scope.limits.rpm,
+                rpm_used,
+                rpm_reset,
+            );
+            tighten(
+                (&mut st.limit_tokens, &mut st.remaining_tokens, &mut st.reset_tokens_secs),
+                scope.limits.tpm,
+                tpm_used,
+                tpm_reset,
+            );
             match status {
                 0 => {
                     if refusal.is_none() {
@@ -446,7 +488,12 @@ impl Limiter for RedisLimiter {
             self.undo("refund", &held, demand, demand.tokens, demand.cost_micros).await?;
             return Ok(Admission { refusal, warnings, standing, reservation: None });
         }
-        Ok(Admission { refusal: None, warnings, standing, reservation: Some(Reservation { demand: demand.clone(), held, local: false }) })
+        Ok(Admission {
+            refusal: None,
+            warnings,
+            standing,
+            reservation: Some(Reservation { demand: demand.clone(), held, local: false }),
+        })
     }
 
     async fn settle(&self, reservation: &Reservation, tokens: u64, cost_micros: i64) -> Result<(), LimiterError> {

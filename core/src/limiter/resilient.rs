@@ -27,7 +27,12 @@ pub struct ResilientLimiter {
 }
 
 impl ResilientLimiter {
-    pub fn new(live_replicas: Arc<AtomicU32>, observations: Arc<Observations>, seed: Arc<dyn SpendSource>, fail_closed: bool) -> Self {
+    pub fn new(
+        live_replicas: Arc<AtomicU32>,
+        observations: Arc<Observations>,
+        seed: Arc<dyn SpendSource>,
+        fail_closed: bool,
+    ) -> Self {
         Self {
             primary: OnceLock::new(),
             fallback: FallbackLimiter::new(live_replicas, observations, seed),
@@ -59,7 +64,11 @@ impl ResilientLimiter {
 
     fn usable_primary(&self) -> Option<&Arc<RedisLimiter>> {
         let down = self.down_until.lock().expect("limiter lock").is_some_and(|t| Instant::now() < t);
-        if down { None } else { self.primary.get() }
+        if down {
+            None
+        } else {
+            self.primary.get()
+        }
     }
 
     /// Tells Redis what the fallback spent, once Redis answers again.

@@ -19,14 +19,20 @@ async fn authentication_errors_are_401(db: PgPool) {
     let resp = stack.http.post(format!("{gw}/v1/chat/completions")).json(&body).send().await.unwrap();
     assert_eq!(error_of(resp).await, (StatusCode::UNAUTHORIZED, "missing_api_key".into()));
     let unknown = tollgate_core::keys::generate_key();
-    assert_eq!(error_of(stack.chat(&unknown, body.clone()).send().await.unwrap()).await,
-        (StatusCode::UNAUTHORIZED, "invalid_api_key".into()));
-    assert_eq!(error_of(stack.chat("not-even-a-key", body.clone()).send().await.unwrap()).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        error_of(stack.chat(&unknown, body.clone()).send().await.unwrap()).await,
+        (StatusCode::UNAUTHORIZED, "invalid_api_key".into())
+    );
+    assert_eq!(
+        error_of(stack.chat("not-even-a-key", body.clone()).send().await.unwrap()).await.0,
+        StatusCode::UNAUTHORIZED
+    );
 
     // The key works in each header form.
     stack.wait_model(&key, "m").await;
     for header in ["api-key", "x-api-key"] {
-        let resp = stack.http.post(format!("{gw}/v1/chat/completions")).header(header, &key).json(&body).send().await.unwrap();
+        let resp =
+            stack.http.post(format!("{gw}/v1/chat/completions")).header(header, &key).json(&body).send().await.unwrap();
         assert_eq!(resp.status(), StatusCode::OK, "{header}");
     }
 
@@ -47,11 +53,16 @@ async fn authentication_errors_are_401(db: PgPool) {
     let (key2, key2_id, _) = stack.key_for("b@example.com", &["m"]).await;
     assert_eq!(stack.chat(&key2, body.clone()).send().await.unwrap().status(), StatusCode::OK);
     sqlx::query("UPDATE api_keys SET expires_at = now() - interval '1 second' WHERE id = $1::uuid")
-        .bind(&key2_id).execute(&stack.db).await.unwrap();
+        .bind(&key2_id)
+        .execute(&stack.db)
+        .await
+        .unwrap();
     stack.admin(reqwest::Method::PATCH, &format!("/keys/{key2_id}"), json!({"name": "expired"})).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(error_of(stack.chat(&key2, body.clone()).send().await.unwrap()).await,
-        (StatusCode::UNAUTHORIZED, "expired_api_key".into()));
+    assert_eq!(
+        error_of(stack.chat(&key2, body.clone()).send().await.unwrap()).await,
+        (StatusCode::UNAUTHORIZED, "expired_api_key".into())
+    );
 }
 
 #[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
@@ -92,23 +103,47 @@ async fn bad_requests_are_400_413_and_404(db: PgPool) {
     let (key, _, _) = stack.ready_key("a@example.com", &["m"]).await;
     let gw = &stack.gateway.base;
     let raw = |body: &'static str, ct: &'static str| {
-        stack.http.post(format!("{gw}/v1/chat/completions")).bearer_auth(&key).header("content-type", ct).body(body).send()
+        stack
+            .http
+            .post(format!("{gw}/v1/chat/completions"))
+            .bearer_auth(&key)
+            .header("content-type", ct)
+            .body(body)
+            .send()
     };
     assert_eq!(error_of(raw("{not json", "application/json").await.unwrap()).await.0, StatusCode::BAD_REQUEST);
     assert_eq!(error_of(raw(r#"{"messages":[]}"#, "application/json").await.unwrap()).await.0, StatusCode::BAD_REQUEST);
-    assert_eq!(error_of(raw(r#"{"model":42,"messages":[]}"#, "application/json").await.unwrap()).await.0, StatusCode::BAD_REQUEST);
-    assert_eq!(error_of(raw(r#"{"model":"m"}"#, "text/plain").await.unwrap()).await,
-        (StatusCode::BAD_REQUEST, "unsupported_content_type".into()));
+    assert_eq!(
+        error_of(raw(r#"{"model":42,"messages":[]}"#, "application/json").await.unwrap()).await.0,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        error_of(raw(r#"{"model":"m"}"#, "text/plain").await.unwrap()).await,
+        (StatusCode::BAD_REQUEST, "unsupported_content_type".into())
+    );
 
     // Over the maximum: announced by content-length, or discovered while streaming the body.
     let big = format!(r#"{{"model":"m","messages":[{{"role":"user","content":"{}"}}]}}"#, "x".repeat(300_000));
-    let resp = stack.http.post(format!("{gw}/v1/chat/completions")).bearer_auth(&key)
-        .header("content-type", "application/json").body(big.clone()).send().await.unwrap();
-    assert_eq!(error_of(resp).await, (StatusCode::PAYLOAD_TOO_LARGE, "request_too_large".into()));
-    let chunks: Vec<Result<String, std::io::Error>> = big.as_bytes().chunks(50_000).map(|c| Ok(String::from_utf8(c.to_vec()).unwrap())).collect();
-    let resp = stack.http.post(format!("{gw}/v1/chat/completions")).bearer_auth(&key)
+    let resp = stack
+        .http
+        .post(format!("{gw}/v1/chat/completions"))
+        .bearer_auth(&key)
         .header("content-type", "application/json")
-        .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks))).send().await;
+        .body(big.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_of(resp).await, (StatusCode::PAYLOAD_TOO_LARGE, "request_too_large".into()));
+    let chunks: Vec<Result<String, std::io::Error>> =
+        big.as_bytes().chunks(50_000).map(|c| Ok(String::from_utf8(c.to_vec()).unwrap())).collect();
+    let resp = stack
+        .http
+        .post(format!("{gw}/v1/chat/completions"))
+        .bearer_auth(&key)
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
+        .send()
+        .await;
     if let Ok(resp) = resp {
         assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
     }
@@ -131,8 +166,16 @@ async fn upstream_unreachable_is_502_and_slow_upstream_is_504(db: PgPool) {
         database_url: database_url(&db),
         upstream_url: format!("http://127.0.0.1:{}", free_port()),
         env: vec![],
-    }).await;
-    let resp = stack.http.post(format!("{}/v1/chat/completions", dead.base)).bearer_auth(&key).json(&body).send().await.unwrap();
+    })
+    .await;
+    let resp = stack
+        .http
+        .post(format!("{}/v1/chat/completions", dead.base))
+        .bearer_auth(&key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_of(resp).await, (StatusCode::BAD_GATEWAY, "upstream_unreachable".into()));
 }
 
@@ -144,10 +187,15 @@ async fn unknown_key_with_postgres_down_is_503(db: PgPool) {
         database_url: format!("postgres://postgres@127.0.0.1:{}/nothing", free_port()),
         upstream_url: start_mock().await,
         env: vec![("TOLLGATE_MIGRATE_ON_START".into(), "false".into())],
-    }).await;
-    let resp = reqwest::Client::new().post(format!("{}/v1/chat/completions", gw.base))
+    })
+    .await;
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", gw.base))
         .bearer_auth(tollgate_core::keys::generate_key())
-        .json(&json!({"model": "m", "messages": user_msg("hi")})).send().await.unwrap();
+        .json(&json!({"model": "m", "messages": user_msg("hi")}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_of(resp).await, (StatusCode::SERVICE_UNAVAILABLE, "auth_unavailable".into()));
 }
 
@@ -187,7 +235,14 @@ async fn passthrough_paths_are_proxied_with_auth_and_metering(db: PgPool) {
         sqlx::query_as("SELECT endpoint, status, key_id::text FROM usage_logs").fetch_one(&stack.db).await.unwrap();
     assert_eq!((endpoint.as_str(), status, kid), ("/v1/rerank", 404, key_id));
     // Moderations is not on this gateway's list.
-    let resp = stack.http.post(format!("{}/v1/moderations", stack.gateway.base)).bearer_auth(&key).json(&body).send().await.unwrap();
+    let resp = stack
+        .http
+        .post(format!("{}/v1/moderations", stack.gateway.base))
+        .bearer_auth(&key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
     assert_eq!(stack.recorded().await.len(), 1);
 }

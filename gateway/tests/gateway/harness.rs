@@ -166,7 +166,8 @@ impl Stack {
     pub async fn start_with(db: PgPool, env: Vec<(&str, &str)>) -> Stack {
         let mock = start_mock().await;
         let admin_key = tollgate_core::keys::generate_key();
-        let redis = env.iter().find(|(k, _)| *k == "TOLLGATE_REDIS_URL").map(|(_, v)| v.to_string()).unwrap_or_else(redis_url);
+        let redis =
+            env.iter().find(|(k, _)| *k == "TOLLGATE_REDIS_URL").map(|(_, v)| v.to_string()).unwrap_or_else(redis_url);
         let mut config = ControlApiConfig::default();
         config.redis_url = redis.clone();
         config.admin_api_keys = vec![admin_key.clone()];
@@ -187,7 +188,8 @@ impl Stack {
     pub async fn replica(&self, env: Vec<(&str, &str)>) -> Gateway {
         let mut env: Vec<(String, String)> = env.into_iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         env.insert(0, ("TOLLGATE_REDIS_URL".into(), self.redis.clone()));
-        Gateway::start(GatewayOptions { database_url: database_url(&self.db), upstream_url: self.mock.clone(), env }).await
+        Gateway::start(GatewayOptions { database_url: database_url(&self.db), upstream_url: self.mock.clone(), env })
+            .await
     }
 
     pub async fn admin(&self, method: reqwest::Method, path: &str, body: Value) -> Value {
@@ -211,7 +213,11 @@ impl Stack {
 
     /// A model priced at 1 micro-USD per prompt token and 2 per completion token.
     pub async fn model(&self, id: &str) {
-        self.post_admin("/models", json!({"id": id, "input_cost_per_token": 0.000001, "output_cost_per_token": 0.000002})).await;
+        self.post_admin(
+            "/models",
+            json!({"id": id, "input_cost_per_token": 0.000001, "output_cost_per_token": 0.000002}),
+        )
+        .await;
     }
 
     /// A user subscribed to `models` and a key for them: `(key, key id, user id)`.
@@ -242,8 +248,16 @@ impl Stack {
     pub async fn wait_model(&self, key: &str, model: &str) {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let v: Value = self.http.get(format!("{}/v1/models", self.gateway.base)).bearer_auth(key)
-                .send().await.unwrap().json().await.unwrap();
+            let v: Value = self
+                .http
+                .get(format!("{}/v1/models", self.gateway.base))
+                .bearer_auth(key)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
             if v["data"].as_array().is_some_and(|d| d.iter().any(|m| m["id"] == model)) {
                 return;
             }
@@ -257,7 +271,8 @@ impl Stack {
     }
 
     pub async fn recorded(&self) -> Vec<Value> {
-        let v: Value = self.http.get(format!("{}/mock/requests", self.mock)).send().await.unwrap().json().await.unwrap();
+        let v: Value =
+            self.http.get(format!("{}/mock/requests", self.mock)).send().await.unwrap().json().await.unwrap();
         v.as_array().unwrap().clone()
     }
 
@@ -359,7 +374,9 @@ impl RedisCluster {
         }
         let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
         let status = Command::new("redis-cli")
-            .arg("--cluster").arg("create").args(&addrs)
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
             .args(["--cluster-replicas", "0", "--cluster-yes"])
             .stdout(std::process::Stdio::null())
             .status()
@@ -367,7 +384,8 @@ impl RedisCluster {
         assert!(status.success(), "cluster create failed");
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let out = Command::new("redis-cli").args(["-p", &nodes[0].port.to_string(), "cluster", "info"]).output().unwrap();
+            let out =
+                Command::new("redis-cli").args(["-p", &nodes[0].port.to_string(), "cluster", "info"]).output().unwrap();
             if String::from_utf8_lossy(&out.stdout).contains("cluster_state:ok") {
                 break;
             }

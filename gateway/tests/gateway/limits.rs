@@ -1,6 +1,9 @@
 //! Limits and budgets held exactly across gateway replicas (separate processes sharing Redis).
 
-use std::{sync::Arc, time::{Duration, Instant}};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use futures::{stream, StreamExt};
 use reqwest::StatusCode;
@@ -25,8 +28,14 @@ async fn blast(
         .map(|i| {
             let (http, bases, key, body) = (stack.http.clone(), bases.clone(), key.to_string(), body.clone());
             async move {
-                let resp = http.post(format!("{}/v1/chat/completions", bases[i % bases.len()]))
-                    .bearer_auth(&key).header("x-mock-ttfb-ms", slow_ms.to_string()).json(&body).send().await.unwrap();
+                let resp = http
+                    .post(format!("{}/v1/chat/completions", bases[i % bases.len()]))
+                    .bearer_auth(&key)
+                    .header("x-mock-ttfb-ms", slow_ms.to_string())
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap();
                 let (status, headers) = (resp.status(), resp.headers().clone());
                 (status, headers, resp.text().await.unwrap_or_default())
             }
@@ -74,18 +83,24 @@ async fn tpm_reservations_never_exceed_the_limit_and_settle_to_real_counts(db: P
     // Slow answers: nothing settles before every request has reserved.
     let results = blast(&stack, &bases, &key, 30, 30, body, 500).await;
     let admitted = results.iter().filter(|r| r.0 == StatusCode::OK).count();
-    let reserve_each = 80 + tollgate_gateway::request::estimate_tokens(
-        serde_json::to_vec(&json!({"model": "m", "max_tokens": 80, "messages": user_msg("one two")})).unwrap().len());
+    let reserve_each = 80
+        + tollgate_gateway::request::estimate_tokens(
+            serde_json::to_vec(&json!({"model": "m", "max_tokens": 80, "messages": user_msg("one two")}))
+                .unwrap()
+                .len(),
+        );
     assert!(admitted as u64 * reserve_each <= 1000, "{admitted} x {reserve_each} > 1000");
     assert_eq!(admitted as u64, 1000 / reserve_each, "as many as fit");
     // The mock used 2 prompt + 4 completion tokens per request: after settlement the window
     // holds 6 per admitted request, and the headers of the next request show it.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let resp = stack.chat(&key, json!({"model": "m", "max_tokens": 1, "messages": user_msg("x")})).send().await.unwrap();
+    let resp =
+        stack.chat(&key, json!({"model": "m", "max_tokens": 1, "messages": user_msg("x")})).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     let remaining: u64 = resp.headers()["x-ratelimit-remaining-tokens"].to_str().unwrap().parse().unwrap();
     let this_one = 1 + tollgate_gateway::request::estimate_tokens(
-        serde_json::to_vec(&json!({"model": "m", "max_tokens": 1, "messages": user_msg("x")})).unwrap().len());
+        serde_json::to_vec(&json!({"model": "m", "max_tokens": 1, "messages": user_msg("x")})).unwrap().len(),
+    );
     assert_eq!(remaining, 1000 - 6 * admitted as u64 - this_one);
 }
 
@@ -95,7 +110,13 @@ async fn budget_case(db: PgPool, stream: bool) {
     stack.post_admin("/models", json!({"id": "b", "input_cost_per_token": 0, "output_cost_per_token": 0.01})).await;
     let (key, _, uid) = stack.key_for("budget@example.com", &["b"]).await;
     stack.wait_model(&key, "b").await;
-    stack.admin(reqwest::Method::PATCH, &format!("/users/{uid}"), json!({"limits": {"max_budget": 1.0, "budget_period": "monthly"}})).await;
+    stack
+        .admin(
+            reqwest::Method::PATCH,
+            &format!("/users/{uid}"),
+            json!({"limits": {"max_budget": 1.0, "budget_period": "monthly"}}),
+        )
+        .await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let (r2, r3) = (stack.replica(vec![]).await, stack.replica(vec![]).await);
     let bases = [stack.gateway.base.clone(), r2.base.clone(), r3.base.clone()];
@@ -133,8 +154,16 @@ async fn a_killed_replicas_reservation_returns_after_its_lease(db: PgPool) {
     let mut doomed = stack.replica(vec![("TOLLGATE_RESERVATION_LEASE_SECONDS", "2")]).await;
     let body = json!({"model": "m", "max_tokens": 1000, "stream": true, "messages": user_msg("hi")});
     // A slow stream on the doomed replica holds the reservation; SIGKILL it mid-way.
-    let resp = stack.http.post(format!("{}/v1/chat/completions", doomed.base)).bearer_auth(&key)
-        .header("x-mock-chunks", "10").header("x-mock-chunk-delay-ms", "500").json(&body).send().await.unwrap();
+    let resp = stack
+        .http
+        .post(format!("{}/v1/chat/completions", doomed.base))
+        .bearer_auth(&key)
+        .header("x-mock-chunks", "10")
+        .header("x-mock-chunk-delay-ms", "500")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     let mut child = doomed.child.take().unwrap();
     child.kill().unwrap();
@@ -163,7 +192,8 @@ async fn revocation_reaches_every_replica_within_100ms(db: PgPool) {
     let body = json!({"model": "m", "messages": user_msg("hi")});
     for base in &bases {
         // Every replica has the key cached.
-        let resp = stack.http.post(format!("{base}/v1/chat/completions")).bearer_auth(&key).json(&body).send().await.unwrap();
+        let resp =
+            stack.http.post(format!("{base}/v1/chat/completions")).bearer_auth(&key).json(&body).send().await.unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
     }
     let revoked_at = Instant::now();
@@ -171,7 +201,8 @@ async fn revocation_reaches_every_replica_within_100ms(db: PgPool) {
     let answered = revoked_at.elapsed();
     tokio::time::sleep(Duration::from_millis(100).saturating_sub(answered)).await;
     for base in &bases {
-        let resp = stack.http.post(format!("{base}/v1/chat/completions")).bearer_auth(&key).json(&body).send().await.unwrap();
+        let resp =
+            stack.http.post(format!("{base}/v1/chat/completions")).bearer_auth(&key).json(&body).send().await.unwrap();
         assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "{base} still accepts the key 100 ms after revoke");
     }
 }
@@ -180,8 +211,16 @@ async fn revocation_reaches_every_replica_within_100ms(db: PgPool) {
 async fn soft_limits_warn_and_monitor_limits_only_count(db: PgPool) {
     let stack = Stack::start(db).await;
     let (key, key_id, uid) = stack.ready_key("soft@example.com", &["m"]).await;
-    stack.admin(reqwest::Method::PATCH, &format!("/keys/{key_id}"), json!({"limits": {"rpm": 1, "enforcement": "soft"}})).await;
-    stack.admin(reqwest::Method::PATCH, &format!("/users/{uid}"), json!({"limits": {"tpm": 1, "enforcement": "monitor"}})).await;
+    stack
+        .admin(reqwest::Method::PATCH, &format!("/keys/{key_id}"), json!({"limits": {"rpm": 1, "enforcement": "soft"}}))
+        .await;
+    stack
+        .admin(
+            reqwest::Method::PATCH,
+            &format!("/users/{uid}"),
+            json!({"limits": {"tpm": 1, "enforcement": "monitor"}}),
+        )
+        .await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let body = json!({"model": "m", "messages": user_msg("hi")});
     let first = stack.chat(&key, body.clone()).send().await.unwrap();
@@ -191,7 +230,8 @@ async fn soft_limits_warn_and_monitor_limits_only_count(db: PgPool) {
     assert_eq!(second.status(), StatusCode::OK, "soft limits admit");
     let warning = second.headers()["x-tollgate-warning"].to_str().unwrap().to_string();
     assert_eq!(warning, "rpm limit exceeded on key", "monitor limits do not warn the client");
-    let metrics = stack.http.get(format!("{}/metrics", stack.gateway.admin)).send().await.unwrap().text().await.unwrap();
+    let metrics =
+        stack.http.get(format!("{}/metrics", stack.gateway.admin)).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains(r#"tollgate_gateway_limit_warnings_total{reason="rpm",scope="key"} 1"#), "{metrics}");
     assert!(metrics.contains(r#"tollgate_gateway_limit_warnings_total{reason="tpm",scope="user"} 2"#), "{metrics}");
 }

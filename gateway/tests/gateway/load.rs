@@ -62,8 +62,16 @@ async fn thousand_mixed_requests_are_metered_exactly(db: PgPool) {
                 let request_id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
                 let body = resp.bytes().await;
                 assert_eq!(body.is_err(), interrupted, "request {i}: interrupted streams are cut");
-                (request_id, Expected { key_id: key_id.clone(), model: model.into(), prompt: words as i64,
-                    completion: chunks as i64, interrupted })
+                (
+                    request_id,
+                    Expected {
+                        key_id: key_id.clone(),
+                        model: model.into(),
+                        prompt: words as i64,
+                        completion: chunks as i64,
+                        interrupted,
+                    },
+                )
             }
         })
         .buffer_unordered(16)
@@ -106,9 +114,11 @@ async fn thousand_mixed_requests_are_metered_exactly(db: PgPool) {
     .await
     .unwrap();
     assert_eq!(mismatches, 0);
-    let daily: i64 = sqlx::query_scalar("SELECT sum(requests)::bigint FROM usage_daily").fetch_one(&stack.db).await.unwrap();
+    let daily: i64 =
+        sqlx::query_scalar("SELECT sum(requests)::bigint FROM usage_daily").fetch_one(&stack.db).await.unwrap();
     assert_eq!(daily, 1000);
-    let hourly: i64 = sqlx::query_scalar("SELECT sum(requests)::bigint FROM usage_hourly").fetch_one(&stack.db).await.unwrap();
+    let hourly: i64 =
+        sqlx::query_scalar("SELECT sum(requests)::bigint FROM usage_hourly").fetch_one(&stack.db).await.unwrap();
     assert_eq!(hourly, 1000);
 }
 
@@ -122,10 +132,14 @@ async fn sigterm_under_load_loses_no_row(db: PgPool) {
             .map(|i| {
                 let (http, base, key) = (http.clone(), base.clone(), key.clone());
                 async move {
-                    let resp = http.post(format!("{base}/v1/chat/completions")).bearer_auth(&key)
+                    let resp = http
+                        .post(format!("{base}/v1/chat/completions"))
+                        .bearer_auth(&key)
                         .header("x-mock-ttfb-ms", "100")
                         .json(&json!({"model": "m", "stream": i % 2 == 0, "messages": user_msg("a b")}))
-                        .send().await.ok()?;
+                        .send()
+                        .await
+                        .ok()?;
                     let id = resp.headers().get("x-request-id")?.to_str().ok()?.to_string();
                     resp.bytes().await.ok()?;
                     Some(id)
@@ -145,7 +159,10 @@ async fn sigterm_under_load_loses_no_row(db: PgPool) {
     for id in &answered {
         assert!(ids.contains(id), "answered request {id} has no usage row");
     }
-    let spooled = std::fs::read_dir(stack.gateway.log.parent().unwrap().join("spool")).unwrap()
-        .filter_map(|e| e.ok()).filter(|e| e.metadata().map(|m| m.len() > 0).unwrap_or(false)).count();
+    let spooled = std::fs::read_dir(stack.gateway.log.parent().unwrap().join("spool"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.metadata().map(|m| m.len() > 0).unwrap_or(false))
+        .count();
     assert_eq!(spooled, 0, "rows left in the spool instead of PostgreSQL");
 }

@@ -22,8 +22,16 @@ async fn large_prompts_arrive_byte_identical(db: PgPool) {
     let prompt = "lorem ipsum ".repeat(1024 * 1024 / 12);
     let body = format!("{{ \"model\" : \"m\",\n  \"messages\": [{{\"role\":\"user\",\"content\":\"{prompt}\"}}], \"temperature\": 0.50 }}");
     assert!(body.len() > 1024 * 1024);
-    let resp = stack.http.post(format!("{}/v1/chat/completions", stack.gateway.base)).bearer_auth(&key)
-        .header("content-type", "application/json").header("x-custom", "kept").body(body.clone()).send().await.unwrap();
+    let resp = stack
+        .http
+        .post(format!("{}/v1/chat/completions", stack.gateway.base))
+        .bearer_auth(&key)
+        .header("content-type", "application/json")
+        .header("x-custom", "kept")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     let answer: Value = resp.json().await.unwrap();
     let recorded = stack.recorded().await;
@@ -39,9 +47,17 @@ async fn large_prompts_arrive_byte_identical(db: PgPool) {
     assert!(!req.to_string().contains(&key), "the client's key reached the upstream");
 
     // A streamed 1 MiB request: identical apart from the injected stream_options.
-    let body = format!("{{\"model\":\"m\",\"stream\":true,\"messages\":[{{\"role\":\"user\",\"content\":\"{prompt}\"}}]}}");
-    let resp = stack.http.post(format!("{}/v1/chat/completions", stack.gateway.base)).bearer_auth(&key)
-        .header("content-type", "application/json").body(body.clone()).send().await.unwrap();
+    let body =
+        format!("{{\"model\":\"m\",\"stream\":true,\"messages\":[{{\"role\":\"user\",\"content\":\"{prompt}\"}}]}}");
+    let resp = stack
+        .http
+        .post(format!("{}/v1/chat/completions", stack.gateway.base))
+        .bearer_auth(&key)
+        .header("content-type", "application/json")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     resp.text().await.unwrap();
     let recorded = stack.recorded().await;
@@ -52,7 +68,9 @@ async fn large_prompts_arrive_byte_identical(db: PgPool) {
     stack.wait_usage_rows(2).await;
     let (prompt_tokens, completion_tokens): (i64, i64) =
         sqlx::query_as("SELECT prompt_tokens, completion_tokens FROM usage_logs WHERE NOT stream")
-            .fetch_one(&stack.db).await.unwrap();
+            .fetch_one(&stack.db)
+            .await
+            .unwrap();
     assert_eq!(prompt_tokens, answer["usage"]["prompt_tokens"].as_i64().unwrap());
     assert_eq!(completion_tokens, answer["usage"]["completion_tokens"].as_i64().unwrap());
 }
@@ -112,7 +130,10 @@ async fn usage_chunk_is_kept_or_stripped_as_the_client_asked(db: PgPool) {
     // Each of the three was metered exactly, whatever the client saw.
     stack.wait_usage_rows(3).await;
     let rows: Vec<(i64, i64, rust_decimal::Decimal, Option<String>)> =
-        sqlx::query_as("SELECT prompt_tokens, completion_tokens, cost, error_kind FROM usage_logs").fetch_all(&stack.db).await.unwrap();
+        sqlx::query_as("SELECT prompt_tokens, completion_tokens, cost, error_kind FROM usage_logs")
+            .fetch_all(&stack.db)
+            .await
+            .unwrap();
     for row in rows {
         assert_eq!((row.0, row.1), (3, 4));
         assert_eq!(row.2, rust_decimal::Decimal::new(11, 6), "3 x 1 + 4 x 2 micro-USD");
@@ -128,22 +149,50 @@ async fn models_list_embeddings_and_completions(db: PgPool) {
     stack.model("hidden").await;
     let (key, _, _) = stack.key_for("a@example.com", &["m", "e"]).await;
     stack.wait_model(&key, "e").await;
-    let models: Value = stack.http.get(format!("{}/v1/models", stack.gateway.base)).bearer_auth(&key)
-        .send().await.unwrap().json().await.unwrap();
+    let models: Value = stack
+        .http
+        .get(format!("{}/v1/models", stack.gateway.base))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let mut ids: Vec<&str> = models["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
     ids.sort();
     assert_eq!(ids, ["e", "m"]);
     assert_eq!(models["object"], "list");
 
-    let emb: Value = stack.http.post(format!("{}/v1/embeddings", stack.gateway.base)).bearer_auth(&key)
-        .json(&json!({"model": "e", "input": ["a b c"]})).send().await.unwrap().json().await.unwrap();
+    let emb: Value = stack
+        .http
+        .post(format!("{}/v1/embeddings", stack.gateway.base))
+        .bearer_auth(&key)
+        .json(&json!({"model": "e", "input": ["a b c"]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(emb["usage"]["prompt_tokens"], 3);
-    let done: Value = stack.http.post(format!("{}/v1/completions", stack.gateway.base)).bearer_auth(&key)
-        .json(&json!({"model": "m", "prompt": "x y", "max_tokens": 1})).send().await.unwrap().json().await.unwrap();
+    let done: Value = stack
+        .http
+        .post(format!("{}/v1/completions", stack.gateway.base))
+        .bearer_auth(&key)
+        .json(&json!({"model": "m", "prompt": "x y", "max_tokens": 1}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(done["usage"]["completion_tokens"], 1);
     stack.wait_usage_rows(2).await;
-    let rows: Vec<(String, String, i64, i64)> = sqlx::query_as(
-        "SELECT endpoint, model_id, prompt_tokens, completion_tokens FROM usage_logs ORDER BY endpoint")
-        .fetch_all(&stack.db).await.unwrap();
+    let rows: Vec<(String, String, i64, i64)> =
+        sqlx::query_as("SELECT endpoint, model_id, prompt_tokens, completion_tokens FROM usage_logs ORDER BY endpoint")
+            .fetch_all(&stack.db)
+            .await
+            .unwrap();
     assert_eq!(rows, vec![("/v1/completions".into(), "m".into(), 2, 1), ("/v1/embeddings".into(), "e".into(), 3, 0)]);
 }

@@ -15,8 +15,14 @@ async fn send(stack: &Stack, bases: &[&str], key: &str, n: usize) -> (usize, Dur
     let (mut admitted, mut slowest) = (0, Duration::ZERO);
     for i in 0..n {
         let started = Instant::now();
-        let resp = stack.http.post(format!("{}/v1/chat/completions", bases[i % bases.len()]))
-            .bearer_auth(key).json(&body).send().await.unwrap();
+        let resp = stack
+            .http
+            .post(format!("{}/v1/chat/completions", bases[i % bases.len()]))
+            .bearer_auth(key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
         slowest = slowest.max(started.elapsed());
         match resp.status() {
             StatusCode::OK => admitted += 1,
@@ -42,7 +48,13 @@ async fn limits_hold_through_a_redis_outage_and_budgets_are_reseeded(db: PgPool)
     let stack = Stack::start_with(db, vec![("TOLLGATE_REDIS_URL", &url), ("TOLLGATE_REDIS_TIMEOUT_MS", "100")]).await;
     let (key, key_id, uid) = priced_key(&stack, "outage@example.com").await;
     stack.admin(reqwest::Method::PATCH, &format!("/keys/{key_id}"), json!({"limits": {"rpm": 30}})).await;
-    stack.admin(reqwest::Method::PATCH, &format!("/users/{uid}"), json!({"limits": {"max_budget": 1.0, "budget_period": "monthly"}})).await;
+    stack
+        .admin(
+            reqwest::Method::PATCH,
+            &format!("/users/{uid}"),
+            json!({"limits": {"max_budget": 1.0, "budget_period": "monthly"}}),
+        )
+        .await;
     let timeout = vec![("TOLLGATE_REDIS_TIMEOUT_MS", "100")];
     let (r2, r3) = (stack.replica(timeout.clone()).await, stack.replica(timeout).await);
     let bases = [stack.gateway.base.as_str(), r2.base.as_str(), r3.base.as_str()];
@@ -73,8 +85,8 @@ async fn limits_hold_through_a_redis_outage_and_budgets_are_reseeded(db: PgPool)
     let client = redis::Client::open(redis.url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let month = chrono::Utc::now().format("%Y%m");
-    let seeded: i64 = redis::cmd("GET").arg(format!("tg:{{user:{uid}}}:b:m{month}"))
-        .query_async(&mut conn).await.unwrap();
+    let seeded: i64 =
+        redis::cmd("GET").arg(format!("tg:{{user:{uid}}}:b:m{month}")).query_async(&mut conn).await.unwrap();
     assert_eq!(seeded, 30_000 * (before + during + after) as i64, "spend seeded from PostgreSQL plus what followed");
 }
 
@@ -82,7 +94,11 @@ async fn limits_hold_through_a_redis_outage_and_budgets_are_reseeded(db: PgPool)
 async fn fail_closed_answers_503_without_redis(db: PgPool) {
     let mut redis = RedisServer::start().await;
     let url = redis.url();
-    let stack = Stack::start_with(db, vec![("TOLLGATE_REDIS_URL", &url), ("TOLLGATE_FAIL_CLOSED", "true"), ("TOLLGATE_REDIS_TIMEOUT_MS", "100")]).await;
+    let stack = Stack::start_with(
+        db,
+        vec![("TOLLGATE_REDIS_URL", &url), ("TOLLGATE_FAIL_CLOSED", "true"), ("TOLLGATE_REDIS_TIMEOUT_MS", "100")],
+    )
+    .await;
     let (key, key_id, _) = priced_key(&stack, "closed@example.com").await;
     stack.admin(reqwest::Method::PATCH, &format!("/keys/{key_id}"), json!({"limits": {"rpm": 100}})).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -93,9 +109,13 @@ async fn fail_closed_answers_503_without_redis(db: PgPool) {
     let resp = stack.chat(&key, body).send().await.unwrap();
     assert!(started.elapsed() < Duration::from_millis(500));
     assert_eq!(error_of(resp).await, (StatusCode::SERVICE_UNAVAILABLE, "limits_unavailable".into()));
-    let metrics = stack.http.get(format!("{}/metrics", stack.gateway.admin)).send().await.unwrap().text().await.unwrap();
+    let metrics =
+        stack.http.get(format!("{}/metrics", stack.gateway.admin)).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("tollgate_gateway_limiter_fallback_active 1"), "{metrics}");
-    assert!(metrics.contains("tollgate_gateway_redis_errors_total 1"), "one failed call, then Redis is skipped: {metrics}");
+    assert!(
+        metrics.contains("tollgate_gateway_redis_errors_total 1"),
+        "one failed call, then Redis is skipped: {metrics}"
+    );
 }
 
 #[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
@@ -110,15 +130,23 @@ async fn rpm_and_budgets_hold_on_a_redis_cluster(db: PgPool) {
     stack.admin(reqwest::Method::PATCH, &format!("/keys/{key_id}"), json!({"limits": {"rpm": 40}})).await;
     stack.admin(reqwest::Method::PATCH, &format!("/users/{uid}"), json!({"limits": {"max_budget": 0.9}})).await;
     stack.admin(reqwest::Method::PATCH, &format!("/subscriptions/{sid}"), json!({"limits": {"tpm": 1000000}})).await;
-    stack.admin(reqwest::Method::PATCH, &format!("/teams/{}", tollgate_core::DEFAULT_TEAM_ID), json!({"limits": {"rpm": 1000}})).await;
+    stack
+        .admin(
+            reqwest::Method::PATCH,
+            &format!("/teams/{}", tollgate_core::DEFAULT_TEAM_ID),
+            json!({"limits": {"rpm": 1000}}),
+        )
+        .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (r2, r3) = (stack.replica(vec![]).await, stack.replica(vec![]).await);
     let bases = [stack.gateway.base.as_str(), r2.base.as_str(), r3.base.as_str()];
     // The budget ($0.90 = 30 requests) binds before the RPM (40).
     let (admitted, _) = send(&stack, &bases, &key, 45).await;
-    let metrics = stack.http.get(format!("{}/metrics", stack.gateway.admin)).send().await.unwrap().text().await.unwrap();
+    let metrics =
+        stack.http.get(format!("{}/metrics", stack.gateway.admin)).send().await.unwrap().text().await.unwrap();
     let logs = stack.gateway.logs();
-    let warnings: Vec<&str> = metrics.lines().chain(logs.lines()).filter(|l| l.contains("fallback_active") || l.contains("WARN")).collect();
+    let warnings: Vec<&str> =
+        metrics.lines().chain(logs.lines()).filter(|l| l.contains("fallback_active") || l.contains("WARN")).collect();
     assert_eq!(admitted, 30, "{warnings:#?}");
     // And the RPM binds for a key without a budget.
     let (key2, key2_id, _) = stack.key_for("cluster2@example.com", &["b"]).await;
