@@ -14,14 +14,14 @@
 
 use std::{
     collections::VecDeque,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, PoisonError},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use axum::{
     body::{Body, Bytes},
     extract::State,
-    http::{HeaderMap, Method, StatusCode, Uri},
+    http::{HeaderMap, HeaderValue, Method, StatusCode, Uri},
     response::{IntoResponse, Response},
     routing::get,
     Json, Router,
@@ -83,11 +83,11 @@ pub async fn serve(listener: tokio::net::TcpListener, config: MockConfig) -> std
 }
 
 async fn recorded(State(mock): State<Mock>) -> Json<Vec<RecordedRequest>> {
-    Json(mock.requests.lock().unwrap().iter().cloned().collect())
+    Json(mock.requests.lock().unwrap_or_else(PoisonError::into_inner).iter().cloned().collect())
 }
 
 async fn clear(State(mock): State<Mock>) -> StatusCode {
-    mock.requests.lock().unwrap().clear();
+    mock.requests.lock().unwrap_or_else(PoisonError::into_inner).clear();
     StatusCode::NO_CONTENT
 }
 
@@ -143,7 +143,7 @@ fn record(mock: &Mock, method: &Method, uri: &Uri, headers: &HeaderMap, body: &B
         body_sha256: hex::encode(Sha256::digest(body)),
         body: (body.len() <= BODY_KEPT).then(|| String::from_utf8(body.to_vec()).ok()).flatten(),
     };
-    let mut requests = mock.requests.lock().unwrap();
+    let mut requests = mock.requests.lock().unwrap_or_else(PoisonError::into_inner);
     if requests.len() == REMEMBERED {
         requests.pop_front();
     }
@@ -250,11 +250,11 @@ fn completion(body: &Bytes, b: &Behaviour, kind: Kind) -> Response {
         }
         Ok(event)
     });
-    Response::builder()
-        .header("content-type", "text/event-stream")
-        .header("cache-control", "no-cache")
-        .body(Body::from_stream(body))
-        .expect("response")
+    let mut response = Response::new(Body::from_stream(body));
+    let headers = response.headers_mut();
+    headers.insert("content-type", HeaderValue::from_static("text/event-stream"));
+    headers.insert("cache-control", HeaderValue::from_static("no-cache"));
+    response
 }
 
 fn embeddings(body: &Bytes) -> Response {

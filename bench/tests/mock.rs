@@ -1,5 +1,7 @@
 //! The mock upstream over real HTTP: formats, deterministic usage, per-request behaviour, records.
 
+// Test helpers fail loudly by design (clippy.toml already allows this inside #[test] fns).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};

@@ -19,6 +19,8 @@ pub enum ConfigError {
     SecretInFile(String),
     #[error("invalid configuration: {0}")]
     Invalid(#[from] Box<figment::Error>),
+    #[error("invalid configuration: `{key}`{}: {reason}", env.as_ref().map(|e| format!(" (TOLLGATE_{e})")).unwrap_or_default())]
+    Setting { key: String, env: Option<String>, reason: String },
 }
 
 /// How one binary maps its environment variables and which keys are secrets.
@@ -27,6 +29,37 @@ pub struct ConfigSpec<'a> {
     pub env: &'a [(&'a str, &'a str)],
     /// Dotted keys that must not appear in the TOML file.
     pub secrets: &'a [&'a str],
+}
+
+impl ConfigSpec<'_> {
+    /// An error naming the setting `key` and the environment variable that sets it.
+    pub fn invalid(&self, key: &str, reason: impl std::fmt::Display) -> ConfigError {
+        let env = self.env.iter().find(|(_, k)| *k == key).map(|(name, _)| (*name).to_string());
+        ConfigError::Setting { key: key.to_string(), env, reason: reason.to_string() }
+    }
+
+    /// Parses the URL in setting `key`, which must use one of `schemes` and name a host.
+    pub fn url(&self, key: &str, value: &str, schemes: &[&str]) -> Result<url::Url, ConfigError> {
+        let url = url::Url::parse(value.trim()).map_err(|e| self.invalid(key, format!("{e} in {value:?}")))?;
+        if !schemes.contains(&url.scheme()) {
+            return Err(self.invalid(key, format!("scheme must be one of {}", schemes.join(", "))));
+        }
+        if url.host_str().is_none_or(str::is_empty) {
+            return Err(self.invalid(key, "the URL names no host"));
+        }
+        Ok(url)
+    }
+
+    /// Checks a Redis setting: one `redis://` / `rediss://` URL, several comma-separated (a
+    /// cluster), or `redis+cluster://host:port,host:port`.
+    pub fn redis_url(&self, key: &str, value: &str) -> Result<(), ConfigError> {
+        match value.trim().strip_prefix("redis+cluster://") {
+            Some(nodes) => nodes
+                .split(',')
+                .try_for_each(|node| self.url(key, &format!("redis://{}", node.trim()), &["redis"]).map(drop)),
+            None => value.split(',').try_for_each(|u| self.url(key, u, &["redis", "rediss"]).map(drop)),
+        }
+    }
 }
 
 /// Loads `T` from defaults, an optional TOML file, the environment and `overrides` (flags).
@@ -71,7 +104,22 @@ pub fn comma_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Err
 }
 
 #[cfg(test)]
+// figment::Jail's closures must return figment's own (large) error type.
+#[allow(clippy::result_large_err)]
 mod tests {
+    #[test]
+    fn bad_urls_name_their_setting_and_variable() {
+        let spec = ConfigSpec { env: &[("REDIS_URL", "redis_url")], secrets: &[] };
+        let e = spec.url("redis_url", "http://x", &["redis"]).unwrap_err().to_string();
+        assert!(e.contains("`redis_url` (TOLLGATE_REDIS_URL)"), "{e}");
+        let e = spec.url("redis_url", "not a url", &["redis"]).unwrap_err().to_string();
+        assert!(e.contains("redis_url"), "{e}");
+        assert!(spec.url("redis_url", "redis://127.0.0.1:6379/0", &["redis"]).is_ok());
+        assert!(spec.redis_url("redis_url", "redis+cluster://10.0.0.1:7000, 10.0.0.2:7000").is_ok());
+        assert!(spec.redis_url("redis_url", "redis://a:1,redis://b:2").is_ok());
+        assert!(spec.redis_url("redis_url", "redis://a:1,b:2").is_err());
+    }
+
     use super::*;
 
     #[derive(Debug, Serialize, Deserialize, PartialEq)]

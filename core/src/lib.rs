@@ -8,6 +8,7 @@ pub mod keys;
 pub mod limiter;
 pub mod limits;
 pub mod roles;
+pub mod sync;
 
 use uuid::Uuid;
 

@@ -1,6 +1,8 @@
 //! The Redis limiter against a real Redis: windows, budgets, seeding, leases, refunds, periods.
 //! Time is injected through the script's clock offset, never waited for (except lease expiry).
 
+// Test helpers fail loudly by design (clippy.toml already allows this inside #[test] fns).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 use std::{
     sync::{Arc, Mutex},
     time::Duration,

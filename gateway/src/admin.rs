@@ -26,7 +26,7 @@ async fn ready(State(s): State<Arc<GatewayState>>) -> (StatusCode, Json<Value>) 
     let postgres =
         matches!(tokio::time::timeout(Duration::from_secs(2), sqlx::query("SELECT 1").execute(&s.db)).await, Ok(Ok(_)));
     let cached_keys = s.keys.len();
-    let upstream = !s.config.upstream_url.is_empty();
+    let upstream = s.config.upstream_url.host_str().is_some();
     let limiter = s.limiter.limiter.primary().is_some() && !s.limiter.limiter.fallback_active();
     let ok = (postgres || cached_keys > 0) && upstream && (limiter || !s.config.fail_closed);
     let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };

@@ -1,24 +1,23 @@
 //! Who is calling: the key from `Authorization: Bearer`, `api-key` or `x-api-key`, hashed and
-//! looked up in the [`KeyCache`]; a miss reads PostgreSQL once (one query brings the key, its
+//! looked up in the [`KeyCache`](crate::key_cache::KeyCache); a miss reads PostgreSQL once (one query brings the key, its
 //! user, team and the user's active subscriptions) and caches the answer, negative ones too.
+//! Addresses that fail too often are throttled ([`FailedAuthThrottle`]) so keys cannot be
+//! guessed at speed.
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, RwLock},
-    time::{Duration, Instant},
-};
+use std::{net::IpAddr, num::NonZeroU32, sync::Arc};
 
 use chrono::{DateTime, Utc};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use pingora::{http::RequestHeader, proxy::Session};
 use serde::Deserialize;
 use sqlx::{types::Json, FromRow, PgPool};
 use tollgate_core::{
-    invalidation::{Invalidation, InvalidationKind},
-    keys::{hash_key, KeyHash},
+    keys::{hash_key, is_well_formed, KeyHash},
     limits::Limits,
 };
 use uuid::Uuid;
 
-use crate::error::GatewayError;
+use crate::{error::GatewayError, key_cache::Lookup, state::GatewayState};
 
 /// Everything the gateway needs to decide about a key, loaded in one query.
 #[derive(Debug, Clone)]
@@ -131,7 +130,7 @@ pub async fn load_key(db: &PgPool, hash: KeyHash) -> Result<Option<AuthContext>,
 }
 
 /// The presented key, from `Authorization: Bearer`, `api-key` or `x-api-key`.
-pub fn presented_key(headers: &pingora::http::RequestHeader) -> Option<&str> {
+pub fn presented_key(headers: &RequestHeader) -> Option<&str> {
     if let Some(v) = headers.headers.get("authorization").and_then(|v| v.to_str().ok()) {
         let v = v.trim();
         let token = v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")).unwrap_or(v);
@@ -144,103 +143,83 @@ pub fn presented_key(headers: &pingora::http::RequestHeader) -> Option<&str> {
         .filter(|t| !t.is_empty())
 }
 
-struct Entry {
-    /// `None`: the key is unknown.
-    ctx: Option<Arc<AuthContext>>,
-    fresh_until: Instant,
-}
+/// Failed authentications per client address: past the limit, 429 instead of 401.
+pub struct FailedAuthThrottle(DefaultKeyedRateLimiter<IpAddr>);
 
-const SHARDS: usize = 16;
-
-/// In-process cache of key contexts by key hash, sharded to keep lock contention low. Entries
-/// expire after a TTL (the backstop) and are dropped at once by invalidations.
-pub struct KeyCache {
-    shards: Vec<RwLock<HashMap<KeyHash, Entry>>>,
-    ttl: Duration,
-    negative_ttl: Duration,
-}
-
-pub enum Lookup {
-    Hit(Arc<AuthContext>),
-    Unknown,
-    Miss,
-}
-
-impl KeyCache {
-    pub fn new(ttl: Duration, negative_ttl: Duration) -> Self {
-        Self { shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(), ttl, negative_ttl }
+impl FailedAuthThrottle {
+    pub fn per_minute(n: u32) -> Self {
+        Self(RateLimiter::keyed(Quota::per_minute(NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN))))
     }
 
-    fn shard(&self, hash: &KeyHash) -> &RwLock<HashMap<KeyHash, Entry>> {
-        &self.shards[hash[0] as usize % SHARDS]
-    }
-
-    pub fn get(&self, hash: &KeyHash) -> Lookup {
-        let shard = self.shard(hash).read().expect("key cache lock");
-        match shard.get(hash) {
-            Some(e) if e.fresh_until > Instant::now() => match &e.ctx {
-                Some(ctx) => Lookup::Hit(ctx.clone()),
-                None => Lookup::Unknown,
-            },
-            _ => Lookup::Miss,
-        }
-    }
-
-    /// Whatever is cached for `hash`, even past its TTL (used while PostgreSQL is away).
-    pub fn get_stale(&self, hash: &KeyHash) -> Option<Arc<AuthContext>> {
-        self.shard(hash).read().expect("key cache lock").get(hash).and_then(|e| e.ctx.clone())
-    }
-
-    pub fn insert(&self, hash: KeyHash, ctx: Option<AuthContext>) -> Option<Arc<AuthContext>> {
-        let ttl = if ctx.is_some() { self.ttl } else { self.negative_ttl };
-        let ctx = ctx.map(Arc::new);
-        self.shard(&hash)
-            .write()
-            .expect("key cache lock")
-            .insert(hash, Entry { ctx: ctx.clone(), fresh_until: Instant::now() + ttl });
-        ctx
-    }
-
-    pub fn len(&self) -> usize {
-        self.shards.iter().map(|s| s.read().expect("key cache lock").len()).sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    pub fn clear(&self) {
-        for s in &self.shards {
-            s.write().expect("key cache lock").clear();
-        }
-    }
-
-    /// Drops every entry an invalidation concerns. Models are not cached here.
-    pub fn invalidate(&self, message: &Invalidation) {
-        let Ok(id) = message.id.parse::<Uuid>() else { return };
-        let concerns = |ctx: &AuthContext| match message.kind {
-            InvalidationKind::Key => ctx.key_id == id,
-            InvalidationKind::User => ctx.user_id == id,
-            InvalidationKind::Team => ctx.team_id == id,
-            InvalidationKind::Subscription => ctx.subscriptions.iter().any(|s| s.id == id),
-            InvalidationKind::Model => false,
-        };
-        for s in &self.shards {
-            s.write().expect("key cache lock").retain(|_, e| !e.ctx.as_deref().is_some_and(concerns));
+    /// What a failed authentication from `ip` is answered with: `e`, or 429 once `ip` has
+    /// failed too often.
+    pub fn judge(&self, ip: IpAddr, e: GatewayError) -> GatewayError {
+        match self.0.check_key(&ip) {
+            Ok(()) => e,
+            Err(_) => GatewayError::TooManyFailures,
         }
     }
 }
 
-/// Hashes a presented key; cheap enough to do on every request.
-pub fn key_hash(key: &str) -> KeyHash {
-    hash_key(key)
+/// The client's address (the unspecified address when it is not an inet socket).
+pub fn client_ip(session: &Session) -> IpAddr {
+    session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip()).unwrap_or(IpAddr::from([0, 0, 0, 0]))
+}
+
+/// Step 1: the caller behind the presented key, from the cache or PostgreSQL. Unknown, revoked
+/// and expired keys count against the address's failed-authentication allowance.
+pub async fn authenticate(
+    state: &GatewayState,
+    req: &RequestHeader,
+    ip: IpAddr,
+) -> Result<Arc<AuthContext>, GatewayError> {
+    let failed = |e: GatewayError| state.auth_failures.judge(ip, e);
+    let key = presented_key(req).ok_or(GatewayError::MissingKey)?;
+    if !is_well_formed(key) {
+        return Err(failed(GatewayError::InvalidKey));
+    }
+    let hash = hash_key(key);
+    let ctx = match state.keys.get(&hash) {
+        Lookup::Hit(ctx) => {
+            state.metrics.key_cache_hits.inc();
+            ctx
+        }
+        Lookup::Unknown => {
+            state.metrics.key_cache_hits.inc();
+            return Err(failed(GatewayError::InvalidKey));
+        }
+        Lookup::Miss => {
+            state.metrics.key_cache_misses.inc();
+            let db = state.db.clone();
+            let loaded = state.support.spawn(async move { load_key(&db, hash).await }).await;
+            match loaded {
+                Ok(Ok(Some(ctx))) => state.keys.insert(hash, Some(ctx)).ok_or(GatewayError::Internal)?,
+                Ok(Ok(None)) => {
+                    state.keys.insert(hash, None);
+                    return Err(failed(GatewayError::InvalidKey));
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "key lookup failed");
+                    // PostgreSQL is away: a key seen before keeps working; an unknown one
+                    // cannot be judged, which is not the client's fault (503, never 401).
+                    state.keys.get_stale(&hash).ok_or(GatewayError::AuthUnavailable)?
+                }
+                Err(_) => return Err(GatewayError::Internal),
+            }
+        }
+    };
+    ctx.check_usable(Utc::now()).map_err(|e| match e {
+        GatewayError::RevokedKey | GatewayError::ExpiredKey => failed(e),
+        other => other,
+    })?;
+    Ok(ctx)
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn ctx(key: u128, user: u128) -> AuthContext {
+    pub(crate) fn context(key: u128, user: u128) -> AuthContext {
         AuthContext {
             key_id: Uuid::from_u128(key),
             user_id: Uuid::from_u128(user),
@@ -263,22 +242,8 @@ mod tests {
     }
 
     #[test]
-    fn invalidation_drops_matching_entries_only() {
-        let cache = KeyCache::new(Duration::from_secs(60), Duration::from_secs(5));
-        cache.insert(hash_key("a"), Some(ctx(1, 10)));
-        cache.insert(hash_key("b"), Some(ctx(2, 20)));
-        cache.insert(hash_key("c"), None);
-        cache.invalidate(&Invalidation::new(InvalidationKind::Key, Uuid::from_u128(1)));
-        assert!(matches!(cache.get(&hash_key("a")), Lookup::Miss));
-        assert!(matches!(cache.get(&hash_key("b")), Lookup::Hit(_)));
-        assert!(matches!(cache.get(&hash_key("c")), Lookup::Unknown));
-        cache.invalidate(&Invalidation::new(InvalidationKind::Subscription, Uuid::from_u128(50)));
-        assert!(matches!(cache.get(&hash_key("b")), Lookup::Miss));
-    }
-
-    #[test]
     fn entitlement_needs_key_team_and_subscription() {
-        let mut c = ctx(1, 1);
+        let mut c = context(1, 1);
         assert_eq!(c.entitlement("m").unwrap().id, Uuid::from_u128(50));
         assert!(matches!(c.entitlement("x"), Err(GatewayError::NoSubscription(_))));
         c.key_models = vec!["x".into()];

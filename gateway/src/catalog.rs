@@ -6,8 +6,13 @@ use std::{
     sync::{Arc, RwLock},
 };
 
+use bytes::Bytes;
 use rust_decimal::Decimal;
+use serde_json::json;
 use sqlx::{FromRow, PgPool};
+use tollgate_core::sync::{read, write};
+
+use crate::auth::AuthContext;
 
 #[derive(Debug, Clone, FromRow)]
 pub struct ModelInfo {
@@ -39,25 +44,35 @@ pub struct ModelCatalog {
 
 impl ModelCatalog {
     pub fn get(&self, id: &str) -> Option<Arc<ModelInfo>> {
-        self.models.read().expect("catalog lock").get(id).cloned()
+        read(&self.models).get(id).cloned()
     }
 
     pub async fn reload_all(&self, db: &PgPool) -> Result<usize, sqlx::Error> {
         let rows: Vec<ModelInfo> = sqlx::query_as(&format!("SELECT {COLUMNS} FROM models")).fetch_all(db).await?;
         let map: HashMap<String, Arc<ModelInfo>> = rows.into_iter().map(|m| (m.id.clone(), Arc::new(m))).collect();
         let n = map.len();
-        *self.models.write().expect("catalog lock") = map;
+        *write(&self.models) = map;
         Ok(n)
     }
 
     pub async fn reload_one(&self, db: &PgPool, id: &str) -> Result<(), sqlx::Error> {
         let row: Option<ModelInfo> =
             sqlx::query_as(&format!("SELECT {COLUMNS} FROM models WHERE id = $1")).bind(id).fetch_optional(db).await?;
-        let mut models = self.models.write().expect("catalog lock");
+        let mut models = write(&self.models);
         match row {
             Some(m) => models.insert(id.to_string(), Arc::new(m)),
             None => models.remove(id),
         };
         Ok(())
+    }
+
+    /// `GET /v1/models`, answered by the gateway: the usable models this caller may call.
+    pub fn list_for(&self, caller: &AuthContext) -> Bytes {
+        let data: Vec<_> = caller
+            .usable_models()
+            .filter(|m| self.get(m).is_some_and(|info| info.usable()))
+            .map(|m| json!({"id": m, "object": "model", "created": 0, "owned_by": "tollgate"}))
+            .collect();
+        Bytes::from(json!({"object": "list", "data": data}).to_string())
     }
 }

@@ -1,22 +1,23 @@
 //! The gateway's configuration (configs/gateway.toml), loaded through tollgate-core's layered loader.
 
-use std::path::Path;
+use std::{net::SocketAddr, path::Path};
 
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 use tollgate_core::config::{comma_list, load, ConfigError, ConfigSpec};
+use url::Url;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct GatewayConfig {
     pub database_url: String,
     pub redis_url: String,
-    /// Address for client traffic.
-    pub listen: String,
-    /// Address for /metrics, /health and /ready.
-    pub admin_listen: String,
+    /// Address for client traffic (`IP:port`).
+    pub listen: SocketAddr,
+    /// Address for /metrics, /health and /ready (`IP:port`).
+    pub admin_listen: SocketAddr,
     /// Base URL of the OpenAI-compatible upstream (LiteLLM); a path in it prefixes every request.
-    pub upstream_url: String,
+    pub upstream_url: Url,
     /// The credential the gateway presents upstream (environment only).
     pub upstream_api_key: Option<String>,
     pub migrate_on_start: bool,
@@ -63,9 +64,9 @@ impl Default for GatewayConfig {
         Self {
             database_url: "postgres://postgres@127.0.0.1:5432/tollgate".into(),
             redis_url: "redis://127.0.0.1:6379".into(),
-            listen: "127.0.0.1:8080".into(),
-            admin_listen: "127.0.0.1:9090".into(),
-            upstream_url: "http://127.0.0.1:4000".into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            upstream_url: default_upstream(),
             upstream_api_key: None,
             migrate_on_start: true,
             max_body_bytes: 10 * 1024 * 1024,
@@ -118,9 +119,20 @@ pub const SPEC: ConfigSpec<'static> = ConfigSpec {
     secrets: &["upstream_api_key"],
 };
 
+// A constant URL: parsing it cannot fail.
+#[allow(clippy::expect_used)]
+fn default_upstream() -> Url {
+    Url::parse("http://127.0.0.1:4000").expect("default upstream URL")
+}
+
 impl GatewayConfig {
-    /// Defaults < file < environment < `flags`.
+    /// Defaults < file < environment < `flags`; every URL is checked here, so a bad one stops
+    /// the gateway at start with the setting's name.
     pub fn load(file: Option<&Path>, flags: Figment) -> Result<Self, ConfigError> {
-        load(file, &SPEC, flags)
+        let config: Self = load(file, &SPEC, flags)?;
+        SPEC.url("database_url", &config.database_url, &["postgres", "postgresql"])?;
+        SPEC.redis_url("redis_url", &config.redis_url)?;
+        SPEC.url("upstream_url", config.upstream_url.as_str(), &["http", "https"])?;
+        Ok(config)
     }
 }

@@ -108,6 +108,33 @@ impl GatewayError {
         self.kind().1
     }
 
+    /// What the client is told when pingora fails to proxy with `e`: `None` when the client
+    /// went away (nobody to answer).
+    pub fn from_proxy_failure(e: &pingora::Error, max_body_bytes: usize) -> Option<Self> {
+        use pingora::{ErrorSource, ErrorType::*};
+        match e.etype() {
+            ConnectTimedout | ConnectRefused | ConnectNoRoute | ConnectError | ConnectProxyFailure
+            | TLSHandshakeFailure | InvalidCert => Some(GatewayError::UpstreamUnreachable),
+            ReadTimedout | WriteTimedout => Some(GatewayError::UpstreamTimeout),
+            HTTPStatus(413) => Some(GatewayError::TooLarge(max_body_bytes)),
+            _ => match e.esource() {
+                ErrorSource::Upstream => Some(GatewayError::UpstreamUnreachable),
+                ErrorSource::Downstream => None,
+                _ => Some(GatewayError::Internal),
+            },
+        }
+    }
+
+    /// Whether the upstream failed (rather than the gateway refusing).
+    pub fn is_upstream_failure(&self) -> bool {
+        matches!(self, GatewayError::UpstreamUnreachable | GatewayError::UpstreamTimeout)
+    }
+
+    /// Refusals the limiter already counted in `rejections_total` by their scope.
+    pub fn counted_by_limiter(&self) -> bool {
+        matches!(self, GatewayError::RateLimited { .. } | GatewayError::BudgetExhausted { .. })
+    }
+
     pub fn body(&self) -> Bytes {
         let (kind, code) = self.kind();
         Bytes::from(json!({"error": {"message": self.to_string(), "type": kind, "code": code}}).to_string())

@@ -8,7 +8,7 @@ use futures::StreamExt;
 use sqlx::PgPool;
 use tollgate_core::invalidation::{pubsub_node_url, Invalidation, InvalidationKind, INVALIDATION_CHANNEL};
 
-use crate::{auth::KeyCache, catalog::ModelCatalog, metrics::Metrics};
+use crate::{catalog::ModelCatalog, key_cache::KeyCache, metrics::Metrics};
 
 pub struct Invalidator {
     pub keys: Arc<KeyCache>,

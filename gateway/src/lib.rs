@@ -7,17 +7,22 @@
 //! listener. Requests reach the database only on a key-cache miss, through that runtime.
 
 pub mod admin;
+pub mod admission;
 pub mod auth;
 pub mod catalog;
 pub mod config;
+pub mod context;
 pub mod error;
 pub mod invalidation;
+pub mod key_cache;
 pub mod limits;
 pub mod meter;
 pub mod metrics;
+pub mod outcome;
 pub mod proxy;
 pub mod request;
 pub mod state;
+pub mod upstream;
 pub mod usage;
 
 use std::{sync::Arc, time::Duration};
@@ -29,12 +34,14 @@ use pingora::{
 use sqlx::postgres::PgPoolOptions;
 
 use crate::{
-    auth::KeyCache,
+    auth::FailedAuthThrottle,
     catalog::ModelCatalog,
     config::GatewayConfig,
     invalidation::Invalidator,
+    key_cache::KeyCache,
     metrics::Metrics,
-    state::{auth_failure_limiter, metered_paths, GatewayState, Upstream},
+    state::{metered_paths, GatewayState},
+    upstream::Upstream,
     usage::Spool,
 };
 
@@ -45,7 +52,10 @@ pub fn init_logging() {
     let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     for target in ["pingora", "pingora_core", "pingora_proxy", "pingora_http"] {
-        filter = filter.add_directive(format!("{target}=info").parse().expect("directive"));
+        // A constant, well-formed directive: parsing it cannot fail.
+        #[allow(clippy::expect_used)]
+        let directive = format!("{target}=info").parse().expect("directive");
+        filter = filter.add_directive(directive);
     }
     tracing_subscriber::fmt().json().with_env_filter(filter).init();
 }
@@ -53,7 +63,7 @@ pub fn init_logging() {
 /// Starts everything and serves until SIGTERM (graceful: in-flight requests finish, their usage
 /// rows are flushed) or SIGINT.
 pub fn run(config: GatewayConfig) -> anyhow::Result<()> {
-    let upstream = Upstream::parse(&config.upstream_url)?;
+    let upstream = Upstream::new(&config)?;
     let support = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("tollgate-support")
@@ -111,13 +121,8 @@ pub fn run(config: GatewayConfig) -> anyhow::Result<()> {
     let limiter = limits::LimiterHandle::start(&config, db.clone(), &support);
     let state = Arc::new(GatewayState {
         limiter,
-        upstream_authorization: config
-            .upstream_api_key
-            .as_ref()
-            .filter(|k| !k.is_empty())
-            .map(|k| format!("Bearer {k}")),
         metered_paths: metered_paths(&config),
-        auth_failures: auth_failure_limiter(config.failed_auth_per_minute),
+        auth_failures: FailedAuthThrottle::per_minute(config.failed_auth_per_minute),
         upstream,
         keys,
         catalog,
@@ -127,7 +132,7 @@ pub fn run(config: GatewayConfig) -> anyhow::Result<()> {
         metrics,
         config: config.clone(),
     });
-    let admin = support.block_on(tokio::net::TcpListener::bind(&config.admin_listen))?;
+    let admin = support.block_on(tokio::net::TcpListener::bind(config.admin_listen))?;
     let admin_router = admin::router(state.clone());
     support.spawn(async move { axum::serve(admin, admin_router).await });
 
@@ -144,7 +149,7 @@ pub fn run(config: GatewayConfig) -> anyhow::Result<()> {
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
     let mut service = http_proxy_service(&server.configuration, proxy::Gateway { state });
-    service.add_tcp(&config.listen);
+    service.add_tcp(&config.listen.to_string());
     server.add_service(service);
     tracing::info!(listen = %config.listen, admin = %config.admin_listen, "gateway listening");
     server.run(RunArgs::default());

@@ -1,27 +1,36 @@
-//! Step 4 of a request: the scopes that carry limits, what the request may at most use, and the
-//! limiter that reserves it (Redis, or each replica's share while Redis is unreachable).
+//! Step 4 of a request: the scopes that carry limits, what the request may at most use, the
+//! reservation before proxying and its settlement after, the `x-ratelimit-*` headers that report
+//! the standing, and the limiter behind them (Redis, or each replica's share while Redis is
+//! unreachable).
 
 use std::{
     sync::{
         atomic::{AtomicU32, Ordering},
         Arc,
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use async_trait::async_trait;
 use chrono::NaiveDate;
 use rust_decimal::Decimal;
 use sqlx::PgPool;
-use tollgate_core::limiter::{
-    micros_ceil, Demand, Observations, RedisConn, RedisLimiter, ResilientLimiter, Scope, ScopeKind, SpendSource,
+use tollgate_core::{
+    limiter::{
+        micros_ceil, Demand, Limiter, Observations, Reason, RedisConn, RedisLimiter, Reservation, ResilientLimiter,
+        Scope, ScopeKind, SpendSource, Standing,
+    },
+    limits::Enforcement,
 };
 
 use crate::{
+    admission::Admitted,
     auth::{ActiveSubscription, AuthContext},
     catalog::ModelInfo,
     config::GatewayConfig,
+    error::GatewayError,
     request::RequestFacts,
+    state::GatewayState,
 };
 
 /// The scopes of a request that have limits: key, user, team, subscription.
@@ -56,6 +65,102 @@ pub fn demand(
         tokens: facts.estimated_prompt_tokens + completion,
         cost_micros: micros_ceil(model.cost(facts.estimated_prompt_tokens, completion)),
     }
+}
+
+/// What the limiter said of a request, for the headers of its answer: OpenAI's
+/// `x-ratelimit-*` from the tightest scope's standing, and `x-tollgate-warning` for soft limits
+/// the request went over.
+#[derive(Debug, Default)]
+pub struct RateHeaders {
+    standing: Option<Standing>,
+    warnings: Vec<String>,
+}
+
+impl RateHeaders {
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
+        let mut h = Vec::new();
+        if let Some(s) = &self.standing {
+            if let (Some(limit), Some(remaining)) = (s.limit_requests, s.remaining_requests) {
+                h.push(("x-ratelimit-limit-requests", limit.to_string()));
+                h.push(("x-ratelimit-remaining-requests", remaining.to_string()));
+                h.push(("x-ratelimit-reset-requests", format!("{}s", s.reset_requests_secs)));
+            }
+            if let (Some(limit), Some(remaining)) = (s.limit_tokens, s.remaining_tokens) {
+                h.push(("x-ratelimit-limit-tokens", limit.to_string()));
+                h.push(("x-ratelimit-remaining-tokens", remaining.to_string()));
+                h.push(("x-ratelimit-reset-tokens", format!("{}s", s.reset_tokens_secs)));
+            }
+        }
+        if !self.warnings.is_empty() {
+            h.push(("x-tollgate-warning", self.warnings.join(", ")));
+        }
+        h
+    }
+}
+
+/// Reserves what an admitted request may at most use in every scope with limits: `Ok(None)`
+/// when no scope has limits, 429 when a hard limit refuses, 503 under `fail_closed` when limits
+/// cannot be checked. `rate` receives the standing either way.
+pub async fn reserve(
+    state: &GatewayState,
+    request_id: &str,
+    endpoint: &str,
+    admitted: &Admitted,
+    rate: &mut RateHeaders,
+) -> Result<Option<Reservation>, GatewayError> {
+    let scopes = scopes(&admitted.auth, &admitted.subscription);
+    if scopes.is_empty() {
+        return Ok(None);
+    }
+    let demand = demand(request_id, &admitted.facts, &admitted.model, endpoint, state.config.default_max_tokens);
+    let metrics = &state.metrics;
+    let limiter = &state.limiter.limiter;
+    let started = Instant::now();
+    let result = limiter.reserve(&scopes, &demand).await;
+    metrics.redis_latency.observe(started.elapsed().as_secs_f64());
+    metrics.fallback_active.set(limiter.fallback_active() as i64);
+    metrics.redis_errors.inc_by(limiter.take_failures());
+    let admission = result.map_err(|e| {
+        // Only under fail_closed: otherwise the fallback answers.
+        tracing::warn!(error = %e, "limits could not be checked");
+        GatewayError::LimitsUnavailable
+    })?;
+    for (scope, reason) in &admission.warnings {
+        metrics.limit_warnings.with_label_values(&[reason.as_str(), scope.as_str()]).inc();
+        // Monitor-only limits count silently; soft ones tell the client.
+        let soft = scopes.iter().any(|x| x.kind == *scope && x.limits.enforcement == Enforcement::Soft);
+        if soft {
+            rate.warnings.push(format!("{} limit exceeded on {}", reason.as_str(), scope.as_str()));
+        }
+    }
+    rate.standing = Some(admission.standing);
+    if let Some(r) = admission.refusal {
+        metrics.rejections.with_label_values(&[r.reason.as_str(), r.scope.as_str()]).inc();
+        return Err(match r.reason {
+            Reason::Budget => GatewayError::BudgetExhausted { scope: r.scope.as_str(), retry_after: r.retry_after },
+            reason => GatewayError::RateLimited {
+                scope: r.scope.as_str(),
+                reason: reason.as_str(),
+                retry_after: r.retry_after,
+            },
+        });
+    }
+    Ok(admission.reservation)
+}
+
+/// After the response, off the client's path: replaces a reservation with what the request used
+/// (`(tokens, micro-USD)`), or gives it all back when the upstream never answered (`None`).
+pub fn settle(state: &GatewayState, reservation: Reservation, used: Option<(u64, i64)>) {
+    let limiter = state.limiter.limiter.clone();
+    state.support.spawn(async move {
+        let result = match used {
+            Some((tokens, cost)) => limiter.settle(&reservation, tokens, cost).await,
+            None => limiter.release(&reservation).await,
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "settlement failed; the reservation's lease will return it");
+        }
+    });
 }
 
 /// Spend so far in a period, from the usage_daily rollups (used to re-seed Redis).

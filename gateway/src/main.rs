@@ -1,4 +1,5 @@
-//! `tollgate-gateway [--config FILE] [--listen ADDR] [--admin-listen ADDR]`: parse config, run.
+//! `tollgate-gateway [--config FILE] [--listen ADDR] [--admin-listen ADDR] [--upstream-url URL]
+//! [--no-migrate]`: parse config, run.
 
 use clap::Parser;
 
@@ -23,6 +24,9 @@ struct Args {
     /// Base URL of the upstream (overrides TOLLGATE_UPSTREAM_URL).
     #[arg(long)]
     upstream_url: Option<String>,
+    /// Do not apply migrations at start (overrides TOLLGATE_MIGRATE_ON_START).
+    #[arg(long)]
+    no_migrate: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -35,6 +39,9 @@ fn main() -> anyhow::Result<()> {
         if let Some(v) = value {
             flags = flags.merge(Serialized::default(key, v));
         }
+    }
+    if args.no_migrate {
+        flags = flags.merge(Serialized::default("migrate_on_start", false));
     }
     tollgate_gateway::run(GatewayConfig::load(args.config.as_deref(), flags)?)
 }

@@ -6,7 +6,7 @@
 use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
 
-use crate::request::estimate_tokens;
+use crate::request::{estimate_tokens, RequestFacts};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 pub struct Usage {
@@ -73,6 +73,16 @@ impl Meter {
 
     pub fn sse(strip_usage: bool) -> Self {
         Meter::Sse(SseMeter { strip_usage, ..Default::default() })
+    }
+
+    /// The meter an admitted request's response needs: SSE for streams (stripping the usage
+    /// event the gateway asked for on the client's behalf), JSON otherwise.
+    pub fn for_request(facts: &RequestFacts) -> Self {
+        if facts.stream {
+            Meter::sse(!facts.client_wants_usage)
+        } else {
+            Meter::json()
+        }
     }
 
     /// Observes one chunk on its way to the client; may rewrite it (SSE usage stripping).

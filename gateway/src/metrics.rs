@@ -1,9 +1,13 @@
 //! The gateway's Prometheus metrics. Labels are bounded (model, status class, outcome, reason,
 //! scope type); never a key, user or request id.
 
+use std::time::Duration;
+
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
+
+use crate::{outcome::Outcome, usage::UsageRow};
 
 pub struct Metrics {
     registry: Registry,
@@ -42,6 +46,9 @@ const LATENCY_BUCKETS: &[f64] =
     &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
 
 impl Metrics {
+    // Metric names, help texts and labels are constants: registering them fails only on a
+    // programming error, which the first test that builds `Metrics` finds.
+    #[allow(clippy::expect_used)]
     pub fn new() -> Self {
         let registry = Registry::new_custom(Some("tollgate_gateway".into()), None).expect("registry");
         let counter_vec = |name: &str, help: &str, labels: &[&str]| {
@@ -110,8 +117,33 @@ impl Metrics {
 
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
-        TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("encode");
-        String::from_utf8(buf).expect("utf8")
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            tracing::error!(error = %e, "metrics encoding failed");
+        }
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+
+    /// A finished request: its count and latencies, and the tokens and spend of its usage row.
+    pub fn observe_request(
+        &self,
+        model: &str,
+        status: u16,
+        outcome: Outcome,
+        elapsed: Duration,
+        upstream: Option<Duration>,
+        row: Option<&UsageRow>,
+    ) {
+        self.requests.with_label_values(&[model, status_class(status), outcome.as_str()]).inc();
+        self.latency.with_label_values(&[model]).observe(elapsed.as_secs_f64());
+        if let Some(upstream) = upstream {
+            self.upstream_latency.observe(upstream.as_secs_f64());
+        }
+        if let Some(row) = row {
+            self.prompt_tokens.with_label_values(&[model]).inc_by(row.prompt_tokens as u64);
+            self.completion_tokens.with_label_values(&[model]).inc_by(row.completion_tokens as u64);
+            let micros = (row.cost * rust_decimal::Decimal::from(1_000_000)).trunc();
+            self.spend_micros.with_label_values(&[model]).inc_by(micros.try_into().unwrap_or(0u64));
+        }
     }
 }
 

@@ -3,6 +3,7 @@
 //! the messages themselves are skipped, not materialised.
 
 use bytes::{Bytes, BytesMut};
+use pingora::{http::RequestHeader, proxy::Session};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -38,6 +39,37 @@ struct Fields<'a> {
 struct StreamOptions {
     #[serde(default)]
     include_usage: Option<bool>,
+}
+
+/// Whether the request says its body is JSON.
+pub fn is_json(req: &RequestHeader) -> bool {
+    req.headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// The announced body length, when there is a valid one.
+pub fn content_length(req: &RequestHeader) -> Option<usize> {
+    req.headers.get("content-length").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse().ok())
+}
+
+/// Reads a whole body of at most `limit` bytes (the client announced that much); a body that
+/// runs longer is refused rather than read on.
+pub async fn read_small_body(
+    session: &mut Session,
+    announced: usize,
+    limit: usize,
+) -> pingora::Result<Result<Bytes, GatewayError>> {
+    let mut buf = BytesMut::with_capacity(announced);
+    while let Some(chunk) = session.read_request_body().await? {
+        buf.extend_from_slice(&chunk);
+        if buf.len() > limit {
+            return Ok(Err(GatewayError::InvalidRequest("body longer than its content-length".into())));
+        }
+    }
+    Ok(Ok(buf.freeze()))
 }
 
 /// Roughly four bytes of JSON per token: cheap and close enough for an admission estimate.
@@ -87,7 +119,7 @@ pub fn upstream_body(body: Bytes, facts: &RequestFacts) -> Bytes {
     match serde_json::from_slice::<serde_json::Value>(&body) {
         Ok(mut v) => {
             v["stream_options"]["include_usage"] = serde_json::Value::Bool(true);
-            Bytes::from(serde_json::to_vec(&v).expect("serialises"))
+            serde_json::to_vec(&v).map(Bytes::from).unwrap_or(body)
         }
         Err(_) => body,
     }

@@ -21,7 +21,7 @@ use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use crate::metrics::Metrics;
+use crate::{context::RequestCtx, meter::Usage, metrics::Metrics, outcome::ErrorKind};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UsageRow {
@@ -43,6 +43,52 @@ pub struct UsageRow {
     pub error_kind: Option<String>,
 }
 
+impl UsageRow {
+    /// The row a finished request leaves: `None` when it never reached the upstream (refusals
+    /// are counted in metrics, not billed). `errored`: the exchange ended in an error.
+    pub fn for_request(ctx: &RequestCtx, errored: bool) -> Option<UsageRow> {
+        let admitted = ctx.admitted.as_ref()?;
+        ctx.upstream_sent?;
+        let (auth, model, facts) = (&admitted.auth, &admitted.model, &admitted.facts);
+        let ok = (200..300).contains(&ctx.status);
+        let cut = if errored { ErrorKind::Interrupted } else { ErrorKind::UsageMissing };
+        let (usage, error_kind) = match ctx.meter.reported() {
+            Some(u) => (u, errored.then_some(ErrorKind::Interrupted)),
+            // The stream ended without usage (interrupted, or an upstream that does not report
+            // it): estimate from what was sent and streamed.
+            None if ok && facts.stream => (
+                Usage {
+                    prompt_tokens: facts.estimated_prompt_tokens,
+                    completion_tokens: ctx.meter.estimated_completion_tokens(),
+                },
+                Some(cut),
+            ),
+            None if ok => (Usage::default(), Some(ErrorKind::UsageMissing)),
+            None => (Usage::default(), Some(ctx.error_kind.unwrap_or(ErrorKind::UpstreamStatus))),
+        };
+        Some(UsageRow {
+            request_id: ctx.request_id.clone(),
+            created_at: ctx.started_at,
+            key_id: auth.key_id,
+            user_id: auth.user_id,
+            team_id: auth.team_id,
+            model_id: model.id.clone(),
+            subscription_id: Some(admitted.subscription.id),
+            endpoint: ctx.endpoint.clone(),
+            status: ctx.status as i16,
+            prompt_tokens: usage.prompt_tokens as i64,
+            completion_tokens: usage.completion_tokens as i64,
+            cost: model.cost(usage.prompt_tokens, usage.completion_tokens),
+            latency_ms: ctx.elapsed_ms(),
+            ttfb_ms: ctx.ttfb_ms,
+            stream: facts.stream,
+            error_kind: error_kind.map(|k| k.as_str().to_owned()),
+        })
+    }
+}
+
+// Rows are nearly every message; boxing them would cost an allocation per request.
+#[allow(clippy::large_enum_variant)]
 enum Message {
     Row(UsageRow),
     /// Flush everything queued so far, then answer.
@@ -95,7 +141,7 @@ impl Spool {
     }
 
     pub fn append(&self, rows: &[UsageRow], metrics: &Metrics) {
-        let _guard = self.lock.lock().expect("spool lock");
+        let _guard = tollgate_core::sync::lock(&self.lock);
         let result = (|| -> std::io::Result<()> {
             let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&self.path)?;
             let mut buf = Vec::with_capacity(rows.len() * 256);
@@ -117,7 +163,7 @@ impl Spool {
 
     /// Takes every spooled row (the file is emptied once they are read).
     fn take(&self) -> Vec<UsageRow> {
-        let _guard = self.lock.lock().expect("spool lock");
+        let _guard = tollgate_core::sync::lock(&self.lock);
         if !self.pending.load(Ordering::Acquire) {
             return Vec::new();
         }

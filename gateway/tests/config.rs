@@ -1,12 +1,75 @@
-//! The shipped example config is valid for the gateway's loader.
+//! The gateway's configuration as a deployer meets it: the shipped example loads, bad addresses
+//! and URLs stop it at start naming the setting, and the README's table of environment
+//! variables is exactly what the two binaries read.
 
-use std::path::Path;
+// Test helpers fail loudly by design (clippy.toml already allows this inside #[test] fns).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::Path,
+};
 
+use figment::{providers::Serialized, Figment};
+use tollgate_core::config::ConfigSpec;
 use tollgate_gateway::config::GatewayConfig;
+
+fn root() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
 
 #[test]
 fn example_config_loads() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/gateway.toml");
+    let path = root().join("configs/gateway.toml");
     let config = GatewayConfig::load(Some(&path), figment::Figment::new()).unwrap();
-    assert_eq!(config.admin_listen, "127.0.0.1:9090");
+    assert_eq!(config.admin_listen, "127.0.0.1:9090".parse().unwrap());
+}
+
+#[test]
+fn bad_addresses_and_urls_fail_naming_the_setting() {
+    for (key, value) in [
+        ("listen", "localhost-8080"),
+        ("admin_listen", "9090"),
+        ("upstream_url", "not a url"),
+        ("upstream_url", "ftp://litellm:4000"),
+        ("database_url", "mysql://db/tollgate"),
+        ("redis_url", "127.0.0.1:6379"),
+    ] {
+        let flags = Figment::from(Serialized::default(key, value));
+        let err = GatewayConfig::load(None, flags).unwrap_err().to_string();
+        assert!(err.contains(key), "{key}={value:?} gave: {err}");
+    }
+}
+
+/// `TOLLGATE_*` variable -> who reads it ("gateway", "control API" or "both"), from the README's
+/// configuration table.
+fn readme_variables() -> BTreeMap<String, String> {
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let mut vars = BTreeMap::new();
+    for line in readme.lines().filter(|l| l.starts_with("| `TOLLGATE_")) {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        let who = cells[2].to_string();
+        for name in cells[1].split(',') {
+            vars.insert(name.trim().trim_matches('`').to_string(), who.clone());
+        }
+    }
+    vars
+}
+
+fn read_by(spec: &ConfigSpec) -> BTreeSet<String> {
+    // TOLLGATE_CONFIG names the file (a clap flag of both binaries).
+    spec.env.iter().map(|(name, _)| format!("TOLLGATE_{name}")).chain(["TOLLGATE_CONFIG".to_string()]).collect()
+}
+
+#[test]
+fn readme_lists_exactly_the_variables_each_binary_reads() {
+    let readme = readme_variables();
+    assert!(readme.len() > 10, "the README's table was not found: {readme:?}");
+    let documented_for = |binary: &str| -> BTreeSet<String> {
+        readme.iter().filter(|(_, who)| *who == binary || *who == "both").map(|(v, _)| v.clone()).collect()
+    };
+    assert_eq!(documented_for("gateway"), read_by(&tollgate_gateway::config::SPEC), "gateway");
+    assert_eq!(documented_for("control API"), read_by(&tollgate_control_api::config::SPEC), "control API");
+    let unknown: Vec<_> =
+        readme.iter().filter(|(_, who)| !["gateway", "control API", "both"].contains(&who.as_str())).collect();
+    assert!(unknown.is_empty(), "rows with an unknown reader: {unknown:?}");
 }

@@ -36,11 +36,11 @@ pub struct Observations {
 
 impl Observations {
     pub fn record(&self, prefix: String, seen: LastKnown) {
-        self.scopes.lock().expect("observations lock").insert(prefix, seen);
+        crate::sync::lock(&self.scopes).insert(prefix, seen);
     }
 
     fn get(&self, prefix: &str) -> Option<LastKnown> {
-        self.scopes.lock().expect("observations lock").get(prefix).copied()
+        crate::sync::lock(&self.scopes).get(prefix).copied()
     }
 }
 
@@ -125,18 +125,13 @@ impl Limiter for FallbackLimiter {
         // Budgets not yet known locally are looked up before taking the lock.
         let mut initial = HashMap::new();
         for s in scopes.iter().filter(|s| s.limits.max_budget.is_some()) {
-            let known = self
-                .scopes
-                .lock()
-                .expect("fallback lock")
-                .get(&s.redis_prefix())
-                .is_some_and(|l| l.budget_left.is_some());
+            let known = crate::sync::lock(&self.scopes).get(&s.redis_prefix()).is_some_and(|l| l.budget_left.is_some());
             if !known {
                 let budget = s.limits.max_budget_micros().unwrap_or(0);
                 initial.insert(s.redis_prefix(), self.initial_budget(s, budget, replicas).await);
             }
         }
-        let mut local = self.scopes.lock().expect("fallback lock");
+        let mut local = crate::sync::lock(&self.scopes);
         let mut refusal = None;
         let mut warnings = Vec::new();
         let mut standing = Standing::default();
@@ -180,10 +175,12 @@ impl Limiter for FallbackLimiter {
             return Ok(Admission { refusal, warnings, standing, reservation: None });
         }
         for s in scopes.iter().filter(|s| !s.limits.is_empty()) {
-            let entry = local.get_mut(&s.redis_prefix()).expect("present");
-            entry.add(now, 1, demand.tokens as i64);
-            if let Some(left) = entry.budget_left.as_mut() {
-                *left -= demand.cost_micros;
+            // Every limited scope got an entry in the check above.
+            if let Some(entry) = local.get_mut(&s.redis_prefix()) {
+                entry.add(now, 1, demand.tokens as i64);
+                if let Some(left) = entry.budget_left.as_mut() {
+                    *left -= demand.cost_micros;
+                }
             }
         }
         let held = scopes
@@ -200,11 +197,9 @@ impl Limiter for FallbackLimiter {
     }
 
     async fn settle(&self, reservation: &Reservation, tokens: u64, cost_micros: i64) -> Result<(), LimiterError> {
-        self.unsynced
-            .lock()
-            .expect("fallback lock")
+        crate::sync::lock(&self.unsynced)
             .extend(reservation.held.iter().map(|h| (h.scope.clone(), cost_micros, now_secs())));
-        let mut local = self.scopes.lock().expect("fallback lock");
+        let mut local = crate::sync::lock(&self.scopes);
         let d = &reservation.demand;
         for h in &reservation.held {
             if let Some(entry) = local.get_mut(&h.scope.redis_prefix()) {
@@ -218,7 +213,7 @@ impl Limiter for FallbackLimiter {
     }
 
     async fn release(&self, reservation: &Reservation) -> Result<(), LimiterError> {
-        let mut local = self.scopes.lock().expect("fallback lock");
+        let mut local = crate::sync::lock(&self.scopes);
         let d = &reservation.demand;
         for h in &reservation.held {
             if let Some(entry) = local.get_mut(&h.scope.redis_prefix()) {
@@ -235,15 +230,15 @@ impl Limiter for FallbackLimiter {
 impl FallbackLimiter {
     /// Forgets local state once Redis is back (Redis is the truth again).
     pub fn reset(&self) {
-        self.scopes.lock().expect("fallback lock").clear();
+        crate::sync::lock(&self.scopes).clear();
     }
 
     /// Spend settled here since the last call, for Redis to add.
     pub fn take_unsynced(&self) -> Vec<(Scope, i64, i64)> {
-        std::mem::take(&mut *self.unsynced.lock().expect("fallback lock"))
+        std::mem::take(&mut *crate::sync::lock(&self.unsynced))
     }
 
     pub fn put_back_unsynced(&self, spends: Vec<(Scope, i64, i64)>) {
-        self.unsynced.lock().expect("fallback lock").extend(spends);
+        crate::sync::lock(&self.unsynced).extend(spends);
     }
 }

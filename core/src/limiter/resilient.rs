@@ -63,7 +63,7 @@ impl ResilientLimiter {
     }
 
     fn usable_primary(&self) -> Option<&Arc<RedisLimiter>> {
-        let down = self.down_until.lock().expect("limiter lock").is_some_and(|t| Instant::now() < t);
+        let down = crate::sync::lock(&self.down_until).is_some_and(|t| Instant::now() < t);
         if down {
             None
         } else {
@@ -91,7 +91,7 @@ impl ResilientLimiter {
                 self.fallback.reset();
             }
         } else {
-            *self.down_until.lock().expect("limiter lock") = Some(Instant::now() + SKIP_AFTER_FAILURE);
+            *crate::sync::lock(&self.down_until) = Some(Instant::now() + SKIP_AFTER_FAILURE);
         }
     }
 }

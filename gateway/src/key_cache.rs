@@ -1,0 +1,122 @@
+//! The in-process [`KeyCache`]: key contexts by key hash, sharded to keep lock contention low.
+//! Entries expire after a TTL (the backstop) and are dropped at once by invalidations; unknown
+//! keys are cached too, for a shorter TTL, so a flood of bad keys does not reach PostgreSQL.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, RwLock},
+    time::{Duration, Instant},
+};
+
+use tollgate_core::{
+    invalidation::{Invalidation, InvalidationKind},
+    keys::KeyHash,
+    sync::{read, write},
+};
+use uuid::Uuid;
+
+use crate::auth::AuthContext;
+
+struct Entry {
+    /// `None`: the key is unknown.
+    ctx: Option<Arc<AuthContext>>,
+    fresh_until: Instant,
+}
+
+const SHARDS: usize = 16;
+
+pub struct KeyCache {
+    shards: Vec<RwLock<HashMap<KeyHash, Entry>>>,
+    ttl: Duration,
+    negative_ttl: Duration,
+}
+
+pub enum Lookup {
+    Hit(Arc<AuthContext>),
+    Unknown,
+    Miss,
+}
+
+impl KeyCache {
+    pub fn new(ttl: Duration, negative_ttl: Duration) -> Self {
+        Self { shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(), ttl, negative_ttl }
+    }
+
+    fn shard(&self, hash: &KeyHash) -> &RwLock<HashMap<KeyHash, Entry>> {
+        &self.shards[hash[0] as usize % SHARDS]
+    }
+
+    pub fn get(&self, hash: &KeyHash) -> Lookup {
+        match read(self.shard(hash)).get(hash) {
+            Some(e) if e.fresh_until > Instant::now() => match &e.ctx {
+                Some(ctx) => Lookup::Hit(ctx.clone()),
+                None => Lookup::Unknown,
+            },
+            _ => Lookup::Miss,
+        }
+    }
+
+    /// Whatever is cached for `hash`, even past its TTL (used while PostgreSQL is away).
+    pub fn get_stale(&self, hash: &KeyHash) -> Option<Arc<AuthContext>> {
+        read(self.shard(hash)).get(hash).and_then(|e| e.ctx.clone())
+    }
+
+    /// Caches what PostgreSQL said of `hash` and returns the cached context.
+    pub fn insert(&self, hash: KeyHash, ctx: Option<AuthContext>) -> Option<Arc<AuthContext>> {
+        let ttl = if ctx.is_some() { self.ttl } else { self.negative_ttl };
+        let ctx = ctx.map(Arc::new);
+        write(self.shard(&hash)).insert(hash, Entry { ctx: ctx.clone(), fresh_until: Instant::now() + ttl });
+        ctx
+    }
+
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| read(s).len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn clear(&self) {
+        for s in &self.shards {
+            write(s).clear();
+        }
+    }
+
+    /// Drops every entry an invalidation concerns. Models are not cached here.
+    pub fn invalidate(&self, message: &Invalidation) {
+        let Ok(id) = message.id.parse::<Uuid>() else { return };
+        let concerns = |ctx: &AuthContext| match message.kind {
+            InvalidationKind::Key => ctx.key_id == id,
+            InvalidationKind::User => ctx.user_id == id,
+            InvalidationKind::Team => ctx.team_id == id,
+            InvalidationKind::Subscription => ctx.subscriptions.iter().any(|s| s.id == id),
+            InvalidationKind::Model => false,
+        };
+        for s in &self.shards {
+            write(s).retain(|_, e| !e.ctx.as_deref().is_some_and(concerns));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tollgate_core::keys::hash_key;
+
+    use super::*;
+    use crate::auth::tests::context;
+
+    #[test]
+    fn invalidation_drops_matching_entries_only() {
+        let cache = KeyCache::new(Duration::from_secs(60), Duration::from_secs(5));
+        cache.insert(hash_key("a"), Some(context(1, 10)));
+        cache.insert(hash_key("b"), Some(context(2, 20)));
+        cache.insert(hash_key("c"), None);
+        cache.invalidate(&Invalidation::new(InvalidationKind::Key, Uuid::from_u128(1)));
+        assert!(matches!(cache.get(&hash_key("a")), Lookup::Miss));
+        assert!(matches!(cache.get(&hash_key("b")), Lookup::Hit(_)));
+        assert!(matches!(cache.get(&hash_key("c")), Lookup::Unknown));
+        cache.invalidate(&Invalidation::new(InvalidationKind::Subscription, Uuid::from_u128(50)));
+        assert!(matches!(cache.get(&hash_key("b")), Lookup::Miss));
+    }
+}
