@@ -8,6 +8,7 @@ pub mod config;
 pub mod error;
 pub mod events;
 pub mod extract;
+pub mod litellm;
 pub mod metrics;
 pub mod openapi;
 pub mod pagination;

@@ -5,8 +5,7 @@ use std::sync::Arc;
 use sqlx::PgPool;
 
 use crate::{
-    auth::Authenticator, config::ControlApiConfig, events::EventPublisher, metrics::Metrics,
-    routes::models::LitellmClient,
+    auth::Authenticator, config::ControlApiConfig, events::EventPublisher, litellm::LitellmClient, metrics::Metrics,
 };
 
 #[derive(Clone)]
