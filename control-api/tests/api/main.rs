@@ -8,6 +8,7 @@ mod auth;
 mod bad_input;
 mod invalidation;
 mod keys;
+mod lists;
 mod models;
 mod rbac;
 mod service;
