@@ -15,6 +15,7 @@ pub mod pagination;
 pub mod routes;
 pub mod state;
 pub mod validate;
+pub mod write;
 
 use std::{future::Future, net::SocketAddr, time::Duration};
 

@@ -1,6 +1,8 @@
-//! Offset pagination shared by every list endpoint: `?limit=&offset=` in, `Page<T>` out.
+//! Offset pagination shared by every list endpoint: `?limit=&offset=` in, `Page<T>` out, and the
+//! [`ListQuery`] that fills a page from the filters a request gives.
 
 use serde::{Deserialize, Serialize};
+use sqlx::{postgres::PgRow, Encode, FromRow, PgPool, Postgres, QueryBuilder, Type};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::error::{ApiError, ApiResult};
@@ -56,5 +58,44 @@ impl<T> Page<T> {
         let has_more = rows.len() as i64 > limit;
         rows.truncate(limit as usize);
         Page { data: rows, limit, offset, has_more }
+    }
+}
+
+/// A list endpoint's `SELECT`. Each filter the request gives adds one `AND` condition (absent
+/// ones add nothing), and [`ListQuery::page`] appends the order and the page's bounds.
+pub struct ListQuery<'a> {
+    sql: QueryBuilder<'a, Postgres>,
+    conditions: usize,
+}
+
+impl<'a> ListQuery<'a> {
+    /// `select` is the statement up to (not including) its `WHERE`.
+    pub fn new(select: impl Into<String>) -> Self {
+        Self { sql: QueryBuilder::new(select), conditions: 0 }
+    }
+
+    /// Adds `condition`, with `value` bound where it says `$`, when `value` is given.
+    pub fn filter<T>(mut self, condition: &str, value: Option<T>) -> Self
+    where
+        T: 'a + Encode<'a, Postgres> + Type<Postgres>,
+    {
+        let Some(value) = value else { return self };
+        let (before, after) = condition.split_once('$').unwrap_or((condition, ""));
+        self.sql.push(if self.conditions == 0 { " WHERE " } else { " AND " });
+        self.sql.push(before).push_bind(value).push(after);
+        self.conditions += 1;
+        self
+    }
+
+    /// One page of rows in `order_by` order.
+    pub async fn page<T>(mut self, db: &PgPool, order_by: &str, (limit, offset): (i64, i64)) -> ApiResult<Page<T>>
+    where
+        T: for<'r> FromRow<'r, PgRow> + Send + Unpin,
+    {
+        self.sql.push(" ORDER BY ").push(order_by);
+        // One row past the page tells whether another page follows.
+        self.sql.push(" LIMIT ").push_bind(limit + 1).push(" OFFSET ").push_bind(offset);
+        let rows = self.sql.build_query_as().fetch_all(db).await?;
+        Ok(Page::from_rows(rows, (limit, offset)))
     }
 }

@@ -10,7 +10,7 @@ use crate::{
     auth::Caller,
     error::ApiResult,
     extract::Query,
-    pagination::{Page, PageParams},
+    pagination::{ListQuery, Page, PageParams},
     state::AppState,
 };
 
@@ -41,22 +41,16 @@ async fn list(
 ) -> ApiResult<axum::Json<Page<AuditEntry>>> {
     caller.require_reader()?;
     let bounds = page.bounds()?;
-    let rows = sqlx::query_as(
+    let entries = ListQuery::new(
         "SELECT id, created_at, actor_id, actor, action, target_type, target_id, details, ip, request_id
-         FROM audit_logs
-         WHERE ($1::uuid IS NULL OR actor_id = $1) AND ($2::text IS NULL OR action = $2)
-           AND ($3::text IS NULL OR target_type = $3) AND ($4::text IS NULL OR target_id = $4)
-           AND ($5::text IS NULL OR request_id = $5)
-         ORDER BY id DESC LIMIT $6 OFFSET $7",
+         FROM audit_logs",
     )
-    .bind(filter.actor_id)
-    .bind(filter.action)
-    .bind(filter.target_type)
-    .bind(filter.target_id)
-    .bind(filter.request_id)
-    .bind(bounds.0 + 1)
-    .bind(bounds.1)
-    .fetch_all(&state.db)
+    .filter("actor_id = $", filter.actor_id)
+    .filter("action = $", filter.action)
+    .filter("target_type = $", filter.target_type)
+    .filter("target_id = $", filter.target_id)
+    .filter("request_id = $", filter.request_id)
+    .page(&state.db, "id DESC", bounds)
     .await?;
-    Ok(axum::Json(Page::from_rows(rows, bounds)))
+    Ok(axum::Json(entries))
 }

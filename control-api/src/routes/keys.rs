@@ -22,14 +22,15 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use crate::{
-    audit,
+    audit::Change,
     auth::Caller,
     error::{ApiError, ApiResult},
     extract::{Json, Path, Query},
-    pagination::{Page, PageParams},
-    routes::{commit_and_publish, users, validate_limits},
+    pagination::{ListQuery, Page, PageParams},
+    routes::{users, validate_limits},
     state::AppState,
     validate,
+    write::Write,
 };
 
 pub fn router() -> Router<AppState> {
@@ -172,23 +173,15 @@ async fn list(
     Query(filter): Query<KeyFilter>,
 ) -> ApiResult<axum::Json<Page<ApiKey>>> {
     let bounds = page.bounds()?;
-    let rows = sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM api_keys
-         WHERE ($1::uuid IS NULL OR user_id = $1) AND ($2::uuid IS NULL OR user_id = $2)
-           AND ($3::uuid IS NULL OR team_id = $3) AND ($4::text IS NULL OR $4 = ANY(models))
-           AND ($5::bool IS NULL OR (revoked_at IS NOT NULL) = $5)
-         ORDER BY created_at, id LIMIT $6 OFFSET $7"
-    ))
-    .bind(caller.own_scope())
-    .bind(filter.user_id)
-    .bind(filter.team_id)
-    .bind(filter.model_id)
-    .bind(filter.revoked)
-    .bind(bounds.0 + 1)
-    .bind(bounds.1)
-    .fetch_all(&state.db)
-    .await?;
-    Ok(axum::Json(Page::from_rows(rows, bounds)))
+    let keys = ListQuery::new(format!("SELECT {COLUMNS} FROM api_keys"))
+        .filter("user_id = $", caller.own_scope())
+        .filter("user_id = $", filter.user_id)
+        .filter("team_id = $", filter.team_id)
+        .filter("$ = ANY(models)", filter.model_id)
+        .filter("(revoked_at IS NOT NULL) = $", filter.revoked)
+        .page(&state.db, "created_at, id", bounds)
+        .await?;
+    Ok(axum::Json(keys))
 }
 
 /// Create a key. The response carries the key itself, once.
@@ -210,7 +203,7 @@ async fn create(
     validate::metadata("metadata", &metadata)?;
     let team_id = body.team_id.unwrap_or(DEFAULT_TEAM_ID);
 
-    let mut tx = state.db.begin().await?;
+    let mut tx = Write::begin(&state, &caller).await?;
     users::require_active(&mut tx, user_id).await?;
     let member: bool =
         sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM team_members WHERE team_id = $1 AND user_id = $2)")
@@ -238,16 +231,8 @@ async fn create(
     .bind(&metadata)
     .fetch_one(&mut *tx)
     .await?;
-    audit::record(
-        &mut tx,
-        &caller,
-        "key.create",
-        "key",
-        api_key.id,
-        json!({"user_id": user_id, "team_id": team_id, "models": models, "key_prefix": api_key.key_prefix}),
-    )
-    .await?;
-    commit_and_publish(&state, tx, vec![]).await?;
+    let details = json!({"user_id": user_id, "team_id": team_id, "models": models, "key_prefix": api_key.key_prefix});
+    tx.commit(Change::new("key.create", "key", api_key.id, details), []).await?;
     Ok((StatusCode::CREATED, axum::Json(IssuedKey { key, api_key })))
 }
 
@@ -278,7 +263,7 @@ async fn update(
     if let Some(m) = &body.metadata {
         validate::metadata("metadata", m)?;
     }
-    let mut tx = state.db.begin().await?;
+    let mut tx = Write::begin(&state, &caller).await?;
     if let Some(models) = &models {
         check_entitlement(&mut tx, current.user_id, current.team_id, models).await?;
     }
@@ -297,8 +282,8 @@ async fn update(
     .fetch_optional(&mut *tx)
     .await?
     .ok_or_else(|| ApiError::conflict("the key is revoked"))?;
-    audit::record(&mut tx, &caller, "key.update", "key", id, json!({"models": key.models})).await?;
-    commit_and_publish(&state, tx, vec![Invalidation::new(InvalidationKind::Key, id)]).await?;
+    let change = Change::new("key.update", "key", id, json!({"models": key.models}));
+    tx.commit(change, [Invalidation::new(InvalidationKind::Key, id)]).await?;
     Ok(axum::Json(key))
 }
 
@@ -316,7 +301,7 @@ async fn rotate(
     if current.revoked_at.is_some() {
         return Err(ApiError::conflict("a revoked key cannot be rotated"));
     }
-    let mut tx = state.db.begin().await?;
+    let mut tx = Write::begin(&state, &caller).await?;
     if caller.own_scope().is_some() {
         check_entitlement(&mut tx, current.user_id, current.team_id, &current.models).await?;
     }
@@ -331,16 +316,13 @@ async fn rotate(
     .fetch_optional(&mut *tx)
     .await?
     .ok_or_else(|| ApiError::conflict("a revoked key cannot be rotated"))?;
-    audit::record(
-        &mut tx,
-        &caller,
+    let change = Change::new(
         "key.rotate",
         "key",
         id,
         json!({"old_prefix": current.key_prefix, "key_prefix": api_key.key_prefix}),
-    )
-    .await?;
-    commit_and_publish(&state, tx, vec![Invalidation::new(InvalidationKind::Key, id)]).await?;
+    );
+    tx.commit(change, [Invalidation::new(InvalidationKind::Key, id)]).await?;
     Ok(axum::Json(IssuedKey { key, api_key }))
 }
 
@@ -353,7 +335,7 @@ async fn revoke(State(state): State<AppState>, caller: Caller, Path(id): Path<Uu
     if current.revoked_at.is_some() {
         return Ok(axum::Json(current));
     }
-    let mut tx = state.db.begin().await?;
+    let mut tx = Write::begin(&state, &caller).await?;
     let key: ApiKey = sqlx::query_as(&format!(
         "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, now()), updated_at = now()
          WHERE id = $1 RETURNING {COLUMNS}"
@@ -361,7 +343,7 @@ async fn revoke(State(state): State<AppState>, caller: Caller, Path(id): Path<Uu
     .bind(id)
     .fetch_one(&mut *tx)
     .await?;
-    audit::record(&mut tx, &caller, "key.revoke", "key", id, json!({"key_prefix": key.key_prefix})).await?;
-    commit_and_publish(&state, tx, vec![Invalidation::new(InvalidationKind::Key, id)]).await?;
+    let change = Change::new("key.revoke", "key", id, json!({"key_prefix": key.key_prefix}));
+    tx.commit(change, [Invalidation::new(InvalidationKind::Key, id)]).await?;
     Ok(axum::Json(key))
 }

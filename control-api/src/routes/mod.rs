@@ -1,5 +1,6 @@
-//! One router per resource, merged under `/api/v1` by [`api_router`], plus the helpers every
-//! write shares.
+//! One router per resource, merged under `/api/v1` by [`api_router`], plus the limits check the
+//! resources share. Writes go through [`crate::write::Write`], lists through
+//! [`crate::pagination::ListQuery`].
 
 pub mod audit_log;
 pub mod health;
@@ -11,8 +12,7 @@ pub mod usage;
 pub mod users;
 
 use axum::Router;
-use sqlx::{Postgres, Transaction};
-use tollgate_core::{invalidation::Invalidation, limits::Limits};
+use tollgate_core::limits::Limits;
 
 use crate::{
     error::{ApiError, ApiResult},
@@ -28,21 +28,6 @@ pub fn api_router() -> Router<AppState> {
         .merge(keys::router())
         .merge(usage::router())
         .merge(audit_log::router())
-}
-
-/// Commits a write, then tells every gateway what changed. Publishing happens strictly after the
-/// commit so that a gateway reloading on the message reads the new state.
-pub async fn commit_and_publish(
-    state: &AppState,
-    tx: Transaction<'static, Postgres>,
-    messages: Vec<Invalidation>,
-) -> ApiResult<()> {
-    tx.commit().await?;
-    let sent = state.events.publish(&messages).await;
-    let failed = messages.len() - sent;
-    state.metrics.invalidations.with_label_values(&["published"]).inc_by(sent as u64);
-    state.metrics.invalidations.with_label_values(&["failed"]).inc_by(failed as u64);
-    Ok(())
 }
 
 /// Validates optional limits, defaulting to none; errors name `field.<limit>`.

@@ -16,14 +16,14 @@ use tollgate_core::invalidation::{Invalidation, InvalidationKind};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::{
-    audit,
+    audit::Change,
     auth::Caller,
     error::{ApiError, ApiResult},
     extract::{Json, Path, Query},
-    pagination::{Page, PageParams},
-    routes::commit_and_publish,
+    pagination::{ListQuery, Page, PageParams},
     state::AppState,
     validate,
+    write::Write,
 };
 
 pub fn router() -> Router<AppState> {
@@ -156,20 +156,13 @@ async fn list(
     Query(filter): Query<ModelFilter>,
 ) -> ApiResult<axum::Json<Page<Model>>> {
     let bounds = page.bounds()?;
-    let rows = sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM models
-         WHERE ($1::bool IS NULL OR enabled = $1) AND ($2::bool IS NULL OR available = $2)
-           AND ($3::text IS NULL OR provider = $3)
-         ORDER BY id LIMIT $4 OFFSET $5"
-    ))
-    .bind(filter.enabled)
-    .bind(filter.available)
-    .bind(filter.provider)
-    .bind(bounds.0 + 1)
-    .bind(bounds.1)
-    .fetch_all(&state.db)
-    .await?;
-    Ok(axum::Json(Page::from_rows(rows, bounds)))
+    let models = ListQuery::new(format!("SELECT {COLUMNS} FROM models"))
+        .filter("enabled = $", filter.enabled)
+        .filter("available = $", filter.available)
+        .filter("provider = $", filter.provider)
+        .page(&state.db, "id", bounds)
+        .await?;
+    Ok(axum::Json(models))
 }
 
 #[utoipa::path(post, path = "/api/v1/models", tag = "models", request_body = CreateModel,
@@ -188,7 +181,7 @@ async fn create(
     let context = check_context(body.context_length)?;
     let metadata = body.metadata.unwrap_or_else(|| json!({}));
     validate::metadata("metadata", &metadata)?;
-    let mut tx = state.db.begin().await?;
+    let mut tx = Write::begin(&state, &caller).await?;
     let model: Model = sqlx::query_as(&format!(
         "INSERT INTO models (id, upstream_model, provider, context_length, input_cost_per_token,
                              output_cost_per_token, enabled, restricted, metadata)
@@ -205,9 +198,9 @@ async fn create(
     .bind(&metadata)
     .fetch_one(&mut *tx)
     .await?;
-    audit::record(&mut tx, &caller, "model.create", "model", &id, json!({"upstream_model": upstream})).await?;
+    let change = Change::new("model.create", "model", &id, json!({"upstream_model": upstream}));
     // A gateway may hold a negative entry for this name.
-    commit_and_publish(&state, tx, vec![Invalidation::new(InvalidationKind::Model, &id)]).await?;
+    tx.commit(change, [Invalidation::new(InvalidationKind::Model, &id)]).await?;
     Ok((StatusCode::CREATED, axum::Json(model)))
 }
 
@@ -241,7 +234,7 @@ async fn update(
     if let Some(m) = &body.metadata {
         validate::metadata("metadata", m)?;
     }
-    let mut tx = state.db.begin().await?;
+    let mut tx = Write::begin(&state, &caller).await?;
     let model: Model = sqlx::query_as(&format!(
         "UPDATE models SET upstream_model = COALESCE($2, upstream_model), provider = COALESCE($3, provider),
                 context_length = COALESCE($4, context_length),
@@ -263,17 +256,10 @@ async fn update(
     .fetch_optional(&mut *tx)
     .await?
     .ok_or(ApiError::NotFound("model"))?;
-    audit::record(
-        &mut tx,
-        &caller,
-        "model.update",
-        "model",
-        &id,
-        json!({"enabled": model.enabled, "input_cost_per_token": model.input_cost_per_token,
-               "output_cost_per_token": model.output_cost_per_token}),
-    )
-    .await?;
-    commit_and_publish(&state, tx, vec![Invalidation::new(InvalidationKind::Model, &id)]).await?;
+    let details = json!({"enabled": model.enabled, "input_cost_per_token": model.input_cost_per_token,
+                         "output_cost_per_token": model.output_cost_per_token});
+    tx.commit(Change::new("model.update", "model", &id, details), [Invalidation::new(InvalidationKind::Model, &id)])
+        .await?;
     Ok(axum::Json(model))
 }
 
@@ -283,13 +269,13 @@ async fn update(
     responses((status = 204)))]
 async fn remove(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<StatusCode> {
     caller.require_admin()?;
-    let mut tx = state.db.begin().await?;
+    let mut tx = Write::begin(&state, &caller).await?;
     let deleted = sqlx::query("DELETE FROM models WHERE id = $1").bind(&id).execute(&mut *tx).await?;
     if deleted.rows_affected() == 0 {
         return Err(ApiError::NotFound("model"));
     }
-    audit::record(&mut tx, &caller, "model.delete", "model", &id, json!({})).await?;
-    commit_and_publish(&state, tx, vec![Invalidation::new(InvalidationKind::Model, &id)]).await?;
+    tx.commit(Change::new("model.delete", "model", &id, json!({})), [Invalidation::new(InvalidationKind::Model, &id)])
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -309,7 +295,7 @@ async fn sync(State(state): State<AppState>, caller: Caller) -> ApiResult<axum::
 
 async fn run_sync(state: &AppState, caller: &Caller) -> ApiResult<SyncReport> {
     let upstream = state.litellm.model_info().await?;
-    let mut tx = state.db.begin().await?;
+    let mut tx = Write::begin(state, caller).await?;
     let mut report = SyncReport { created: vec![], updated: vec![], unavailable: vec![] };
     for m in &upstream {
         let priced = m.input_cost_per_token.is_some() || m.output_cost_per_token.is_some();
@@ -350,22 +336,13 @@ async fn run_sync(state: &AppState, caller: &Caller) -> ApiResult<SyncReport> {
     .bind(&ids)
     .fetch_all(&mut *tx)
     .await?;
-    audit::record(
-        &mut tx,
-        caller,
+    let change = Change::new(
         "model.sync",
         "model",
         "*",
         json!({"created": report.created, "updated": report.updated, "unavailable": report.unavailable}),
-    )
-    .await?;
-    let messages = report
-        .created
-        .iter()
-        .chain(&report.updated)
-        .chain(&report.unavailable)
-        .map(|id| Invalidation::new(InvalidationKind::Model, id))
-        .collect();
-    commit_and_publish(state, tx, messages).await?;
+    );
+    let changed = report.created.iter().chain(&report.updated).chain(&report.unavailable);
+    tx.commit(change, changed.map(|id| Invalidation::new(InvalidationKind::Model, id))).await?;
     Ok(report)
 }

@@ -10,6 +10,7 @@ use axum::{
 };
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use serde_json::json;
 use sqlx::{types::Json as Jsonb, FromRow};
 use tollgate_core::{
     invalidation::{Invalidation, InvalidationKind},
@@ -20,14 +21,15 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use crate::{
-    audit,
+    audit::Change,
     auth::Caller,
     error::{ApiError, ApiResult},
     extract::{Json, Path, Query},
-    pagination::{Page, PageParams},
-    routes::{commit_and_publish, users, validate_limits},
+    pagination::{ListQuery, Page, PageParams},
+    routes::{users, validate_limits},
     state::AppState,
     validate,
+    write::Write,
 };
 
 pub fn router() -> Router<AppState> {
@@ -98,21 +100,14 @@ async fn list(
     Query(filter): Query<SubscriptionFilter>,
 ) -> ApiResult<axum::Json<Page<Subscription>>> {
     let bounds = page.bounds()?;
-    let rows = sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM subscriptions
-         WHERE ($1::uuid IS NULL OR user_id = $1) AND ($2::uuid IS NULL OR user_id = $2)
-           AND ($3::text IS NULL OR model_id = $3) AND ($4::text IS NULL OR status = $4)
-         ORDER BY created_at, id LIMIT $5 OFFSET $6"
-    ))
-    .bind(caller.own_scope())
-    .bind(filter.user_id)
-    .bind(filter.model_id)
-    .bind(filter.status.map(SubscriptionStatus::as_str))
-    .bind(bounds.0 + 1)
-    .bind(bounds.1)
-    .fetch_all(&state.db)
-    .await?;
-    Ok(axum::Json(Page::from_rows(rows, bounds)))
+    let subscriptions = ListQuery::new(format!("SELECT {COLUMNS} FROM subscriptions"))
+        .filter("user_id = $", caller.own_scope())
+        .filter("user_id = $", filter.user_id)
+        .filter("model_id = $", filter.model_id)
+        .filter("status = $", filter.status.map(SubscriptionStatus::as_str))
+        .page(&state.db, "created_at, id", bounds)
+        .await?;
+    Ok(axum::Json(subscriptions))
 }
 
 /// Subscribe a user to a model. Users subscribe themselves; the subscription is pending when the
@@ -129,7 +124,7 @@ async fn create(
     caller.ensure_sees(user_id, "user")?;
     let model_id = validate::identifier("model_id", &body.model_id, 256)?;
     let limits = validate_limits("limits", body.limits)?;
-    let mut tx = state.db.begin().await?;
+    let mut tx = Write::begin(&state, &caller).await?;
     users::require_active(&mut tx, user_id).await?;
     let model: Option<(bool, bool, bool)> =
         sqlx::query_as("SELECT enabled, available, restricted FROM models WHERE id = $1")
@@ -153,17 +148,13 @@ async fn create(
     .bind(Jsonb(&limits))
     .fetch_one(&mut *tx)
     .await?;
-    audit::record(
-        &mut tx,
-        &caller,
-        "subscription.create",
-        "subscription",
-        sub.id,
-        serde_json::json!({"user_id": user_id, "model_id": model_id, "status": sub.status}),
+    let details = json!({"user_id": user_id, "model_id": model_id, "status": sub.status});
+    // The user's set of models changed: gateways reload what they hold for the user.
+    tx.commit(
+        Change::new("subscription.create", "subscription", sub.id, details),
+        [Invalidation::new(InvalidationKind::User, user_id)],
     )
     .await?;
-    // The user's set of models changed: gateways reload what they hold for the user.
-    commit_and_publish(&state, tx, vec![Invalidation::new(InvalidationKind::User, user_id)]).await?;
     Ok((StatusCode::CREATED, axum::Json(sub)))
 }
 
@@ -189,7 +180,7 @@ async fn update(
     visible(&state, &caller, id).await?;
     caller.require_admin()?;
     let limits = validate_limits("limits", Some(body.limits))?;
-    let mut tx = state.db.begin().await?;
+    let mut tx = Write::begin(&state, &caller).await?;
     let sub: Subscription = sqlx::query_as(&format!(
         "UPDATE subscriptions SET limits = $2, updated_at = now() WHERE id = $1 RETURNING {COLUMNS}"
     ))
@@ -197,9 +188,8 @@ async fn update(
     .bind(Jsonb(&limits))
     .fetch_one(&mut *tx)
     .await?;
-    audit::record(&mut tx, &caller, "subscription.update", "subscription", id, serde_json::json!({"limits": limits}))
-        .await?;
-    commit_and_publish(&state, tx, vec![Invalidation::new(InvalidationKind::Subscription, id)]).await?;
+    let change = Change::new("subscription.update", "subscription", id, json!({"limits": limits}));
+    tx.commit(change, [Invalidation::new(InvalidationKind::Subscription, id)]).await?;
     Ok(axum::Json(sub))
 }
 
@@ -213,7 +203,7 @@ async fn transition(
     action: &str,
 ) -> ApiResult<axum::Json<Subscription>> {
     let current = visible(state, caller, id).await?;
-    let mut tx = state.db.begin().await?;
+    let mut tx = Write::begin(state, caller).await?;
     // Serialises with key creation, which holds the user's active subscriptions FOR SHARE.
     sqlx::query("SELECT 1 FROM subscriptions WHERE id = $1 FOR UPDATE").bind(id).execute(&mut *tx).await?;
     if to == SubscriptionStatus::Cancelled {
@@ -242,16 +232,9 @@ async fn transition(
     .fetch_optional(&mut *tx)
     .await?
     .ok_or_else(|| ApiError::conflict(format!("cannot {action} a {} subscription", current.status)))?;
-    audit::record(
-        &mut tx,
-        caller,
-        &format!("subscription.{action}"),
-        "subscription",
-        id,
-        serde_json::json!({"from": current.status, "to": sub.status}),
-    )
-    .await?;
-    commit_and_publish(state, tx, vec![Invalidation::new(InvalidationKind::Subscription, id)]).await?;
+    let details = json!({"from": current.status, "to": sub.status});
+    let change = Change::new(format!("subscription.{action}"), "subscription", id, details);
+    tx.commit(change, [Invalidation::new(InvalidationKind::Subscription, id)]).await?;
     Ok(axum::Json(sub))
 }
 

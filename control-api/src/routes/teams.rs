@@ -8,6 +8,7 @@ use axum::{
 };
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use serde_json::json;
 use sqlx::{types::Json as Jsonb, FromRow};
 use tollgate_core::{
     invalidation::{Invalidation, InvalidationKind},
@@ -18,14 +19,15 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use crate::{
-    audit,
+    audit::Change,
     auth::Caller,
     error::{ApiError, ApiResult},
     extract::{Json, Path, Query},
-    pagination::{Page, PageParams},
-    routes::{commit_and_publish, models::check_models_exist, validate_limits},
+    pagination::{ListQuery, Page, PageParams},
+    routes::{models::check_models_exist, validate_limits},
     state::AppState,
     validate,
+    write::Write,
 };
 
 pub fn router() -> Router<AppState> {
@@ -106,6 +108,9 @@ pub struct AddMember {
 
 const COLUMNS: &str = "id, name, description, allowed_models, limits, created_at, updated_at";
 
+/// The team `t` has the user `$` as a member.
+const HAS_MEMBER: &str = "EXISTS (SELECT 1 FROM team_members m WHERE m.team_id = t.id AND m.user_id = $)";
+
 async fn validate_models(db: &sqlx::PgPool, models: Option<Vec<String>>) -> ApiResult<Option<Vec<String>>> {
     let Some(models) = models else { return Ok(None) };
     let mut ids = Vec::with_capacity(models.len());
@@ -141,21 +146,13 @@ async fn list(
     Query(filter): Query<TeamFilter>,
 ) -> ApiResult<axum::Json<Page<Team>>> {
     let bounds = page.bounds()?;
-    let rows = sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM teams t
-         WHERE ($1::uuid IS NULL OR EXISTS (SELECT 1 FROM team_members m WHERE m.team_id = t.id AND m.user_id = $1))
-           AND ($2::uuid IS NULL OR EXISTS (SELECT 1 FROM team_members m WHERE m.team_id = t.id AND m.user_id = $2))
-           AND ($3::text IS NULL OR lower(name) = lower($3))
-         ORDER BY created_at, id LIMIT $4 OFFSET $5"
-    ))
-    .bind(caller.own_scope())
-    .bind(filter.member_id)
-    .bind(filter.name)
-    .bind(bounds.0 + 1)
-    .bind(bounds.1)
-    .fetch_all(&state.db)
-    .await?;
-    Ok(axum::Json(Page::from_rows(rows, bounds)))
+    let teams = ListQuery::new(format!("SELECT {COLUMNS} FROM teams t"))
+        .filter(HAS_MEMBER, caller.own_scope())
+        .filter(HAS_MEMBER, filter.member_id)
+        .filter("lower(name) = lower($)", filter.name)
+        .page(&state.db, "created_at, id", bounds)
+        .await?;
+    Ok(axum::Json(teams))
 }
 
 #[utoipa::path(post, path = "/api/v1/teams", tag = "teams", request_body = CreateTeam,
@@ -170,7 +167,7 @@ async fn create(
     let description = validate::optional_text("description", body.description.as_deref().unwrap_or(""), 2000)?;
     let limits = validate_limits("limits", body.limits)?;
     let models = validate_models(&state.db, body.allowed_models).await?.unwrap_or_default();
-    let mut tx = state.db.begin().await?;
+    let mut tx = Write::begin(&state, &caller).await?;
     let team: Team = sqlx::query_as(&format!(
         "INSERT INTO teams (name, description, allowed_models, limits) VALUES ($1, $2, $3, $4)
          RETURNING {COLUMNS}"
@@ -181,8 +178,7 @@ async fn create(
     .bind(Jsonb(&limits))
     .fetch_one(&mut *tx)
     .await?;
-    audit::record(&mut tx, &caller, "team.create", "team", team.id, serde_json::json!({"name": name})).await?;
-    commit_and_publish(&state, tx, vec![]).await?;
+    tx.commit(Change::new("team.create", "team", team.id, json!({"name": name})), []).await?;
     Ok((StatusCode::CREATED, axum::Json(team)))
 }
 
@@ -207,7 +203,7 @@ async fn update(
         body.description.as_deref().map(|d| validate::optional_text("description", d, 2000)).transpose()?;
     let limits = body.limits.map(|l| validate_limits("limits", Some(l))).transpose()?;
     let models = validate_models(&state.db, body.allowed_models).await?;
-    let mut tx = state.db.begin().await?;
+    let mut tx = Write::begin(&state, &caller).await?;
     let team: Team = sqlx::query_as(&format!(
         "UPDATE teams SET name = COALESCE($2, name), description = COALESCE($3, description),
                 allowed_models = COALESCE($4, allowed_models), limits = COALESCE($5, limits),
@@ -222,16 +218,8 @@ async fn update(
     .fetch_optional(&mut *tx)
     .await?
     .ok_or(ApiError::NotFound("team"))?;
-    audit::record(
-        &mut tx,
-        &caller,
-        "team.update",
-        "team",
-        id,
-        serde_json::json!({"allowed_models": team.allowed_models}),
-    )
-    .await?;
-    commit_and_publish(&state, tx, vec![Invalidation::new(InvalidationKind::Team, id)]).await?;
+    let change = Change::new("team.update", "team", id, json!({"allowed_models": team.allowed_models}));
+    tx.commit(change, [Invalidation::new(InvalidationKind::Team, id)]).await?;
     Ok(axum::Json(team))
 }
 
@@ -244,7 +232,7 @@ async fn remove(State(state): State<AppState>, caller: Caller, Path(id): Path<Uu
     if id == DEFAULT_TEAM_ID {
         return Err(ApiError::conflict("the Default Team cannot be deleted"));
     }
-    let mut tx = state.db.begin().await?;
+    let mut tx = Write::begin(&state, &caller).await?;
     let keys: i64 =
         sqlx::query_scalar("SELECT count(*) FROM api_keys WHERE team_id = $1").bind(id).fetch_one(&mut *tx).await?;
     if keys > 0 {
@@ -254,8 +242,8 @@ async fn remove(State(state): State<AppState>, caller: Caller, Path(id): Path<Uu
     if deleted.rows_affected() == 0 {
         return Err(ApiError::NotFound("team"));
     }
-    audit::record(&mut tx, &caller, "team.delete", "team", id, serde_json::json!({})).await?;
-    commit_and_publish(&state, tx, vec![Invalidation::new(InvalidationKind::Team, id)]).await?;
+    tx.commit(Change::new("team.delete", "team", id, json!({})), [Invalidation::new(InvalidationKind::Team, id)])
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -269,17 +257,14 @@ async fn list_members(
 ) -> ApiResult<axum::Json<Page<TeamMember>>> {
     let bounds = page.bounds()?;
     visible(&state, &caller, id).await?;
-    let rows = sqlx::query_as(
+    let members = ListQuery::new(
         "SELECT m.team_id, m.user_id, m.role, u.email, u.name, m.created_at
-         FROM team_members m JOIN users u ON u.id = m.user_id
-         WHERE m.team_id = $1 ORDER BY m.created_at, m.user_id LIMIT $2 OFFSET $3",
+         FROM team_members m JOIN users u ON u.id = m.user_id",
     )
-    .bind(id)
-    .bind(bounds.0 + 1)
-    .bind(bounds.1)
-    .fetch_all(&state.db)
+    .filter("m.team_id = $", Some(id))
+    .page(&state.db, "m.created_at, m.user_id", bounds)
     .await?;
-    Ok(axum::Json(Page::from_rows(rows, bounds)))
+    Ok(axum::Json(members))
 }
 
 #[utoipa::path(post, path = "/api/v1/teams/{id}/members", tag = "teams", params(("id" = Uuid, Path)),
@@ -292,7 +277,7 @@ async fn add_member(
 ) -> ApiResult<(StatusCode, axum::Json<TeamMember>)> {
     visible(&state, &caller, id).await?;
     caller.require_admin()?;
-    let mut tx = state.db.begin().await?;
+    let mut tx = Write::begin(&state, &caller).await?;
     let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM users WHERE id = $1)")
         .bind(body.user_id)
         .fetch_one(&mut *tx)
@@ -315,16 +300,8 @@ async fn add_member(
     .bind(role)
     .fetch_one(&mut *tx)
     .await?;
-    audit::record(
-        &mut tx,
-        &caller,
-        "team.member.add",
-        "team",
-        id,
-        serde_json::json!({"user_id": body.user_id, "role": role}),
-    )
-    .await?;
-    commit_and_publish(&state, tx, vec![Invalidation::new(InvalidationKind::Team, id)]).await?;
+    let change = Change::new("team.member.add", "team", id, json!({"user_id": body.user_id, "role": role}));
+    tx.commit(change, [Invalidation::new(InvalidationKind::Team, id)]).await?;
     Ok((StatusCode::CREATED, axum::Json(member)))
 }
 
@@ -338,7 +315,7 @@ async fn remove_member(
 ) -> ApiResult<StatusCode> {
     visible(&state, &caller, id).await?;
     caller.require_admin()?;
-    let mut tx = state.db.begin().await?;
+    let mut tx = Write::begin(&state, &caller).await?;
     let keys: i64 =
         sqlx::query_scalar("SELECT count(*) FROM api_keys WHERE team_id = $1 AND user_id = $2 AND revoked_at IS NULL")
             .bind(id)
@@ -356,7 +333,7 @@ async fn remove_member(
     if deleted.rows_affected() == 0 {
         return Err(ApiError::NotFound("team member"));
     }
-    audit::record(&mut tx, &caller, "team.member.remove", "team", id, serde_json::json!({"user_id": user_id})).await?;
-    commit_and_publish(&state, tx, vec![Invalidation::new(InvalidationKind::Team, id)]).await?;
+    let change = Change::new("team.member.remove", "team", id, json!({"user_id": user_id}));
+    tx.commit(change, [Invalidation::new(InvalidationKind::Team, id)]).await?;
     Ok(StatusCode::NO_CONTENT)
 }

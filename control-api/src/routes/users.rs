@@ -3,6 +3,7 @@
 use axum::{extract::State, http::StatusCode, routing::get, Router};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use serde_json::json;
 use sqlx::{types::Json as Jsonb, FromRow};
 use tollgate_core::{
     invalidation::{Invalidation, InvalidationKind},
@@ -14,14 +15,15 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use crate::{
-    audit,
+    audit::Change,
     auth::Caller,
     error::{ApiError, ApiResult},
     extract::{Json, Path, Query},
-    pagination::{Page, PageParams},
-    routes::{commit_and_publish, validate_limits},
+    pagination::{ListQuery, Page, PageParams},
+    routes::validate_limits,
     state::AppState,
     validate,
+    write::Write,
 };
 
 pub fn router() -> Router<AppState> {
@@ -124,23 +126,14 @@ async fn list(
     Query(filter): Query<UserFilter>,
 ) -> ApiResult<axum::Json<Page<User>>> {
     let bounds = page.bounds()?;
-    let rows = sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM users
-         WHERE ($1::uuid IS NULL OR id = $1)
-           AND ($2::text IS NULL OR lower(email) = lower($2))
-           AND ($3::text IS NULL OR status = $3)
-           AND ($4::text IS NULL OR $4 = ANY(roles))
-         ORDER BY created_at, id LIMIT $5 OFFSET $6"
-    ))
-    .bind(caller.own_scope())
-    .bind(filter.email)
-    .bind(filter.status.map(|s| status_str(s)))
-    .bind(filter.role.map(Role::as_str))
-    .bind(bounds.0 + 1)
-    .bind(bounds.1)
-    .fetch_all(&state.db)
-    .await?;
-    Ok(axum::Json(Page::from_rows(rows, bounds)))
+    let users = ListQuery::new(format!("SELECT {COLUMNS} FROM users"))
+        .filter("id = $", caller.own_scope())
+        .filter("lower(email) = lower($)", filter.email)
+        .filter("status = $", filter.status.map(status_str))
+        .filter("$ = ANY(roles)", filter.role.map(Role::as_str))
+        .page(&state.db, "created_at, id", bounds)
+        .await?;
+    Ok(axum::Json(users))
 }
 
 fn status_str(s: UserStatus) -> &'static str {
@@ -163,7 +156,7 @@ async fn create(
     let name = validate::text("name", &body.name, 200)?;
     let roles = roles_vec(body.roles)?;
     let limits = validate_limits("limits", body.limits)?;
-    let mut tx = state.db.begin().await?;
+    let mut tx = Write::begin(&state, &caller).await?;
     let user: User = sqlx::query_as(&format!(
         "INSERT INTO users (email, name, roles, limits) VALUES ($1, $2, $3, $4) RETURNING {COLUMNS}"
     ))
@@ -178,16 +171,7 @@ async fn create(
         .bind(user.id)
         .execute(&mut *tx)
         .await?;
-    audit::record(
-        &mut tx,
-        &caller,
-        "user.create",
-        "user",
-        user.id,
-        serde_json::json!({"email": email, "roles": roles}),
-    )
-    .await?;
-    commit_and_publish(&state, tx, vec![]).await?;
+    tx.commit(Change::new("user.create", "user", user.id, json!({"email": email, "roles": roles})), []).await?;
     Ok((StatusCode::CREATED, axum::Json(user)))
 }
 
@@ -219,7 +203,7 @@ async fn update(
     let name = body.name.as_deref().map(|n| validate::text("name", n, 200)).transpose()?;
     let roles = body.roles.map(|r| roles_vec(Some(r))).transpose()?;
     let limits = body.limits.map(|l| validate_limits("limits", Some(l))).transpose()?;
-    let mut tx = state.db.begin().await?;
+    let mut tx = Write::begin(&state, &caller).await?;
     let user: User = sqlx::query_as(&format!(
         "UPDATE users SET name = COALESCE($2, name), roles = COALESCE($3, roles),
                 status = COALESCE($4, status), limits = COALESCE($5, limits), updated_at = now()
@@ -233,15 +217,7 @@ async fn update(
     .fetch_optional(&mut *tx)
     .await?
     .ok_or(ApiError::NotFound("user"))?;
-    audit::record(
-        &mut tx,
-        &caller,
-        "user.update",
-        "user",
-        id,
-        serde_json::json!({"status": user.status, "roles": user.roles}),
-    )
-    .await?;
-    commit_and_publish(&state, tx, vec![Invalidation::new(InvalidationKind::User, id)]).await?;
+    let change = Change::new("user.update", "user", id, json!({"status": user.status, "roles": user.roles}));
+    tx.commit(change, [Invalidation::new(InvalidationKind::User, id)]).await?;
     Ok(axum::Json(user))
 }

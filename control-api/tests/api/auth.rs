@@ -107,3 +107,29 @@ async fn suspended_jwt_user_is_403(db: PgPool) {
     let (status, _) = app.get("/api/v1/users/me", &token).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
 }
+
+#[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
+async fn first_use_is_audited_with_request_id_and_address(db: PgPool) {
+    let app = TestApp::spawn(db).await;
+    let token = user_token("kc-jit", "jit@example.com", &["user"]);
+    let resp = app
+        .http
+        .get(format!("{}/api/v1/users/me", app.base))
+        .bearer_auth(&token)
+        .header("x-request-id", "req-jit-1")
+        .header("x-forwarded-for", "203.0.113.7, 10.0.0.1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let me: serde_json::Value = resp.json().await.unwrap();
+    let (_, page) = app.get(&format!("/api/v1/audit?target_type=user&target_id={}", id(&me)), &app.admin_key).await;
+    let rows = page["data"].as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{page}");
+    assert_eq!(rows[0]["action"], "user.create");
+    assert_eq!(rows[0]["actor"], "jwt:kc-jit");
+    assert_eq!(rows[0]["actor_id"], id(&me).as_str());
+    assert_eq!(rows[0]["request_id"], "req-jit-1");
+    assert_eq!(rows[0]["ip"], "203.0.113.7");
+    assert_eq!(rows[0]["details"]["source"], "jwt");
+}
