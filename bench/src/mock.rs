@@ -9,7 +9,10 @@
 //! Per-request behaviour, by header (defaults from the command line):
 //! `x-mock-ttfb-ms` (delay before the response starts), `x-mock-chunks`, `x-mock-chunk-delay-ms`,
 //! `x-mock-status` (answer this HTTP error with an OpenAI error body), `x-mock-drop-after`
-//! (streams: cut the connection after this many chunks).
+//! (streams: cut the connection after this many chunks), `x-mock-no-usage: 1` (answer without
+//! usage, even when a stream asks for it).
+//! Like a LiteLLM proxy, every answer carries `x-litellm-*`, `llm_provider-*` and `x-ratelimit-*`
+//! headers of its own.
 //! `GET /mock/requests` returns the last requests received (newest last); `DELETE` clears them.
 
 use std::{
@@ -98,6 +101,8 @@ struct Behaviour {
     chunk_delay: Duration,
     status: Option<u16>,
     drop_after: Option<u32>,
+    /// Answer without any usage (as some upstreams and passthrough endpoints do).
+    no_usage: bool,
 }
 
 fn behaviour(config: &MockConfig, headers: &HeaderMap) -> Behaviour {
@@ -108,6 +113,7 @@ fn behaviour(config: &MockConfig, headers: &HeaderMap) -> Behaviour {
         chunk_delay: Duration::from_millis(num("x-mock-chunk-delay-ms").unwrap_or(config.chunk_delay_ms)),
         status: num("x-mock-status").map(|n| n as u16),
         drop_after: num("x-mock-drop-after").map(|n| n as u32),
+        no_usage: num("x-mock-no-usage").is_some_and(|n| n > 0),
     }
 }
 
@@ -122,12 +128,28 @@ async fn handle(State(mock): State<Mock>, method: Method, uri: Uri, headers: Hea
         return error(status, "mock_error", "the mock was asked to fail");
     }
     let path = uri.path();
-    match (method.as_str(), path) {
+    let mut response = match (method.as_str(), path) {
         ("GET", "/v1/models") | ("GET", "/models") => models(),
         ("POST", "/v1/chat/completions") | ("POST", "/chat/completions") => completion(&body, &b, Kind::Chat),
         ("POST", "/v1/completions") | ("POST", "/completions") => completion(&body, &b, Kind::Text),
         ("POST", "/v1/embeddings") | ("POST", "/embeddings") => embeddings(&body),
         _ => error(StatusCode::NOT_FOUND, "not_found", "unknown path"),
+    };
+    add_litellm_headers(response.headers_mut());
+    response
+}
+
+/// What a LiteLLM proxy adds to its answers: its own spend and routing facts and the provider's
+/// rate limits. A gateway in front must not pass these on to its clients.
+fn add_litellm_headers(headers: &mut HeaderMap) {
+    for (name, value) in [
+        ("x-litellm-key-spend", "1234.5"),
+        ("x-litellm-model-api-base", "https://provider.internal/v1"),
+        ("llm_provider-x-request-id", "req-provider"),
+        ("x-ratelimit-remaining-requests", "9999"),
+        ("x-ratelimit-limit-tokens", "1000000"),
+    ] {
+        headers.insert(name, HeaderValue::from_static(value));
     }
 }
 
@@ -205,16 +227,20 @@ fn completion(body: &Bytes, b: &Behaviour, kind: Kind) -> Response {
     let stream = req.get("stream").and_then(Value::as_bool).unwrap_or(false);
     if !stream {
         let text = "tok ".repeat(completion_tokens as usize);
-        let body = match kind {
+        let mut body = match kind {
             Kind::Chat => json!({"id": id, "object": "chat.completion", "created": now(), "model": model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
                 "usage": usage}),
             Kind::Text => json!({"id": id, "object": "text_completion", "created": now(), "model": model,
                 "choices": [{"index": 0, "text": text, "finish_reason": "stop"}], "usage": usage}),
         };
+        if b.no_usage {
+            body.as_object_mut().map(|o| o.remove("usage"));
+        }
         return Json(body).into_response();
     }
-    let include_usage = req.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false);
+    let include_usage =
+        !b.no_usage && req.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false);
     let object = if kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
     let chunk = |choice: Value, usage: Option<Value>| -> Bytes {
         let mut c = json!({"id": id, "object": object, "created": now(), "model": model, "choices": [choice]});

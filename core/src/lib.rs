@@ -7,6 +7,7 @@ pub mod invalidation;
 pub mod keys;
 pub mod limiter;
 pub mod limits;
+pub mod net;
 pub mod roles;
 pub mod sync;
 

@@ -1,8 +1,9 @@
 //! Limits: the same shape on keys, users, teams and subscriptions.
 //!
 //! `rpm` and `tpm` count requests and tokens in a rolling 60 s window; `max_budget` is USD per
-//! `budget_period` (UTC calendar); `enforcement` says what happens at the limit. Money is held in
-//! micro-USD by the limiter, so budgets carry at most six decimal places.
+//! `budget_period` (UTC calendar); `enforcement` says what happens at the limit. Budgets carry at
+//! most six decimal places (micro-USD); the limiter counts spend in integer nano-USD, so that
+//! requests costing fractions of a micro-USD add up exactly.
 
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
@@ -11,8 +12,9 @@ use utoipa::ToSchema;
 /// Requests per minute above this are treated as a mistake, not a limit.
 pub const MAX_RPM: i64 = 1_000_000_000;
 pub const MAX_TPM: i64 = 1_000_000_000_000;
-/// One billion USD per period.
-pub const MAX_BUDGET_USD: i64 = 1_000_000_000;
+/// One million USD per period: in nano-USD that is 10^15, which Redis's Lua (doubles) still counts
+/// exactly.
+pub const MAX_BUDGET_USD: i64 = 1_000_000;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
@@ -49,7 +51,7 @@ pub struct Limits {
     pub tpm: Option<i64>,
     /// USD per budget period, at most six decimal places.
     #[serde(default)]
-    #[schema(value_type = Option<f64>, minimum = 0, maximum = 1_000_000_000)]
+    #[schema(value_type = Option<f64>, minimum = 0, maximum = 1_000_000)]
     pub max_budget: Option<Decimal>,
     #[serde(default)]
     pub budget_period: BudgetPeriod,
@@ -93,10 +95,10 @@ impl Limits {
         Ok(())
     }
 
-    /// The budget in integer micro-USD, as the limiter counts it.
-    pub fn max_budget_micros(&self) -> Option<i64> {
+    /// The budget in integer nano-USD, as the limiter counts it.
+    pub fn max_budget_nanos(&self) -> Option<i64> {
         use rust_decimal::prelude::ToPrimitive;
-        self.max_budget.and_then(|b| (b * Decimal::from(1_000_000)).trunc().to_i64())
+        self.max_budget.and_then(|b| (b * Decimal::from(crate::limiter::NANOS_PER_USD)).trunc().to_i64())
     }
 }
 
@@ -131,7 +133,7 @@ mod tests {
         let l =
             parse(r#"{"rpm":10,"tpm":1000,"max_budget":1.5,"budget_period":"monthly","enforcement":"soft"}"#).unwrap();
         l.validate().unwrap();
-        assert_eq!(l.max_budget_micros(), Some(1_500_000));
+        assert_eq!(l.max_budget_nanos(), Some(1_500_000_000));
         let back = parse(&serde_json::to_string(&l).unwrap()).unwrap();
         assert_eq!(back, l);
     }
@@ -143,6 +145,8 @@ mod tests {
         assert_eq!(parse(r#"{"tpm":10000000000000}"#).unwrap().validate().unwrap_err().field, "tpm");
         assert_eq!(parse(r#"{"max_budget":-0.01}"#).unwrap().validate().unwrap_err().field, "max_budget");
         assert_eq!(parse(r#"{"max_budget":1e12}"#).unwrap().validate().unwrap_err().field, "max_budget");
+        assert_eq!(parse(r#"{"max_budget":1000000.01}"#).unwrap().validate().unwrap_err().field, "max_budget");
+        parse(r#"{"max_budget":1000000}"#).unwrap().validate().unwrap();
         let fine = Limits { max_budget: Some(Decimal::from_str("0.0000001").unwrap()), ..Default::default() };
         assert_eq!(fine.validate().unwrap_err().field, "max_budget");
     }

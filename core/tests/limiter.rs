@@ -24,15 +24,15 @@ fn redis_url() -> String {
 /// A spend source that answers a fixed amount and records what it was asked.
 #[derive(Default)]
 struct FixedSpend {
-    micros: i64,
+    nanos: i64,
     asked: Mutex<Vec<(ScopeKind, NaiveDate)>>,
 }
 
 #[async_trait]
 impl SpendSource for FixedSpend {
-    async fn spent_micros(&self, scope: &Scope, since: NaiveDate) -> Result<i64, String> {
+    async fn spent_nanos(&self, scope: &Scope, since: NaiveDate) -> Result<i64, String> {
         self.asked.lock().unwrap().push((scope.kind, since));
-        Ok(self.micros)
+        Ok(self.nanos)
     }
 }
 
@@ -46,7 +46,7 @@ fn scope(kind: ScopeKind, limits: Limits) -> Scope {
 }
 
 fn demand(tokens: u64, cost: i64) -> Demand {
-    Demand { request_id: Uuid::new_v4().to_string(), tokens, cost_micros: cost }
+    Demand { request_id: Uuid::new_v4().to_string(), tokens, cost_nanos: cost }
 }
 
 fn now() -> i64 {
@@ -105,22 +105,22 @@ async fn a_refusal_by_one_scope_refunds_the_others() {
 
 #[tokio::test]
 async fn budget_counts_reservations_and_settles_real_cost() {
-    let seed = Arc::new(FixedSpend { micros: 200_000, ..Default::default() });
+    let seed = Arc::new(FixedSpend { nanos: 200_000_000, ..Default::default() });
     let l = limiter_at(0, 600, seed.clone()).await;
     let limits = Limits { max_budget: Some(Decimal::ONE), budget_period: BudgetPeriod::Monthly, ..Default::default() };
     let user = scope(ScopeKind::User, limits);
     let one = std::slice::from_ref(&user);
     // Seeded once with $0.20 already spent this month: $0.80 left.
-    let a = l.reserve(one, &demand(0, 500_000)).await.unwrap();
+    let a = l.reserve(one, &demand(0, 500_000_000)).await.unwrap();
     assert!(a.refusal.is_none());
     let first_day = chrono::Utc::now().date_naive().with_day0(0).unwrap();
     assert_eq!(seed.asked.lock().unwrap().as_slice(), &[(ScopeKind::User, first_day)]);
-    let refused = l.reserve(one, &demand(0, 400_000)).await.unwrap();
+    let refused = l.reserve(one, &demand(0, 400_000_000)).await.unwrap();
     assert_eq!(refused.refusal.as_ref().unwrap().reason, Reason::Budget);
     assert!(refused.refusal.unwrap().retry_after > 0, "a monthly budget resets next month");
     // It cost $0.10: $0.70 left.
-    l.settle(a.reservation.as_ref().unwrap(), 0, 100_000).await.unwrap();
-    assert!(l.reserve(one, &demand(0, 700_000)).await.unwrap().refusal.is_none());
+    l.settle(a.reservation.as_ref().unwrap(), 0, 100_000_000).await.unwrap();
+    assert!(l.reserve(one, &demand(0, 700_000_000)).await.unwrap().refusal.is_none());
     assert!(l.reserve(one, &demand(0, 1)).await.unwrap().refusal.is_some());
     assert_eq!(seed.asked.lock().unwrap().len(), 1, "seeded only once");
 }
@@ -131,15 +131,15 @@ async fn released_reservations_and_expired_leases_return() {
     let key = scope(ScopeKind::Key, limits);
     let one = std::slice::from_ref(&key);
     let l = limiter_at(0, 1, Arc::default()).await;
-    let a = l.reserve(one, &demand(0, 1_000_000)).await.unwrap();
+    let a = l.reserve(one, &demand(0, 1_000_000_000)).await.unwrap();
     assert!(a.refusal.is_none());
     assert!(l.reserve(one, &demand(0, 1)).await.unwrap().refusal.is_some());
     l.release(a.reservation.as_ref().unwrap()).await.unwrap();
-    let b = l.reserve(one, &demand(0, 1_000_000)).await.unwrap();
+    let b = l.reserve(one, &demand(0, 1_000_000_000)).await.unwrap();
     assert!(b.refusal.is_none(), "released");
     // Never settled (a crashed replica): the lease of 1 s runs out and the money returns.
     tokio::time::sleep(Duration::from_millis(2100)).await;
-    assert!(l.reserve(one, &demand(0, 1_000_000)).await.unwrap().refusal.is_none(), "lease expired");
+    assert!(l.reserve(one, &demand(0, 1_000_000_000)).await.unwrap().refusal.is_none(), "lease expired");
 }
 
 #[tokio::test]
@@ -163,14 +163,14 @@ async fn a_daily_budget_exhausted_before_midnight_admits_after_it() {
     // A clock that reads 23:59:59 UTC, then 00:00:01 the next day.
     let to_midnight = 86_400 - now().rem_euclid(86_400);
     let before = limiter_at(to_midnight - 1, 600, Arc::default()).await;
-    let a = before.reserve(one, &demand(0, 1_000_000)).await.unwrap();
+    let a = before.reserve(one, &demand(0, 1_000_000_000)).await.unwrap();
     assert!(a.refusal.is_none());
-    before.settle(a.reservation.as_ref().unwrap(), 0, 1_000_000).await.unwrap();
+    before.settle(a.reservation.as_ref().unwrap(), 0, 1_000_000_000).await.unwrap();
     let refused = before.reserve(one, &demand(0, 1)).await.unwrap().refusal.unwrap();
     assert_eq!(refused.reason, Reason::Budget);
     assert!(refused.retry_after <= 2, "resets at midnight: {refused:?}");
     let after = limiter_at(to_midnight + 1, 600, Arc::default()).await;
-    let b = after.reserve(one, &demand(0, 1_000_000)).await.unwrap();
+    let b = after.reserve(one, &demand(0, 1_000_000_000)).await.unwrap();
     assert!(b.refusal.is_none(), "a new day starts from zero: {b:?}");
 }
 

@@ -11,6 +11,7 @@ use crate::{
     auth::{ActiveSubscription, AuthContext},
     catalog::ModelInfo,
     error::GatewayError,
+    meter::Usage,
     request::{self, RequestFacts},
     state::GatewayState,
 };
@@ -23,12 +24,21 @@ pub struct Admitted {
     pub model: Arc<ModelInfo>,
     pub subscription: ActiveSubscription,
     pub facts: RequestFacts,
+    /// The most this request can use: what is reserved, and what is billed when the upstream
+    /// did the work but its usage never reached the gateway.
+    pub ceiling: Usage,
     /// `None` when no scope of the request has limits (or before limits are reserved).
     pub reservation: Option<Reservation>,
 }
 
-/// Judges a whole body from `caller`: the admitted request and the body to send upstream.
-pub fn admit(state: &GatewayState, caller: &Arc<AuthContext>, body: Bytes) -> Result<(Admitted, Bytes), GatewayError> {
+/// Judges a whole body sent by `caller` to `endpoint`: the admitted request and the body to send
+/// upstream.
+pub fn admit(
+    state: &GatewayState,
+    caller: &Arc<AuthContext>,
+    endpoint: &str,
+    body: Bytes,
+) -> Result<(Admitted, Bytes), GatewayError> {
     let facts = request::parse(&body)?;
     let model = state
         .catalog
@@ -37,5 +47,12 @@ pub fn admit(state: &GatewayState, caller: &Arc<AuthContext>, body: Bytes) -> Re
         .ok_or_else(|| GatewayError::ModelNotAllowed(facts.model.clone()))?;
     let subscription = caller.entitlement(&facts.model)?.clone();
     let out = request::upstream_body(body, &facts);
-    Ok((Admitted { auth: caller.clone(), model, subscription, facts, reservation: None }, out))
+    let ceiling = ceiling(&facts, endpoint, state.config.default_max_tokens);
+    Ok((Admitted { auth: caller.clone(), model, subscription, facts, ceiling, reservation: None }, out))
+}
+
+/// The most a request to `endpoint` can use: its prompt estimate plus its completion allowance.
+pub fn ceiling(facts: &RequestFacts, endpoint: &str, default_max_tokens: u64) -> Usage {
+    let completion = if endpoint.ends_with("/embeddings") { 0 } else { facts.max_tokens.unwrap_or(default_max_tokens) };
+    Usage { prompt_tokens: facts.estimated_prompt_tokens, completion_tokens: completion }
 }

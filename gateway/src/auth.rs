@@ -4,16 +4,24 @@
 //! Addresses that fail too often are throttled ([`FailedAuthThrottle`]) so keys cannot be
 //! guessed at speed.
 
-use std::{net::IpAddr, num::NonZeroU32, sync::Arc};
+use std::{
+    collections::HashMap,
+    hash::{Hash, Hasher},
+    net::IpAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use chrono::{DateTime, Utc};
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use pingora::{http::RequestHeader, proxy::Session};
+use prometheus::IntCounter;
 use serde::Deserialize;
 use sqlx::{types::Json, FromRow, PgPool};
 use tollgate_core::{
     keys::{hash_key, is_well_formed, KeyHash},
     limits::Limits,
+    net::{client_address, Cidr},
+    sync::lock,
 };
 use uuid::Uuid;
 
@@ -143,27 +151,92 @@ pub fn presented_key(headers: &RequestHeader) -> Option<&str> {
         .filter(|t| !t.is_empty())
 }
 
-/// Failed authentications per client address: past the limit, 429 instead of 401.
-pub struct FailedAuthThrottle(DefaultKeyedRateLimiter<IpAddr>);
+/// Failed authentications per client address over fixed one-minute windows: past the limit,
+/// 429 instead of 401, and no key lookup reaches PostgreSQL from that address until the window
+/// ends. The addresses tracked are bounded: expired windows go first, then the oldest.
+pub struct FailedAuthThrottle {
+    shards: Vec<Mutex<HashMap<IpAddr, FailureWindow>>>,
+    per_minute: u32,
+    shard_capacity: usize,
+    evictions: IntCounter,
+}
+
+struct FailureWindow {
+    started: Instant,
+    failures: u32,
+}
+
+const FAILURE_WINDOW: Duration = Duration::from_secs(60);
+const THROTTLE_SHARDS: usize = 16;
 
 impl FailedAuthThrottle {
-    pub fn per_minute(n: u32) -> Self {
-        Self(RateLimiter::keyed(Quota::per_minute(NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN))))
+    pub fn new(per_minute: u32, max_addresses: usize, evictions: IntCounter) -> Self {
+        Self {
+            shards: (0..THROTTLE_SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            per_minute: per_minute.max(1),
+            shard_capacity: max_addresses.div_ceil(THROTTLE_SHARDS).max(1),
+            evictions,
+        }
     }
 
-    /// What a failed authentication from `ip` is answered with: `e`, or 429 once `ip` has
-    /// failed too often.
+    fn shard(&self, ip: &IpAddr) -> &Mutex<HashMap<IpAddr, FailureWindow>> {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        ip.hash(&mut h);
+        &self.shards[h.finish() as usize % THROTTLE_SHARDS]
+    }
+
+    /// Whether `ip` has used up its failures for this window.
+    pub fn is_blocked(&self, ip: IpAddr) -> bool {
+        lock(self.shard(&ip))
+            .get(&ip)
+            .is_some_and(|w| w.started.elapsed() < FAILURE_WINDOW && w.failures >= self.per_minute)
+    }
+
+    /// Counts a failed authentication from `ip`: answered with `e`, or 429 once `ip` has failed
+    /// too often.
     pub fn judge(&self, ip: IpAddr, e: GatewayError) -> GatewayError {
-        match self.0.check_key(&ip) {
-            Ok(()) => e,
-            Err(_) => GatewayError::TooManyFailures,
+        let mut shard = lock(self.shard(&ip));
+        if !shard.contains_key(&ip) && shard.len() >= self.shard_capacity {
+            shard.retain(|_, w| w.started.elapsed() < FAILURE_WINDOW);
+            if shard.len() >= self.shard_capacity {
+                let oldest = shard.iter().min_by_key(|(_, w)| w.started).map(|(ip, _)| *ip);
+                if let Some(oldest) = oldest {
+                    shard.remove(&oldest);
+                    self.evictions.inc();
+                }
+            }
         }
+        let now = Instant::now();
+        let window = shard.entry(ip).or_insert(FailureWindow { started: now, failures: 0 });
+        if now.duration_since(window.started) >= FAILURE_WINDOW {
+            *window = FailureWindow { started: now, failures: 0 };
+        }
+        window.failures = window.failures.saturating_add(1);
+        if window.failures > self.per_minute {
+            GatewayError::TooManyFailures
+        } else {
+            e
+        }
+    }
+
+    /// Addresses tracked now.
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| lock(s).len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
-/// The client's address (the unspecified address when it is not an inet socket).
-pub fn client_ip(session: &Session) -> IpAddr {
-    session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip()).unwrap_or(IpAddr::from([0, 0, 0, 0]))
+/// The client's address: the peer, or behind a trusted proxy the address it forwarded for.
+pub fn client_ip(session: &Session, trusted: &[Cidr]) -> IpAddr {
+    let peer = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip()).unwrap_or(IpAddr::from([0, 0, 0, 0]));
+    if trusted.is_empty() {
+        return peer;
+    }
+    let forwarded = session.req_header().headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
+    client_address(peer, forwarded, trusted)
 }
 
 /// Step 1: the caller behind the presented key, from the cache or PostgreSQL. Unknown, revoked
@@ -188,6 +261,9 @@ pub async fn authenticate(
             state.metrics.key_cache_hits.inc();
             return Err(failed(GatewayError::InvalidKey));
         }
+        // An address past its failures may still use keys already cached, but reaches
+        // PostgreSQL no more: a flood of made-up keys costs at most its allowance of lookups.
+        Lookup::Miss if state.auth_failures.is_blocked(ip) => return Err(GatewayError::TooManyFailures),
         Lookup::Miss => {
             state.metrics.key_cache_misses.inc();
             let db = state.db.clone();
@@ -239,6 +315,24 @@ pub(crate) mod tests {
                 limits: Limits::default(),
             }],
         }
+    }
+
+    #[test]
+    fn throttle_counts_failures_per_address_and_stays_bounded() {
+        let evictions = IntCounter::new("e", "e").unwrap();
+        let t = FailedAuthThrottle::new(2, 32, evictions.clone());
+        let a = IpAddr::from([10, 0, 0, 1]);
+        assert!(matches!(t.judge(a, GatewayError::InvalidKey), GatewayError::InvalidKey));
+        assert!(!t.is_blocked(a));
+        assert!(matches!(t.judge(a, GatewayError::InvalidKey), GatewayError::InvalidKey));
+        assert!(t.is_blocked(a));
+        assert!(matches!(t.judge(a, GatewayError::InvalidKey), GatewayError::TooManyFailures));
+        assert!(!t.is_blocked(IpAddr::from([10, 0, 0, 2])), "other addresses are not blocked");
+        for i in 0..10_000u32 {
+            t.judge(IpAddr::from(i.to_be_bytes()), GatewayError::InvalidKey);
+        }
+        assert!(t.len() <= 32, "{} addresses tracked", t.len());
+        assert!(evictions.get() > 0);
     }
 
     #[test]

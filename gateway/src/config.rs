@@ -4,7 +4,10 @@ use std::{net::SocketAddr, path::Path};
 
 use figment::Figment;
 use serde::{Deserialize, Serialize};
-use tollgate_core::config::{comma_list, load, ConfigError, ConfigSpec};
+use tollgate_core::{
+    config::{comma_list, load, ConfigError, ConfigSpec},
+    net::Cidr,
+};
 use url::Url;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -30,12 +33,24 @@ pub struct GatewayConfig {
     /// authentication, authorization and metering (JSON bodies naming a model).
     #[serde(deserialize_with = "comma_list")]
     pub passthrough_paths: Vec<String>,
+    /// Client headers forwarded to the upstream besides content-type, accept and user-agent
+    /// (lowercase names). Credentials, framing, `x-tollgate-*` and LiteLLM's control headers
+    /// are refused at start.
+    #[serde(deserialize_with = "comma_list")]
+    pub forward_request_headers: Vec<String>,
     /// How long a key stays cached without an invalidation.
     pub key_cache_ttl_seconds: u64,
     /// How long an unknown key stays cached as unknown.
     pub negative_cache_ttl_seconds: u64,
     /// Failed authentications allowed per client address and minute before 429.
     pub failed_auth_per_minute: u32,
+    /// Most client addresses the failed-authentication throttle tracks at once.
+    pub failed_auth_max_addresses: usize,
+    /// Most keys (known and unknown) the key cache holds.
+    pub key_cache_max_entries: usize,
+    /// CIDR ranges of proxies whose `X-Forwarded-For` is believed (none by default).
+    #[serde(deserialize_with = "comma_list")]
+    pub trusted_proxies: Vec<String>,
     /// Worker threads of the proxy.
     pub threads: usize,
     /// After SIGTERM: how long in-flight requests may take to finish.
@@ -73,9 +88,13 @@ impl Default for GatewayConfig {
             upstream_connect_timeout_ms: 2000,
             upstream_timeout_seconds: 600,
             passthrough_paths: vec!["/v1/moderations".into(), "/v1/rerank".into()],
+            forward_request_headers: vec![],
             key_cache_ttl_seconds: 60,
             negative_cache_ttl_seconds: 5,
             failed_auth_per_minute: 60,
+            failed_auth_max_addresses: 100_000,
+            key_cache_max_entries: 100_000,
+            trusted_proxies: vec![],
             threads: 2,
             grace_period_seconds: 10,
             graceful_shutdown_timeout_seconds: 10,
@@ -104,8 +123,10 @@ pub const SPEC: ConfigSpec<'static> = ConfigSpec {
         ("MAX_BODY_BYTES", "max_body_bytes"),
         ("UPSTREAM_TIMEOUT_SECONDS", "upstream_timeout_seconds"),
         ("PASSTHROUGH_PATHS", "passthrough_paths"),
+        ("FORWARD_REQUEST_HEADERS", "forward_request_headers"),
         ("KEY_CACHE_TTL_SECONDS", "key_cache_ttl_seconds"),
         ("FAILED_AUTH_PER_MINUTE", "failed_auth_per_minute"),
+        ("TRUSTED_PROXIES", "trusted_proxies"),
         ("THREADS", "threads"),
         ("GRACE_PERIOD_SECONDS", "grace_period_seconds"),
         ("GRACEFUL_SHUTDOWN_TIMEOUT_SECONDS", "graceful_shutdown_timeout_seconds"),
@@ -118,6 +139,39 @@ pub const SPEC: ConfigSpec<'static> = ConfigSpec {
     ],
     secrets: &["upstream_api_key"],
 };
+
+impl GatewayConfig {
+    /// The parsed `trusted_proxies`.
+    pub fn trusted_proxy_ranges(&self) -> Result<Vec<Cidr>, ConfigError> {
+        self.trusted_proxies.iter().map(|c| c.parse().map_err(|e| SPEC.invalid("trusted_proxies", e))).collect()
+    }
+}
+
+/// Whether an operator may forward client header `name` upstream: never a credential, a framing
+/// or hop-by-hop header, the identity headers the gateway sets, or one LiteLLM acts on.
+fn forwardable(name: &str) -> bool {
+    const NEVER: &[&str] = &[
+        "authorization",
+        "proxy-authorization",
+        "api-key",
+        "x-api-key",
+        "cookie",
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "upgrade",
+        "accept-encoding",
+        "x-request-id",
+    ];
+    let valid = !name.is_empty() && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    valid
+        && !NEVER.contains(&name)
+        && !["x-tollgate-", "x-litellm-", "litellm-", "x-forwarded-", "x-real-ip"].iter().any(|p| name.starts_with(p))
+}
 
 // A constant URL: parsing it cannot fail.
 #[allow(clippy::expect_used)]
@@ -133,6 +187,10 @@ impl GatewayConfig {
         SPEC.url("database_url", &config.database_url, &["postgres", "postgresql"])?;
         SPEC.redis_url("redis_url", &config.redis_url)?;
         SPEC.url("upstream_url", config.upstream_url.as_str(), &["http", "https"])?;
+        config.trusted_proxy_ranges()?;
+        if let Some(name) = config.forward_request_headers.iter().find(|h| !forwardable(h)) {
+            return Err(SPEC.invalid("forward_request_headers", format!("`{name}` may not be forwarded")));
+        }
         Ok(config)
     }
 }

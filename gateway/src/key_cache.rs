@@ -1,6 +1,8 @@
 //! The in-process [`KeyCache`]: key contexts by key hash, sharded to keep lock contention low.
 //! Entries expire after a TTL (the backstop) and are dropped at once by invalidations; unknown
 //! keys are cached too, for a shorter TTL, so a flood of bad keys does not reach PostgreSQL.
+//! The cache is bounded: a full shard drops its expired entries first, then unknown keys, then
+//! whatever it must, counting each eviction.
 
 use std::{
     collections::HashMap,
@@ -8,6 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use prometheus::IntCounter;
 use tollgate_core::{
     invalidation::{Invalidation, InvalidationKind},
     keys::KeyHash,
@@ -29,6 +32,8 @@ pub struct KeyCache {
     shards: Vec<RwLock<HashMap<KeyHash, Entry>>>,
     ttl: Duration,
     negative_ttl: Duration,
+    shard_capacity: usize,
+    evictions: IntCounter,
 }
 
 pub enum Lookup {
@@ -38,8 +43,14 @@ pub enum Lookup {
 }
 
 impl KeyCache {
-    pub fn new(ttl: Duration, negative_ttl: Duration) -> Self {
-        Self { shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(), ttl, negative_ttl }
+    pub fn new(ttl: Duration, negative_ttl: Duration, max_entries: usize, evictions: IntCounter) -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            ttl,
+            negative_ttl,
+            shard_capacity: max_entries.div_ceil(SHARDS).max(1),
+            evictions,
+        }
     }
 
     fn shard(&self, hash: &KeyHash) -> &RwLock<HashMap<KeyHash, Entry>> {
@@ -65,8 +76,28 @@ impl KeyCache {
     pub fn insert(&self, hash: KeyHash, ctx: Option<AuthContext>) -> Option<Arc<AuthContext>> {
         let ttl = if ctx.is_some() { self.ttl } else { self.negative_ttl };
         let ctx = ctx.map(Arc::new);
-        write(self.shard(&hash)).insert(hash, Entry { ctx: ctx.clone(), fresh_until: Instant::now() + ttl });
+        let mut shard = write(self.shard(&hash));
+        if !shard.contains_key(&hash) && shard.len() >= self.shard_capacity {
+            self.make_room(&mut shard);
+        }
+        shard.insert(hash, Entry { ctx: ctx.clone(), fresh_until: Instant::now() + ttl });
         ctx
+    }
+
+    /// Frees at least one place in a full shard.
+    fn make_room(&self, shard: &mut HashMap<KeyHash, Entry>) {
+        let before = shard.len();
+        let now = Instant::now();
+        shard.retain(|_, e| e.fresh_until > now);
+        if shard.len() >= self.shard_capacity {
+            shard.retain(|_, e| e.ctx.is_some());
+        }
+        if shard.len() >= self.shard_capacity {
+            if let Some(victim) = shard.keys().next().copied() {
+                shard.remove(&victim);
+            }
+        }
+        self.evictions.inc_by((before - shard.len()) as u64);
     }
 
     pub fn len(&self) -> usize {
@@ -106,9 +137,25 @@ mod tests {
     use super::*;
     use crate::auth::tests::context;
 
+    fn cache(max_entries: usize) -> KeyCache {
+        KeyCache::new(Duration::from_secs(60), Duration::from_secs(5), max_entries, IntCounter::new("e", "e").unwrap())
+    }
+
+    #[test]
+    fn unknown_keys_cannot_grow_the_cache_without_bound() {
+        let cache = cache(64);
+        cache.insert(hash_key("known"), Some(context(1, 1)));
+        for i in 0..10_000 {
+            cache.insert(hash_key(&format!("unknown-{i}")), None);
+        }
+        assert!(cache.len() <= 64, "{} entries", cache.len());
+        assert!(cache.evictions.get() >= 10_000 - 64);
+        assert!(matches!(cache.get(&hash_key("known")), Lookup::Hit(_)), "known keys are evicted last");
+    }
+
     #[test]
     fn invalidation_drops_matching_entries_only() {
-        let cache = KeyCache::new(Duration::from_secs(60), Duration::from_secs(5));
+        let cache = cache(1000);
         cache.insert(hash_key("a"), Some(context(1, 10)));
         cache.insert(hash_key("b"), Some(context(2, 20)));
         cache.insert(hash_key("c"), None);

@@ -92,6 +92,8 @@ pub fn run(config: GatewayConfig) -> anyhow::Result<()> {
     let keys = Arc::new(KeyCache::new(
         Duration::from_secs(config.key_cache_ttl_seconds),
         Duration::from_secs(config.negative_cache_ttl_seconds),
+        config.key_cache_max_entries,
+        metrics.key_cache_evictions.clone(),
     ));
     let spool = Arc::new(Spool::new(&config.spool_dir)?);
     let (sink, writer) = support.block_on(async {
@@ -122,7 +124,12 @@ pub fn run(config: GatewayConfig) -> anyhow::Result<()> {
     let state = Arc::new(GatewayState {
         limiter,
         metered_paths: metered_paths(&config),
-        auth_failures: FailedAuthThrottle::per_minute(config.failed_auth_per_minute),
+        auth_failures: FailedAuthThrottle::new(
+            config.failed_auth_per_minute,
+            config.failed_auth_max_addresses,
+            metrics.auth_throttle_evictions.clone(),
+        ),
+        trusted_proxies: config.trusted_proxy_ranges()?,
         upstream,
         keys,
         catalog,

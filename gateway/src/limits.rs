@@ -17,7 +17,7 @@ use rust_decimal::Decimal;
 use sqlx::PgPool;
 use tollgate_core::{
     limiter::{
-        micros_ceil, Demand, Limiter, Observations, Reason, RedisConn, RedisLimiter, Reservation, ResilientLimiter,
+        nanos_ceil, Demand, Limiter, Observations, Reason, RedisConn, RedisLimiter, Reservation, ResilientLimiter,
         Scope, ScopeKind, SpendSource, Standing,
     },
     limits::Enforcement,
@@ -26,10 +26,9 @@ use tollgate_core::{
 use crate::{
     admission::Admitted,
     auth::{ActiveSubscription, AuthContext},
-    catalog::ModelInfo,
     config::GatewayConfig,
     error::GatewayError,
-    request::RequestFacts,
+    meter::Usage,
     state::GatewayState,
 };
 
@@ -51,19 +50,13 @@ pub fn scopes(auth: &AuthContext, subscription: &ActiveSubscription) -> Vec<Scop
     out
 }
 
-/// The most a request can use: its prompt estimate plus its completion allowance, priced.
-pub fn demand(
-    request_id: &str,
-    facts: &RequestFacts,
-    model: &ModelInfo,
-    endpoint: &str,
-    default_max_tokens: u64,
-) -> Demand {
-    let completion = if endpoint.ends_with("/embeddings") { 0 } else { facts.max_tokens.unwrap_or(default_max_tokens) };
+/// What a request asks of every scope: its ceiling, priced.
+pub fn demand(request_id: &str, admitted: &Admitted) -> Demand {
+    let Usage { prompt_tokens, completion_tokens } = admitted.ceiling;
     Demand {
         request_id: request_id.to_string(),
-        tokens: facts.estimated_prompt_tokens + completion,
-        cost_micros: micros_ceil(model.cost(facts.estimated_prompt_tokens, completion)),
+        tokens: prompt_tokens + completion_tokens,
+        cost_nanos: nanos_ceil(admitted.model.cost(prompt_tokens, completion_tokens)),
     }
 }
 
@@ -104,7 +97,6 @@ impl RateHeaders {
 pub async fn reserve(
     state: &GatewayState,
     request_id: &str,
-    endpoint: &str,
     admitted: &Admitted,
     rate: &mut RateHeaders,
 ) -> Result<Option<Reservation>, GatewayError> {
@@ -112,7 +104,7 @@ pub async fn reserve(
     if scopes.is_empty() {
         return Ok(None);
     }
-    let demand = demand(request_id, &admitted.facts, &admitted.model, endpoint, state.config.default_max_tokens);
+    let demand = demand(request_id, admitted);
     let metrics = &state.metrics;
     let limiter = &state.limiter.limiter;
     let started = Instant::now();
@@ -149,7 +141,7 @@ pub async fn reserve(
 }
 
 /// After the response, off the client's path: replaces a reservation with what the request used
-/// (`(tokens, micro-USD)`), or gives it all back when the upstream never answered (`None`).
+/// (`(tokens, nano-USD)`), or gives it all back when the upstream never answered (`None`).
 pub fn settle(state: &GatewayState, reservation: Reservation, used: Option<(u64, i64)>) {
     let limiter = state.limiter.limiter.clone();
     state.support.spawn(async move {
@@ -171,7 +163,7 @@ pub struct PgSpend {
 
 #[async_trait]
 impl SpendSource for PgSpend {
-    async fn spent_micros(&self, scope: &Scope, since: NaiveDate) -> Result<i64, String> {
+    async fn spent_nanos(&self, scope: &Scope, since: NaiveDate) -> Result<i64, String> {
         let column = match scope.kind {
             ScopeKind::Key => "key_id",
             ScopeKind::User => "user_id",
@@ -186,7 +178,7 @@ impl SpendSource for PgSpend {
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
-        Ok(tollgate_core::limiter::micros_round(spent))
+        Ok(tollgate_core::limiter::nanos_round(spent))
     }
 }
 

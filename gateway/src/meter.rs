@@ -16,18 +16,26 @@ pub struct Usage {
     pub completion_tokens: u64,
 }
 
-/// Largest JSON response body kept to read its usage.
+/// Largest JSON response body kept whole to read its usage.
 const MAX_JSON_BODY: usize = 16 * 1024 * 1024;
+/// Of a larger body, this much of its end is kept: OpenAI-shaped answers put `usage` last.
+const JSON_TAIL: usize = 64 * 1024;
 
 #[derive(Debug, Default)]
 pub enum Meter {
     #[default]
     Off,
-    Json {
-        body: BytesMut,
-        overflow: bool,
-    },
+    Json(JsonMeter),
     Sse(SseMeter),
+}
+
+#[derive(Debug, Default)]
+pub struct JsonMeter {
+    /// The whole body while it fits `MAX_JSON_BODY`, then only its last `JSON_TAIL` bytes.
+    kept: BytesMut,
+    overflow: bool,
+    /// Bytes seen in all.
+    seen: u64,
 }
 
 #[derive(Debug, Default)]
@@ -68,7 +76,7 @@ struct Delta {
 
 impl Meter {
     pub fn json() -> Self {
-        Meter::Json { body: BytesMut::new(), overflow: false }
+        Meter::Json(JsonMeter::default())
     }
 
     pub fn sse(strip_usage: bool) -> Self {
@@ -89,13 +97,9 @@ impl Meter {
     pub fn feed(&mut self, chunk: &mut Option<Bytes>, end_of_stream: bool) {
         match self {
             Meter::Off => {}
-            Meter::Json { body, overflow } => {
+            Meter::Json(json) => {
                 if let Some(c) = chunk.as_ref() {
-                    if body.len() + c.len() > MAX_JSON_BODY {
-                        *overflow = true;
-                    } else if !*overflow {
-                        body.extend_from_slice(c);
-                    }
+                    json.feed(c);
                 }
             }
             Meter::Sse(sse) => sse.feed(chunk, end_of_stream),
@@ -106,20 +110,45 @@ impl Meter {
     pub fn reported(&self) -> Option<Usage> {
         match self {
             Meter::Off => None,
-            Meter::Json { body, overflow: false } => {
-                serde_json::from_slice::<UsageCarrier>(body).ok().and_then(|c| c.usage)
-            }
-            Meter::Json { .. } => None,
+            Meter::Json(json) => json.usage(),
             Meter::Sse(sse) => sse.usage,
         }
     }
 
-    /// Completion tokens estimated from what was streamed (for streams without usage).
+    /// Completion tokens estimated from what was answered (for answers without usage): the text
+    /// of a stream, or the size of a JSON body.
     pub fn estimated_completion_tokens(&self) -> u64 {
         match self {
             Meter::Sse(sse) => estimate_tokens(sse.streamed_chars as usize),
-            _ => 0,
+            Meter::Json(json) => estimate_tokens(json.seen as usize),
+            Meter::Off => 0,
         }
+    }
+}
+
+impl JsonMeter {
+    fn feed(&mut self, chunk: &[u8]) {
+        self.seen += chunk.len() as u64;
+        if !self.overflow && self.kept.len() + chunk.len() > MAX_JSON_BODY {
+            self.overflow = true;
+        }
+        self.kept.extend_from_slice(chunk);
+        if self.overflow && self.kept.len() > 2 * JSON_TAIL {
+            let _ = self.kept.split_to(self.kept.len() - JSON_TAIL);
+        }
+    }
+
+    fn usage(&self) -> Option<Usage> {
+        if !self.overflow {
+            return serde_json::from_slice::<UsageCarrier>(&self.kept).ok().and_then(|c| c.usage);
+        }
+        // Too large to keep whole: read the last `"usage": {...}` of the tail.
+        let tail = &self.kept[..];
+        let at = tail.windows(7).rposition(|w| w == b"\"usage\"")?;
+        let rest = &tail[at + 7..];
+        let colon = rest.iter().position(|b| !b.is_ascii_whitespace())?;
+        let rest = rest[colon..].strip_prefix(b":")?;
+        serde_json::Deserializer::from_slice(rest).into_iter::<Usage>().next()?.ok()
     }
 }
 
@@ -252,6 +281,20 @@ mod tests {
         assert_eq!(m.reported(), None);
         // "Hello from the mock provider" is 28 characters.
         assert_eq!(m.estimated_completion_tokens(), 7);
+    }
+
+    #[test]
+    fn usage_of_a_json_body_over_the_buffer_is_read_from_its_tail() {
+        let mut m = Meter::json();
+        let filler = "x".repeat(1024 * 1024);
+        let mut body = String::from(r#"{"id":"x","data":["#);
+        for i in 0..20 {
+            body.push_str(&format!("{}\"{filler}\"", if i > 0 { "," } else { "" }));
+        }
+        body.push_str(r#"],"usage": {"prompt_tokens":12,"completion_tokens":3,"total_tokens":15}}"#);
+        run(&mut m, &body, 100_000);
+        assert_eq!(m.reported(), Some(Usage { prompt_tokens: 12, completion_tokens: 3 }));
+        assert!(m.estimated_completion_tokens() > 5_000_000);
     }
 
     #[test]

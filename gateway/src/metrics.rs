@@ -24,6 +24,12 @@ pub struct Metrics {
     pub rejections: IntCounterVec,
     pub key_cache_hits: IntCounter,
     pub key_cache_misses: IntCounter,
+    /// Entries in the key cache (set when scraped).
+    pub key_cache_entries: IntGauge,
+    pub key_cache_evictions: IntCounter,
+    /// Client addresses the failed-authentication throttle tracks (set when scraped).
+    pub auth_throttle_addresses: IntGauge,
+    pub auth_throttle_evictions: IntCounter,
     pub usage_queue_depth: IntGauge,
     pub usage_rows_spooled: IntCounter,
     pub usage_rows_flushed: IntCounter,
@@ -77,6 +83,11 @@ impl Metrics {
         let fallback_active =
             IntGauge::new("limiter_fallback_active", "1 while limits are checked without Redis").expect("metric");
         registry.register(Box::new(fallback_active.clone())).expect("register");
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("metric");
+            registry.register(Box::new(g.clone())).expect("register");
+            g
+        };
         let usage_queue_depth =
             IntGauge::new("usage_queue_depth", "Usage rows waiting for the writer").expect("metric");
         registry.register(Box::new(usage_queue_depth.clone())).expect("register");
@@ -99,6 +110,16 @@ impl Metrics {
             ),
             key_cache_hits: counter("key_cache_hits_total", "Key lookups answered from the cache"),
             key_cache_misses: counter("key_cache_misses_total", "Key lookups that read PostgreSQL"),
+            key_cache_entries: gauge("key_cache_entries", "Keys (known and unknown) in the key cache"),
+            key_cache_evictions: counter("key_cache_evictions_total", "Keys dropped from the full key cache"),
+            auth_throttle_addresses: gauge(
+                "auth_throttle_addresses",
+                "Client addresses tracked by the failed-authentication throttle",
+            ),
+            auth_throttle_evictions: counter(
+                "auth_throttle_evictions_total",
+                "Addresses dropped from the full failed-authentication throttle",
+            ),
             usage_queue_depth,
             usage_rows_spooled: counter("usage_rows_spooled_total", "Usage rows written to the disk spool"),
             usage_rows_flushed: counter("usage_rows_flushed_total", "Usage rows written to PostgreSQL"),

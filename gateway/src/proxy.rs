@@ -23,7 +23,7 @@ use pingora::{
     Error, ErrorType, Result,
 };
 
-use tollgate_core::limiter::micros_round;
+use tollgate_core::limiter::nanos_round;
 
 use crate::{
     admission, auth,
@@ -34,6 +34,7 @@ use crate::{
     outcome::{ErrorKind, Outcome},
     request,
     state::GatewayState,
+    upstream::Upstream,
     usage::UsageRow,
 };
 
@@ -98,11 +99,10 @@ impl Gateway {
     /// Returns the body the upstream gets.
     async fn admit_and_reserve(&self, ctx: &mut RequestCtx, body: Bytes) -> std::result::Result<Bytes, GatewayError> {
         let caller = ctx.caller.as_ref().ok_or(GatewayError::Internal)?;
-        let (admitted, out) = admission::admit(&self.state, caller, body)?;
+        let (admitted, out) = admission::admit(&self.state, caller, &ctx.endpoint, body)?;
         ctx.meter = Meter::for_request(&admitted.facts);
         let admitted = ctx.admitted.insert(admitted);
-        admitted.reservation =
-            limits::reserve(&self.state, &ctx.request_id, &ctx.endpoint, admitted, &mut ctx.rate).await?;
+        admitted.reservation = limits::reserve(&self.state, &ctx.request_id, admitted, &mut ctx.rate).await?;
         Ok(out)
     }
 }
@@ -124,7 +124,13 @@ impl ProxyHttp for Gateway {
         if !models_call && !metered_call {
             return self.refuse(session, ctx, GatewayError::NotFound(path)).await;
         }
-        let caller = match auth::authenticate(&self.state, session.req_header(), auth::client_ip(session)).await {
+        let caller = match auth::authenticate(
+            &self.state,
+            session.req_header(),
+            auth::client_ip(session, &self.state.trusted_proxies),
+        )
+        .await
+        {
             Ok(caller) => caller,
             Err(e) => return self.refuse(session, ctx, e).await,
         };
@@ -211,7 +217,14 @@ impl ProxyHttp for Gateway {
         req: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        self.state.upstream.prepare(req, &ctx.request_id, ctx.caller.as_deref(), &ctx.body)
+        *req = self.state.upstream.request_header(
+            req,
+            &ctx.endpoint,
+            &ctx.request_id,
+            ctx.caller.as_deref(),
+            &ctx.body,
+        )?;
+        Ok(())
     }
 
     async fn response_filter(
@@ -238,6 +251,7 @@ impl ProxyHttp for Gateway {
             (Meter::Sse(_), true, false) => ctx.meter = Meter::json(),
             _ => {}
         }
+        Upstream::filter_response(resp);
         resp.insert_header("x-request-id", ctx.request_id.as_str())?;
         for (name, value) in ctx.rate.headers() {
             resp.insert_header(name, value)?;
@@ -297,11 +311,11 @@ impl ProxyHttp for Gateway {
             row.as_ref(),
         );
         if let Some(reservation) = ctx.admitted.as_mut().and_then(|a| a.reservation.take()) {
-            // The upstream never answered: everything goes back.
+            // `None`: the upstream never answered, everything goes back.
             let used = row
                 .as_ref()
-                .filter(|_| ctx.ttfb_ms.is_some())
-                .map(|r| ((r.prompt_tokens + r.completion_tokens) as u64, micros_round(r.cost)));
+                .filter(|r| r.settles())
+                .map(|r| ((r.prompt_tokens + r.completion_tokens) as u64, nanos_round(r.cost)));
             limits::settle(s, reservation, used);
         }
         if let Some(row) = row {

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use sqlx::PgPool;
+use tollgate_core::net::Cidr;
 
 use crate::{
     auth::FailedAuthThrottle, catalog::ModelCatalog, config::GatewayConfig, key_cache::KeyCache, limits::LimiterHandle,
@@ -21,6 +22,8 @@ pub struct GatewayState {
     pub usage: UsageSink,
     pub metrics: Arc<Metrics>,
     pub auth_failures: FailedAuthThrottle,
+    /// Proxies whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: Vec<Cidr>,
     /// Paths proxied with authentication and metering.
     pub metered_paths: Vec<String>,
     pub limiter: Arc<LimiterHandle>,

@@ -1,33 +1,41 @@
-//! What the upstream receives: where it is ([`Upstream`], resolved once at start), the peer each
-//! request connects to, and the request header it is sent, with the upstream's own credential in
-//! place of the client's and identity headers the gateway sets itself.
+//! What the upstream receives and what comes back: where the upstream is ([`Upstream`], resolved
+//! once at start), the peer each request connects to, the request header it is sent, and the
+//! response headers the client may see.
+//!
+//! Both directions are built from allowlists, never by removing what looks dangerous: the request
+//! header is made anew by the gateway (method, the allowlisted path with no query string, a few
+//! content-negotiation headers from the client, the upstream's own credential and identity
+//! headers the gateway sets itself), so nothing a client adds (`x-litellm-*`, a `model` query
+//! parameter, a second credential) reaches the upstream; response headers the upstream adds
+//! (`x-litellm-*`, `llm_provider-*`, its own rate limits) never reach the client.
 
 use std::{
     net::{SocketAddr, ToSocketAddrs},
     time::Duration,
 };
 
-use pingora::{http::RequestHeader, prelude::HttpPeer, ErrorType, OrErr, Result};
+use pingora::{
+    http::{RequestHeader, ResponseHeader},
+    prelude::HttpPeer,
+    Result,
+};
 
 use crate::{auth::AuthContext, config::GatewayConfig, context::BodyMode};
 
-/// Headers never forwarded upstream: hop-by-hop ones, the client's credentials, and identity
-/// headers a client might try to forge.
-const DROPPED_HEADERS: &[&str] = &[
-    "authorization",
-    "api-key",
-    "x-api-key",
-    "proxy-authorization",
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "upgrade",
-    "accept-encoding",
-    "x-tollgate-user-id",
-    "x-tollgate-team-id",
-    "x-tollgate-key-id",
+/// Client headers copied to the upstream request; every other client header stays behind.
+const FORWARDED_REQUEST_HEADERS: &[&str] = &["content-type", "accept", "user-agent"];
+
+/// Upstream response headers the client sees (framing, caching, and what an OpenAI client reads);
+/// the gateway adds its own `x-request-id` and `x-ratelimit-*`.
+const FORWARDED_RESPONSE_HEADERS: &[&str] = &[
+    "content-type",
+    "content-length",
+    "transfer-encoding",
+    "cache-control",
+    "date",
+    "retry-after",
+    "openai-version",
+    "openai-processing-ms",
 ];
 
 /// Where requests go: resolved once at start.
@@ -43,6 +51,8 @@ pub struct Upstream {
     pub authorization: Option<String>,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
+    /// Client headers the operator chose to forward besides [`FORWARDED_REQUEST_HEADERS`].
+    pub extra_headers: Vec<String>,
 }
 
 impl Upstream {
@@ -73,6 +83,7 @@ impl Upstream {
             authorization: config.upstream_api_key.as_ref().filter(|k| !k.is_empty()).map(|k| format!("Bearer {k}")),
             connect_timeout: Duration::from_millis(config.upstream_connect_timeout_ms),
             read_timeout: Duration::from_secs(config.upstream_timeout_seconds),
+            extra_headers: config.forward_request_headers.clone(),
         })
     }
 
@@ -84,44 +95,56 @@ impl Upstream {
         Box::new(peer)
     }
 
-    /// Rewrites the client's request header into the one the upstream receives.
-    pub fn prepare(
+    /// The request header the upstream receives for a call to the metered `endpoint`, built
+    /// anew from the client's `req`.
+    pub fn request_header(
         &self,
-        req: &mut RequestHeader,
+        client: &RequestHeader,
+        endpoint: &str,
         request_id: &str,
         caller: Option<&AuthContext>,
         body: &BodyMode,
-    ) -> Result<()> {
-        for h in DROPPED_HEADERS {
-            req.remove_header(*h);
+    ) -> Result<RequestHeader> {
+        let path = format!("{}{endpoint}", self.base_path);
+        let mut req = RequestHeader::build(client.method.clone(), path.as_bytes(), Some(12))?;
+        let names = FORWARDED_REQUEST_HEADERS.iter().copied().chain(self.extra_headers.iter().map(String::as_str));
+        for name in names {
+            if let Some(value) = client.headers.get(name) {
+                req.insert_header(name.to_string(), value.clone())?;
+            }
         }
+        req.insert_header("host", self.authority.as_str())?;
         if let Some(auth) = &self.authorization {
             req.insert_header("authorization", auth.as_str())?;
         }
-        req.insert_header("host", self.authority.as_str())?;
         req.insert_header("x-request-id", request_id)?;
         if let Some(auth) = caller {
             req.insert_header("x-tollgate-user-id", auth.user_id.to_string())?;
             req.insert_header("x-tollgate-team-id", auth.team_id.to_string())?;
             req.insert_header("x-tollgate-key-id", auth.key_id.to_string())?;
         }
-        if !self.base_path.is_empty() {
-            let pq = req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-            let uri = format!("{}{pq}", self.base_path);
-            req.set_uri(uri.parse().or_err(ErrorType::InternalError, "upstream uri")?);
-        }
         match body {
-            BodyMode::Judged(Some(out)) => {
-                req.insert_header("content-length", out.len().to_string())?;
-            }
+            BodyMode::Judged(Some(out)) => req.insert_header("content-length", out.len().to_string())?,
             BodyMode::Collecting(_) => {
                 // The judged body may differ in length from what the client announced.
-                req.remove_header("content-length");
-                req.insert_header("transfer-encoding", "chunked")?;
+                req.insert_header("transfer-encoding", "chunked")?
             }
-            _ => {}
+            _ => {
+                if let Some(len) = client.headers.get("content-length") {
+                    req.insert_header("content-length", len.clone())?;
+                }
+            }
         }
-        Ok(())
+        Ok(req)
+    }
+
+    /// Drops every upstream response header that is not on the allowlist.
+    pub fn filter_response(resp: &mut ResponseHeader) {
+        let dropped: Vec<_> =
+            resp.headers.keys().filter(|name| !FORWARDED_RESPONSE_HEADERS.contains(&name.as_str())).cloned().collect();
+        for name in dropped {
+            resp.remove_header(&name);
+        }
     }
 }
 

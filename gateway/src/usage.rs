@@ -46,24 +46,33 @@ pub struct UsageRow {
 impl UsageRow {
     /// The row a finished request leaves: `None` when it never reached the upstream (refusals
     /// are counted in metrics, not billed). `errored`: the exchange ended in an error.
+    ///
+    /// A request the upstream worked on is never billed $0 for want of a usage report: a stream
+    /// is estimated from its prompt and the text it carried; a JSON answer from its prompt and
+    /// its size; a request whose client left before the answer was complete is billed its
+    /// ceiling (the upstream did, or is doing, the work).
     pub fn for_request(ctx: &RequestCtx, errored: bool) -> Option<UsageRow> {
         let admitted = ctx.admitted.as_ref()?;
         ctx.upstream_sent?;
         let (auth, model, facts) = (&admitted.auth, &admitted.model, &admitted.facts);
         let ok = (200..300).contains(&ctx.status);
-        let cut = if errored { ErrorKind::Interrupted } else { ErrorKind::UsageMissing };
+        let answered = ctx.ttfb_ms.is_some();
+        let left_early = ctx.error_kind == Some(ErrorKind::ClientDisconnected);
+        let estimate = |completion: u64| Usage {
+            prompt_tokens: facts.estimated_prompt_tokens,
+            completion_tokens: completion.min(admitted.ceiling.completion_tokens),
+        };
         let (usage, error_kind) = match ctx.meter.reported() {
             Some(u) => (u, errored.then_some(ErrorKind::Interrupted)),
-            // The stream ended without usage (interrupted, or an upstream that does not report
-            // it): estimate from what was sent and streamed.
-            None if ok && facts.stream => (
-                Usage {
-                    prompt_tokens: facts.estimated_prompt_tokens,
-                    completion_tokens: ctx.meter.estimated_completion_tokens(),
-                },
-                Some(cut),
+            None if !answered && left_early => (admitted.ceiling, Some(ErrorKind::ClientDisconnected)),
+            None if answered && ok && facts.stream => (
+                estimate(ctx.meter.estimated_completion_tokens()),
+                Some(if errored { ErrorKind::Interrupted } else { ErrorKind::UsageMissing }),
             ),
-            None if ok => (Usage::default(), Some(ErrorKind::UsageMissing)),
+            None if answered && ok && errored => (admitted.ceiling, Some(ErrorKind::Interrupted)),
+            None if answered && ok => {
+                (estimate(ctx.meter.estimated_completion_tokens()), Some(ErrorKind::UsageMissing))
+            }
             None => (Usage::default(), Some(ctx.error_kind.unwrap_or(ErrorKind::UpstreamStatus))),
         };
         Some(UsageRow {
@@ -84,6 +93,12 @@ impl UsageRow {
             stream: facts.stream,
             error_kind: error_kind.map(|k| k.as_str().to_owned()),
         })
+    }
+
+    /// Whether the request's reservation is replaced by this row's usage (the upstream answered,
+    /// or the client left while it worked), rather than given back (the upstream never answered).
+    pub fn settles(&self) -> bool {
+        self.ttfb_ms.is_some() || self.error_kind.as_deref() == Some(ErrorKind::ClientDisconnected.as_str())
     }
 }
 

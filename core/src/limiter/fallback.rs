@@ -24,7 +24,7 @@ pub struct LastKnown {
     pub at: i64,
     pub rpm_used: i64,
     pub tpm_used: i64,
-    /// Budget left (micro-USD) after the last reservation, if the scope has a budget.
+    /// Budget left (nano-USD) after the last reservation, if the scope has a budget.
     pub budget_left: Option<i64>,
 }
 
@@ -109,7 +109,7 @@ impl FallbackLimiter {
             BudgetPeriod::Monthly => today.with_day(1),
         }
         .unwrap_or(today);
-        match self.seed.spent_micros(scope, since).await {
+        match self.seed.spent_nanos(scope, since).await {
             Ok(spent) => share(budget - spent, replicas),
             // Neither Redis nor PostgreSQL can say what is left: admit nothing against it.
             Err(_) => 0,
@@ -127,7 +127,7 @@ impl Limiter for FallbackLimiter {
         for s in scopes.iter().filter(|s| s.limits.max_budget.is_some()) {
             let known = crate::sync::lock(&self.scopes).get(&s.redis_prefix()).is_some_and(|l| l.budget_left.is_some());
             if !known {
-                let budget = s.limits.max_budget_micros().unwrap_or(0);
+                let budget = s.limits.max_budget_nanos().unwrap_or(0);
                 initial.insert(s.redis_prefix(), self.initial_budget(s, budget, replicas).await);
             }
         }
@@ -154,7 +154,7 @@ impl Limiter for FallbackLimiter {
                 Some(Reason::Rpm)
             } else if s.limits.tpm.is_some_and(|l| tokens + demand.tokens as i64 > share(l, replicas)) {
                 Some(Reason::Tpm)
-            } else if entry.budget_left.is_some_and(|left| demand.cost_micros > left || left <= 0) {
+            } else if entry.budget_left.is_some_and(|left| demand.cost_nanos > left || left <= 0) {
                 Some(Reason::Budget)
             } else {
                 None
@@ -179,7 +179,7 @@ impl Limiter for FallbackLimiter {
             if let Some(entry) = local.get_mut(&s.redis_prefix()) {
                 entry.add(now, 1, demand.tokens as i64);
                 if let Some(left) = entry.budget_left.as_mut() {
-                    *left -= demand.cost_micros;
+                    *left -= demand.cost_nanos;
                 }
             }
         }
@@ -196,16 +196,16 @@ impl Limiter for FallbackLimiter {
         })
     }
 
-    async fn settle(&self, reservation: &Reservation, tokens: u64, cost_micros: i64) -> Result<(), LimiterError> {
+    async fn settle(&self, reservation: &Reservation, tokens: u64, cost_nanos: i64) -> Result<(), LimiterError> {
         crate::sync::lock(&self.unsynced)
-            .extend(reservation.held.iter().map(|h| (h.scope.clone(), cost_micros, now_secs())));
+            .extend(reservation.held.iter().map(|h| (h.scope.clone(), cost_nanos, now_secs())));
         let mut local = crate::sync::lock(&self.scopes);
         let d = &reservation.demand;
         for h in &reservation.held {
             if let Some(entry) = local.get_mut(&h.scope.redis_prefix()) {
                 entry.add(h.made_at, 0, tokens as i64 - d.tokens as i64);
                 if let Some(left) = entry.budget_left.as_mut() {
-                    *left += d.cost_micros - cost_micros;
+                    *left += d.cost_nanos - cost_nanos;
                 }
             }
         }
@@ -219,7 +219,7 @@ impl Limiter for FallbackLimiter {
             if let Some(entry) = local.get_mut(&h.scope.redis_prefix()) {
                 entry.add(h.made_at, -1, -(d.tokens as i64));
                 if let Some(left) = entry.budget_left.as_mut() {
-                    *left += d.cost_micros;
+                    *left += d.cost_nanos;
                 }
             }
         }

@@ -60,8 +60,8 @@ pub struct Demand {
     pub request_id: String,
     /// Prompt estimate plus the completion allowance.
     pub tokens: u64,
-    /// The most the request can cost, in micro-USD.
-    pub cost_micros: i64,
+    /// The most the request can cost, in nano-USD.
+    pub cost_nanos: i64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,7 +145,7 @@ pub enum LimiterError {
 /// Where a budget scope's spend so far in a period comes from when Redis has lost it.
 #[async_trait]
 pub trait SpendSource: Send + Sync {
-    async fn spent_micros(&self, scope: &Scope, since: NaiveDate) -> Result<i64, String>;
+    async fn spent_nanos(&self, scope: &Scope, since: NaiveDate) -> Result<i64, String>;
 }
 
 #[async_trait]
@@ -153,7 +153,7 @@ pub trait Limiter: Send + Sync {
     /// Reserves `demand` in every scope, or in none.
     async fn reserve(&self, scopes: &[Scope], demand: &Demand) -> Result<Admission, LimiterError>;
     /// Replaces a reservation with what was really used.
-    async fn settle(&self, reservation: &Reservation, tokens: u64, cost_micros: i64) -> Result<(), LimiterError>;
+    async fn settle(&self, reservation: &Reservation, tokens: u64, cost_nanos: i64) -> Result<(), LimiterError>;
     /// Gives a reservation back whole (nothing reached the upstream).
     async fn release(&self, reservation: &Reservation) -> Result<(), LimiterError>;
 }
@@ -170,16 +170,20 @@ pub fn period_start(period: &str) -> Option<NaiveDate> {
     }
 }
 
-/// Micro-USD from a decimal amount of USD, rounded up (a reservation never under-counts).
-pub fn micros_ceil(usd: rust_decimal::Decimal) -> i64 {
+/// Nano-USD in one USD. Money is counted in integer nano-USD: a cheap model's request costs a few
+/// micro-USD, and rounding each to whole micro-USD would let many of them spend nothing.
+pub const NANOS_PER_USD: i64 = 1_000_000_000;
+
+/// Nano-USD from a decimal amount of USD, rounded up (a reservation never under-counts).
+pub fn nanos_ceil(usd: rust_decimal::Decimal) -> i64 {
     use rust_decimal::prelude::ToPrimitive;
-    (usd * rust_decimal::Decimal::from(1_000_000)).ceil().to_i64().unwrap_or(i64::MAX)
+    (usd * rust_decimal::Decimal::from(NANOS_PER_USD)).ceil().to_i64().unwrap_or(i64::MAX)
 }
 
-/// Micro-USD from a decimal amount of USD, rounded to nearest (what was really spent).
-pub fn micros_round(usd: rust_decimal::Decimal) -> i64 {
+/// Nano-USD from a decimal amount of USD, rounded to nearest (what was really spent).
+pub fn nanos_round(usd: rust_decimal::Decimal) -> i64 {
     use rust_decimal::prelude::ToPrimitive;
-    (usd * rust_decimal::Decimal::from(1_000_000)).round().to_i64().unwrap_or(i64::MAX)
+    (usd * rust_decimal::Decimal::from(NANOS_PER_USD)).round().to_i64().unwrap_or(i64::MAX)
 }
 
 pub(crate) fn period_arg(p: BudgetPeriod) -> &'static str {

@@ -145,7 +145,7 @@ impl RedisLimiter {
         self
     }
 
-    /// Adds spend admitted elsewhere (by the fallback; `(scope, micro-USD, settled at)`) to each
+    /// Adds spend admitted elsewhere (by the fallback; `(scope, nano-USD, settled at)`) to each
     /// scope's current budget period, unless the period was seeded after it was settled.
     pub async fn add_spend(&self, spends: &[(Scope, i64, i64)]) -> Result<(), LimiterError> {
         let calls: Vec<Call> = spends
@@ -216,7 +216,7 @@ impl RedisLimiter {
         Call {
             request_id: demand.request_id.clone(),
             tokens: demand.tokens,
-            cost: demand.cost_micros,
+            cost: demand.cost_nanos,
             entries: scopes
                 .iter()
                 .enumerate()
@@ -324,7 +324,7 @@ fn invocation<'a>(op: &str, calls: &[Call], lease_secs: u64, offset: i64) -> red
             inv.arg(index)
                 .arg(l.rpm.unwrap_or(-1))
                 .arg(l.tpm.unwrap_or(-1))
-                .arg(l.max_budget_micros().unwrap_or(-1))
+                .arg(l.max_budget_nanos().unwrap_or(-1))
                 .arg(period_arg(l.budget_period))
                 .arg(enforcement_arg(l.enforcement))
                 .arg(a)
@@ -414,7 +414,7 @@ impl Limiter for RedisLimiter {
             for &i in &missing {
                 let since = period_start(&replies[i].3)
                     .ok_or_else(|| LimiterError::Protocol(format!("period {}", replies[i].3)))?;
-                seeds.insert(i, self.seed.spent_micros(scopes[i], since).await.map_err(LimiterError::Seed)?);
+                seeds.insert(i, self.seed.spent_nanos(scopes[i], since).await.map_err(LimiterError::Seed)?);
             }
             if self.coalescer.is_some() {
                 // One node: nothing of the request was applied; reserve it whole again.
@@ -485,7 +485,7 @@ impl Limiter for RedisLimiter {
         }
         if refusal.is_some() {
             // Only a cluster applies scopes one by one; on one node `held` is empty here.
-            self.undo("refund", &held, demand, demand.tokens, demand.cost_micros).await?;
+            self.undo("refund", &held, demand, demand.tokens, demand.cost_nanos).await?;
             return Ok(Admission { refusal, warnings, standing, reservation: None });
         }
         Ok(Admission {
@@ -496,12 +496,12 @@ impl Limiter for RedisLimiter {
         })
     }
 
-    async fn settle(&self, reservation: &Reservation, tokens: u64, cost_micros: i64) -> Result<(), LimiterError> {
-        self.undo("settle", &reservation.held, &reservation.demand, tokens, cost_micros).await
+    async fn settle(&self, reservation: &Reservation, tokens: u64, cost_nanos: i64) -> Result<(), LimiterError> {
+        self.undo("settle", &reservation.held, &reservation.demand, tokens, cost_nanos).await
     }
 
     async fn release(&self, reservation: &Reservation) -> Result<(), LimiterError> {
         let d = &reservation.demand;
-        self.undo("refund", &reservation.held, d, d.tokens, d.cost_micros).await
+        self.undo("refund", &reservation.held, d, d.tokens, d.cost_nanos).await
     }
 }

@@ -124,11 +124,11 @@ impl Limiter for ResilientLimiter {
         self.fallback.reserve(scopes, demand).await
     }
 
-    async fn settle(&self, reservation: &Reservation, tokens: u64, cost_micros: i64) -> Result<(), LimiterError> {
+    async fn settle(&self, reservation: &Reservation, tokens: u64, cost_nanos: i64) -> Result<(), LimiterError> {
         match (reservation.local, self.primary.get()) {
-            (false, Some(p)) => p.settle(reservation, tokens, cost_micros).await,
+            (false, Some(p)) => p.settle(reservation, tokens, cost_nanos).await,
             _ => {
-                self.fallback.settle(reservation, tokens, cost_micros).await?;
+                self.fallback.settle(reservation, tokens, cost_nanos).await?;
                 self.sync_fallback_spend().await;
                 Ok(())
             }

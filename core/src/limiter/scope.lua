@@ -5,8 +5,8 @@
 -- ARGV[1] op: "reserve" | "refund" | "settle" | "spend"
 -- ARGV[2] lease seconds (reserve)      ARGV[3] clock offset seconds (added to Redis TIME; 0 outside tests)
 -- ARGV[4] number of requests, then per request:
---   request id, tokens, cost (micro-USD), number of scopes, then per scope 9 fields:
---   KEYS index, rpm (-1: none), tpm (-1), budget micro-USD (-1), budget period
+--   request id, tokens, cost (nano-USD), number of scopes, then per scope 9 fields:
+--   KEYS index, rpm (-1: none), tpm (-1), budget nano-USD (-1), budget period
 --   (none | daily | weekly | monthly), enforcement (hard | soft | monitor), and
 --   a: reserve: spend so far this period to seed a missing budget with ("" if unknown);
 --      refund/settle: the second the reservation was made in; spend: when it was settled
@@ -14,9 +14,9 @@
 -- For settle and spend, tokens and cost are what was really used.
 --
 -- Windows (RPM, TPM): a hash of per-second buckets plus 't' (the total of the buckets inside the
--- window) and 's' (the last second already taken out of 't'). Budget: "<prefix>:b:<period>"
--- holds settled spend; reservations in flight are "<prefix>:res" (request id -> micro-USD, and
--- "__total") with leases in "<prefix>:lease", swept on every call.
+-- window) and 's' (the last second already taken out of 't'). Budget: "<prefix>:nb:<period>"
+-- holds settled spend; reservations in flight are "<prefix>:nres" (request id -> nano-USD, and
+-- "__total") with leases in "<prefix>:nlease", swept on every call.
 --
 -- reserve returns, per request, per scope: {status, reason, now, period, rpm_used, rpm_reset,
 -- tpm_used, tpm_reset, budget_left, retry_after}. Status 1: admitted; 2: admitted over a soft or
@@ -164,7 +164,7 @@ for _ = 1, tonumber(ARGV[4]) do
       prefix = prefix, rpm = tonumber(ARGV[pos + 1]), tpm = tonumber(ARGV[pos + 2]),
       budget = tonumber(ARGV[pos + 3]), period_kind = ARGV[pos + 4], enforcement = ARGV[pos + 5],
       a = ARGV[pos + 6], b = ARGV[pos + 7], c = ARGV[pos + 8],
-      rpm_key = prefix .. ':rpm', tpm_key = prefix .. ':tpm', res_key = prefix .. ':res', lease_key = prefix .. ':lease',
+      rpm_key = prefix .. ':rpm', tpm_key = prefix .. ':tpm', res_key = prefix .. ':nres', lease_key = prefix .. ':nlease',
     })
     pos = pos + 9
   end
@@ -180,7 +180,7 @@ local function judge(r, s)
     local period
     period, ends = period_of(s.period_kind, now)
     reply[4] = period
-    s.budget_key = s.prefix .. ':b:' .. period
+    s.budget_key = s.prefix .. ':nb:' .. period
     -- A period's spend outlives the period by a day (late settlements), then expires.
     s.ttl = (ends > 0) and (ends - now + 86400) or 0
     sweep(s.res_key, s.lease_key)
@@ -280,7 +280,7 @@ for _, r in ipairs(requests) do
       if s.budget >= 0 then
         sweep(s.res_key, s.lease_key)
         release(s.res_key, s.lease_key, r.id)
-        local budget_key = s.prefix .. ':b:' .. s.c
+        local budget_key = s.prefix .. ':nb:' .. s.c
         -- Only a seeded period is added to: a missing one is seeded from PostgreSQL, which
         -- records this spend too.
         if r.cost > 0 and redis.call('EXISTS', budget_key) == 1 then
@@ -291,7 +291,7 @@ for _, r in ipairs(requests) do
       -- Spend admitted by a replica's fallback while Redis was away; a budget seeded after it
       -- was settled counts it already.
       if s.budget >= 0 and r.cost > 0 then
-        local budget_key = s.prefix .. ':b:' .. period_of(s.period_kind, now)
+        local budget_key = s.prefix .. ':nb:' .. period_of(s.period_kind, now)
         local seeded = tonumber(redis.call('GET', budget_key .. ':seeded') or '0')
         if redis.call('EXISTS', budget_key) == 1 and seeded < tonumber(s.a) then
           redis.call('INCRBY', budget_key, r.cost)

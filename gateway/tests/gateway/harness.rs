@@ -15,6 +15,10 @@ use sqlx::PgPool;
 use tollgate_bench::mock::{self, MockConfig};
 use tollgate_control_api::{config::ControlApiConfig, state::AppState};
 
+/// Headers that steer the mock upstream (latency, chunks, failures); forwarded by configuration.
+pub const MOCK_HEADERS: &str =
+    "x-mock-ttfb-ms,x-mock-chunks,x-mock-chunk-delay-ms,x-mock-status,x-mock-drop-after,x-mock-no-usage";
+
 pub fn redis_url() -> String {
     std::env::var("TOLLGATE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
@@ -103,6 +107,8 @@ impl Gateway {
             .env("TOLLGATE_GRACE_PERIOD_SECONDS", "1")
             .env("TOLLGATE_GRACEFUL_SHUTDOWN_TIMEOUT_SECONDS", "5")
             .env("TOLLGATE_SPOOL_DIR", dir.0.join("spool"))
+            // The mock upstream's per-request behaviour headers.
+            .env("TOLLGATE_FORWARD_REQUEST_HEADERS", MOCK_HEADERS)
             .stdout(out.try_clone().unwrap())
             .stderr(out);
         for (k, v) in &opts.env {

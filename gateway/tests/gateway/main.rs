@@ -5,6 +5,7 @@
 mod harness;
 
 mod errors;
+mod integrity;
 mod limits;
 mod load;
 mod observability;

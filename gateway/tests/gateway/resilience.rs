@@ -86,8 +86,12 @@ async fn limits_hold_through_a_redis_outage_and_budgets_are_reseeded(db: PgPool)
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let month = chrono::Utc::now().format("%Y%m");
     let seeded: i64 =
-        redis::cmd("GET").arg(format!("tg:{{user:{uid}}}:b:m{month}")).query_async(&mut conn).await.unwrap();
-    assert_eq!(seeded, 30_000 * (before + during + after) as i64, "spend seeded from PostgreSQL plus what followed");
+        redis::cmd("GET").arg(format!("tg:{{user:{uid}}}:nb:m{month}")).query_async(&mut conn).await.unwrap();
+    assert_eq!(
+        seeded,
+        30_000_000 * (before + during + after) as i64,
+        "spend (nano-USD) seeded from PostgreSQL plus what followed"
+    );
 }
 
 #[sqlx::test(migrator = "tollgate_core::MIGRATOR")]

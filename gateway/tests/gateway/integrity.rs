@@ -1,0 +1,245 @@
+//! Enforcement integrity: what a key holder sends cannot steer the upstream past what the gateway
+//! authorized, and what the upstream says about itself does not reach the client. Each test is an
+//! attack tried through the gateway against the recording mock upstream.
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use sqlx::PgPool;
+
+use crate::harness::*;
+
+/// The one request the mock recorded last.
+async fn last_recorded(stack: &Stack) -> Value {
+    stack.recorded().await.pop().expect("the upstream saw a request")
+}
+
+fn header<'a>(recorded: &'a Value, name: &str) -> Option<&'a str> {
+    recorded["headers"].as_array()?.iter().find(|h| h[0] == name).and_then(|h| h[1].as_str())
+}
+
+#[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
+async fn the_query_string_never_reaches_the_upstream(db: PgPool) {
+    let stack = Stack::start(db).await;
+    let (key, _, _) = stack.ready_key("q@example.com", &["cheap"]).await;
+    let url = format!("{}/v1/chat/completions?model=expensive&api_base=http://evil", stack.gateway.base);
+    let resp = stack
+        .http
+        .post(url)
+        .bearer_auth(&key)
+        .json(&json!({"model": "cheap", "messages": user_msg("hi")}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let seen = last_recorded(&stack).await;
+    assert_eq!(seen["path"], "/v1/chat/completions", "{seen}");
+}
+
+#[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
+async fn only_allowlisted_client_headers_reach_the_upstream(db: PgPool) {
+    let stack = Stack::start(db).await;
+    let (key, key_id, _) = stack.ready_key("h@example.com", &["m"]).await;
+    let resp = stack
+        .chat(&key, json!({"model": "m", "messages": user_msg("hi")}))
+        .header("x-litellm-api-key", "sk-litellm-master")
+        .header("x-litellm-tags", "free")
+        .header("litellm-disable-fallbacks", "false")
+        .header("x-tollgate-key-id", "forged")
+        .header("x-forwarded-for", "10.0.0.1")
+        .header("cookie", "session=1")
+        .header("openai-organization", "org-other")
+        .header("user-agent", "OpenAI/Python 1.0")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let seen = last_recorded(&stack).await;
+    let names: Vec<&str> = seen["headers"].as_array().unwrap().iter().map(|h| h[0].as_str().unwrap()).collect();
+    for name in &names {
+        let allowed = [
+            "content-type",
+            "accept",
+            "user-agent",
+            "host",
+            "authorization",
+            "content-length",
+            "x-request-id",
+            "x-tollgate-user-id",
+            "x-tollgate-team-id",
+            "x-tollgate-key-id",
+        ];
+        assert!(allowed.contains(name), "client header `{name}` reached the upstream: {names:?}");
+    }
+    assert_eq!(header(&seen, "authorization"), Some("Bearer sk-upstream-credential"));
+    assert_eq!(header(&seen, "x-tollgate-key-id"), Some(key_id.as_str()));
+    assert_eq!(header(&seen, "user-agent"), Some("OpenAI/Python 1.0"));
+}
+
+#[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
+async fn upstream_response_headers_do_not_reach_the_client(db: PgPool) {
+    let stack = Stack::start(db).await;
+    let (key, _, _) = stack.ready_key("r@example.com", &["m"]).await;
+    for stream in [false, true] {
+        let resp =
+            stack.chat(&key, json!({"model": "m", "messages": user_msg("hi"), "stream": stream})).send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        for (name, _) in resp.headers() {
+            let name = name.as_str();
+            assert!(
+                !name.starts_with("x-litellm-")
+                    && !name.starts_with("llm_provider-")
+                    && !name.starts_with("x-ratelimit-"),
+                "upstream header `{name}` reached the client (stream: {stream})"
+            );
+        }
+        assert!(resp.headers().contains_key("x-request-id"));
+        let _ = resp.bytes().await.unwrap();
+    }
+    // Where a Tollgate scope applies, its own x-ratelimit-* are the ones the client sees.
+    let user = stack.post_admin("/users", json!({"email": "r2@example.com", "name": "t"})).await;
+    let uid = user["id"].as_str().unwrap();
+    stack.post_admin("/subscriptions", json!({"user_id": uid, "model_id": "m"})).await;
+    let limited =
+        stack.post_admin("/keys", json!({"user_id": uid, "name": "k", "models": ["m"], "limits": {"rpm": 7}})).await;
+    let limited = limited["key"].as_str().unwrap();
+    let resp = stack.chat(limited, json!({"model": "m", "messages": user_msg("hi")})).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["x-ratelimit-limit-requests"], "7");
+    assert!(!resp.headers().contains_key("x-ratelimit-limit-tokens"), "the upstream's token limit leaked");
+}
+
+/// A user subscribed to `model` and a key with `limits`: `(key, key id)`.
+async fn limited_key(stack: &Stack, email: &str, model: &str, limits: Value) -> (String, String) {
+    let user = stack.post_admin("/users", json!({"email": email, "name": "t"})).await;
+    let uid = user["id"].as_str().unwrap();
+    stack.post_admin("/subscriptions", json!({"user_id": uid, "model_id": model})).await;
+    let key =
+        stack.post_admin("/keys", json!({"user_id": uid, "name": "k", "models": [model], "limits": limits})).await;
+    (key["key"].as_str().unwrap().to_string(), key["id"].as_str().unwrap().to_string())
+}
+
+/// The settled spend Redis holds for a key's monthly budget, in nano-USD.
+async fn redis_month_spend(stack: &Stack, key_id: &str) -> i64 {
+    let client = redis::Client::open(stack.redis.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let month = chrono::Utc::now().format("%Y%m");
+    let v: Option<i64> =
+        redis::cmd("GET").arg(format!("tg:{{key:{key_id}}}:nb:m{month}")).query_async(&mut conn).await.unwrap();
+    v.unwrap_or(0)
+}
+
+async fn logged_cost_nanos(stack: &Stack) -> i64 {
+    let cost: rust_decimal::Decimal =
+        sqlx::query_scalar("SELECT coalesce(sum(cost), 0) FROM usage_logs").fetch_one(&stack.db).await.unwrap();
+    (cost * rust_decimal::Decimal::from(1_000_000_000)).try_into().unwrap()
+}
+
+#[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
+async fn a_client_that_leaves_before_the_answer_is_still_billed(db: PgPool) {
+    let stack = Stack::start(db).await;
+    stack.model("m").await;
+    let (key, key_id) =
+        limited_key(&stack, "leave@example.com", "m", json!({"max_budget": 1, "budget_period": "monthly"})).await;
+    stack.wait_model(&key, "m").await;
+    let impatient = reqwest::Client::builder().timeout(std::time::Duration::from_millis(300)).build().unwrap();
+    let sent = impatient
+        .post(format!("{}/v1/chat/completions", stack.gateway.base))
+        .bearer_auth(&key)
+        .header("x-mock-ttfb-ms", "1500")
+        .json(&json!({"model": "m", "messages": user_msg("hi"), "max_tokens": 10}))
+        .send()
+        .await;
+    assert!(sent.is_err(), "the client should have timed out");
+    stack.wait_usage_rows(1).await;
+    let (completion, cost, kind): (i64, rust_decimal::Decimal, Option<String>) =
+        sqlx::query_as("SELECT completion_tokens, cost, error_kind FROM usage_logs")
+            .fetch_one(&stack.db)
+            .await
+            .unwrap();
+    assert_eq!(completion, 10, "billed its ceiling ({kind:?})");
+    assert!(cost > rust_decimal::Decimal::ZERO);
+    // The budget was charged the same, not given back.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while redis_month_spend(&stack, &key_id).await != logged_cost_nanos(&stack).await {
+        assert!(std::time::Instant::now() < deadline, "the budget never saw the early leaver's cost");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
+async fn an_answer_without_usage_is_billed_from_an_estimate(db: PgPool) {
+    let stack = Stack::start(db).await;
+    let (key, _, _) = stack.ready_key("nousage@example.com", &["m"]).await;
+    for stream in [false, true] {
+        let resp = stack
+            .chat(&key, json!({"model": "m", "messages": user_msg("hello there"), "stream": stream}))
+            .header("x-mock-no-usage", "1")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let _ = resp.bytes().await.unwrap();
+    }
+    stack.wait_usage_rows(2).await;
+    let rows: Vec<(bool, i64, i64, rust_decimal::Decimal, Option<String>)> =
+        sqlx::query_as("SELECT stream, prompt_tokens, completion_tokens, cost, error_kind FROM usage_logs")
+            .fetch_all(&stack.db)
+            .await
+            .unwrap();
+    for (stream, prompt, completion, cost, kind) in rows {
+        assert!(prompt > 0 && completion > 0, "stream {stream}: {prompt}+{completion}");
+        assert!(cost > rust_decimal::Decimal::ZERO, "stream {stream} billed $0");
+        assert_eq!(kind.as_deref(), Some("usage_missing"));
+    }
+}
+
+#[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
+async fn a_cheap_models_budget_adds_up_exactly(db: PgPool) {
+    let stack = Stack::start(db).await;
+    // 0.01 USD per million prompt tokens, 0.02 per million completion tokens: each request
+    // here costs 90 nano-USD, which whole micro-USD would round to nothing.
+    stack
+        .post_admin(
+            "/models",
+            json!({"id": "cheap", "input_cost_per_token": 0.00000001, "output_cost_per_token": 0.00000002}),
+        )
+        .await;
+    let (key, key_id) =
+        limited_key(&stack, "cheap@example.com", "cheap", json!({"max_budget": 1, "budget_period": "monthly"})).await;
+    stack.wait_model(&key, "cheap").await;
+    const REQUESTS: usize = 10_000;
+    let body = json!({"model": "cheap", "messages": user_msg("hi")});
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..32 {
+        let (http, url, key, body, sent) = (
+            stack.http.clone(),
+            format!("{}/v1/chat/completions", stack.gateway.base),
+            key.clone(),
+            body.clone(),
+            sent.clone(),
+        );
+        workers.push(tokio::spawn(async move {
+            while sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < REQUESTS {
+                let resp = http.post(&url).bearer_auth(&key).json(&body).send().await.unwrap();
+                assert_eq!(resp.status(), StatusCode::OK);
+                let _ = resp.bytes().await.unwrap();
+            }
+        }));
+    }
+    for w in workers {
+        w.await.unwrap();
+    }
+    stack.wait_usage_rows(REQUESTS as i64).await;
+    let logged = logged_cost_nanos(&stack).await;
+    assert_eq!(logged, 90 * REQUESTS as i64, "each request costs 1 x 10 + 4 x 20 nano-USD");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let in_redis = redis_month_spend(&stack, &key_id).await;
+        if in_redis == logged {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "Redis budget {in_redis} nano-USD, PostgreSQL {logged}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
