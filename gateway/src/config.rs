@@ -127,6 +127,8 @@ pub const SPEC: ConfigSpec<'static> = ConfigSpec {
         ("KEY_CACHE_TTL_SECONDS", "key_cache_ttl_seconds"),
         ("FAILED_AUTH_PER_MINUTE", "failed_auth_per_minute"),
         ("TRUSTED_PROXIES", "trusted_proxies"),
+        ("FAILED_AUTH_MAX_ADDRESSES", "failed_auth_max_addresses"),
+        ("KEY_CACHE_MAX_ENTRIES", "key_cache_max_entries"),
         ("THREADS", "threads"),
         ("GRACE_PERIOD_SECONDS", "grace_period_seconds"),
         ("GRACEFUL_SHUTDOWN_TIMEOUT_SECONDS", "graceful_shutdown_timeout_seconds"),

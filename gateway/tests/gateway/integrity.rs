@@ -243,3 +243,91 @@ async fn a_cheap_models_budget_adds_up_exactly(db: PgPool) {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
+
+/// A counter or gauge from the gateway's /metrics.
+async fn metric(stack: &Stack, name: &str) -> f64 {
+    let text = stack.http.get(format!("{}/metrics", stack.gateway.admin)).send().await.unwrap().text().await.unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("tollgate_gateway_{name} ")))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or_else(|| panic!("no metric {name}"))
+}
+
+#[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
+async fn a_flood_of_unknown_keys_costs_bounded_lookups_and_memory(db: PgPool) {
+    let stack = Stack::start_with(
+        db,
+        vec![("TOLLGATE_FAILED_AUTH_PER_MINUTE", "50"), ("TOLLGATE_KEY_CACHE_MAX_ENTRIES", "1000")],
+    )
+    .await;
+    let (good, _, _) = stack.ready_key("flood@example.com", &["m"]).await;
+    let body = json!({"model": "m", "messages": user_msg("hi")});
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..16 {
+        let (http, url, body, sent) =
+            (stack.http.clone(), format!("{}/v1/chat/completions", stack.gateway.base), body.clone(), sent.clone());
+        workers.push(tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            while sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < 10_000 {
+                let key = tollgate_core::keys::generate_key();
+                let resp = http.post(&url).bearer_auth(&key).json(&body).send().await.unwrap();
+                statuses.push(resp.status().as_u16());
+            }
+            statuses
+        }));
+    }
+    let mut statuses = Vec::new();
+    for w in workers {
+        statuses.extend(w.await.unwrap());
+    }
+    assert_eq!(statuses.len(), 10_000);
+    assert!(
+        statuses.iter().all(|s| *s == 401 || *s == 429),
+        "{:?}",
+        statuses.iter().find(|s| **s != 401 && **s != 429)
+    );
+    assert!(statuses.iter().filter(|s| **s == 429).count() >= 9_900, "the throttle held");
+    let lookups = metric(&stack, "key_cache_misses_total").await;
+    assert!(lookups <= 60.0, "{lookups} PostgreSQL lookups for 10,000 unknown keys");
+    assert!(metric(&stack, "key_cache_entries").await <= 1000.0);
+    assert_eq!(metric(&stack, "auth_throttle_addresses").await, 1.0);
+    // The key that was cached before the flood still works from the flooded address.
+    assert_eq!(stack.chat(&good, body).send().await.unwrap().status(), StatusCode::OK);
+}
+
+#[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
+async fn forwarded_for_counts_only_behind_a_trusted_proxy(db: PgPool) {
+    let body = json!({"model": "m", "messages": user_msg("hi")});
+    // Untrusted: a client cannot escape the throttle by naming other addresses.
+    let stack = Stack::start_with(db, vec![("TOLLGATE_FAILED_AUTH_PER_MINUTE", "2")]).await;
+    let mut codes = Vec::new();
+    for i in 0..4 {
+        let resp = stack
+            .chat(&tollgate_core::keys::generate_key(), body.clone())
+            .header("x-forwarded-for", format!("198.51.100.{i}"))
+            .send()
+            .await
+            .unwrap();
+        codes.push(resp.status().as_u16());
+    }
+    assert_eq!(codes, [401, 401, 429, 429]);
+}
+
+#[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
+async fn behind_a_trusted_proxy_each_client_has_its_own_allowance(db: PgPool) {
+    let body = json!({"model": "m", "messages": user_msg("hi")});
+    let stack = Stack::start_with(
+        db,
+        vec![("TOLLGATE_FAILED_AUTH_PER_MINUTE", "2"), ("TOLLGATE_TRUSTED_PROXIES", "127.0.0.0/8,::1")],
+    )
+    .await;
+    let send = |client: &'static str| {
+        stack.chat(&tollgate_core::keys::generate_key(), body.clone()).header("x-forwarded-for", client).send()
+    };
+    let mut codes = Vec::new();
+    for client in ["198.51.100.1", "198.51.100.1", "198.51.100.1", "198.51.100.2"] {
+        codes.push(send(client).await.unwrap().status().as_u16());
+    }
+    assert_eq!(codes, [401, 401, 429, 401], "the second client is not throttled for the first");
+}
