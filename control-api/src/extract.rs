@@ -1,18 +1,34 @@
 //! Request extractors whose rejections are [`ApiError`]s, so that every bad input gets the JSON
-//! error shape with the offending field named.
+//! error shape with the offending field named; [`Json`] also answers, and [`Created`] answers 201.
 
 use axum::{
     extract::{FromRequest, FromRequestParts, Request},
-    http::{header, request::Parts},
+    http::{header, request::Parts, StatusCode},
+    response::{IntoResponse, Response},
 };
 use bytes::Bytes;
-use serde::de::DeserializeOwned;
+use serde::{de::DeserializeOwned, Serialize};
 
 use crate::error::ApiError;
 
-/// JSON body: 415 without a JSON content type, 400 for malformed JSON, 422 naming the field for
-/// a wrong type, a missing or an unknown field.
+/// JSON body. In a request: 415 without a JSON content type, 400 for malformed JSON, 422 naming
+/// the field for a wrong type, a missing or an unknown field. In a response: 200 with `T`.
 pub struct Json<T>(pub T);
+
+impl<T: Serialize> IntoResponse for Json<T> {
+    fn into_response(self) -> Response {
+        axum::Json(self.0).into_response()
+    }
+}
+
+/// 201 with the created resource.
+pub struct Created<T>(pub T);
+
+impl<T: Serialize> IntoResponse for Created<T> {
+    fn into_response(self) -> Response {
+        (StatusCode::CREATED, axum::Json(self.0)).into_response()
+    }
+}
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Json<T> {
     type Rejection = ApiError;

@@ -1,6 +1,7 @@
 //! Offset pagination shared by every list endpoint: `?limit=&offset=` in, `Page<T>` out, and the
 //! [`ListQuery`] that fills a page from the filters a request gives.
 
+use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use sqlx::{postgres::PgRow, Encode, FromRow, PgPool, Postgres, QueryBuilder, Type};
 use utoipa::{IntoParams, ToSchema};
@@ -50,6 +51,12 @@ pub struct Page<T> {
     pub offset: i64,
     /// Whether another page follows (request it with `offset + limit`).
     pub has_more: bool,
+}
+
+impl<T: Serialize> IntoResponse for Page<T> {
+    fn into_response(self) -> Response {
+        axum::Json(self).into_response()
+    }
 }
 
 impl<T> Page<T> {

@@ -27,8 +27,9 @@ impl<'a> Write<'a> {
         Ok(Self { state, caller, tx: state.db.begin().await? })
     }
 
-    /// Records `change` in the audit trail, commits, then publishes `invalidations`. A publish
-    /// that fails does not fail the write: the gateways' cache TTL is the backstop.
+    /// Records `change` in the audit trail, commits, then publishes `invalidations` (none when
+    /// nothing a gateway holds can be stale, as for a new user, team or key). A publish that
+    /// fails does not fail the write: the gateways' cache TTL is the backstop.
     pub async fn commit(
         mut self,
         change: Change,

@@ -111,6 +111,14 @@ impl Caller {
             Err(ApiError::NotFound(what))
         }
     }
+
+    /// The user a resource is created for: `asked` if the caller may see that user (404 if not),
+    /// else the caller themself; 422 naming `user_id` when an admin key names nobody.
+    pub fn user_or_self(&self, asked: Option<Uuid>) -> ApiResult<Uuid> {
+        let user_id = asked.or(self.actor_id()).ok_or_else(|| ApiError::invalid("user_id", "required"))?;
+        self.ensure_sees(user_id, "user")?;
+        Ok(user_id)
+    }
 }
 
 impl FromRequestParts<AppState> for Caller {

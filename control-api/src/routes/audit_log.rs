@@ -1,18 +1,11 @@
 //! The audit trail, readable by administrators (read-only ones included).
 
-use axum::{extract::State, routing::get, Router};
 use serde::Deserialize;
 use utoipa::IntoParams;
 use uuid::Uuid;
 
-use crate::{
-    audit::AuditEntry,
-    auth::Caller,
-    error::ApiResult,
-    extract::Query,
-    pagination::{ListQuery, Page, PageParams},
-    state::AppState,
-};
+use super::prelude::*;
+use crate::audit::AuditEntry;
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/audit", get(list))
@@ -38,10 +31,10 @@ async fn list(
     caller: Caller,
     Query(page): Query<PageParams>,
     Query(filter): Query<AuditFilter>,
-) -> ApiResult<axum::Json<Page<AuditEntry>>> {
+) -> ApiResult<Page<AuditEntry>> {
     caller.require_reader()?;
     let bounds = page.bounds()?;
-    let entries = ListQuery::new(
+    ListQuery::new(
         "SELECT id, created_at, actor_id, actor, action, target_type, target_id, details, ip, request_id
          FROM audit_logs",
     )
@@ -51,6 +44,5 @@ async fn list(
     .filter("target_id = $", filter.target_id)
     .filter("request_id = $", filter.request_id)
     .page(&state.db, "id DESC", bounds)
-    .await?;
-    Ok(axum::Json(entries))
+    .await
 }

@@ -2,18 +2,11 @@
 //! and a display prefix are stored. A key's models must be a subset of its owner's active
 //! subscriptions (and of its team's allowed models); users manage only their own keys.
 
-use axum::{
-    extract::State,
-    http::StatusCode,
-    routing::{get, post},
-    Router,
-};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sqlx::{types::Json as Jsonb, FromRow, PgConnection};
 use tollgate_core::{
-    invalidation::{Invalidation, InvalidationKind},
     keys::{display_prefix, generate_key, hash_key},
     limits::Limits,
     DEFAULT_TEAM_ID,
@@ -21,17 +14,7 @@ use tollgate_core::{
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use crate::{
-    audit::Change,
-    auth::Caller,
-    error::{ApiError, ApiResult},
-    extract::{Json, Path, Query},
-    pagination::{ListQuery, Page, PageParams},
-    routes::{users, validate_limits},
-    state::AppState,
-    validate,
-    write::Write,
-};
+use super::{prelude::*, users};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -61,6 +44,10 @@ pub struct ApiKey {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
+
+/// The columns [`ApiKey`] is read from.
+const COLUMNS: &str = "id, key_prefix, name, user_id, team_id, models, limits, expires_at,
+    revoked_at, last_used_at, metadata, created_at, updated_at";
 
 /// A key with its plaintext, shown only in the response that creates or rotates it.
 #[derive(Debug, Serialize, ToSchema)]
@@ -110,15 +97,8 @@ pub struct KeyFilter {
     pub revoked: Option<bool>,
 }
 
-const COLUMNS: &str = "id, key_prefix, name, user_id, team_id, models, limits, expires_at,
-    revoked_at, last_used_at, metadata, created_at, updated_at";
-
 async fn visible(state: &AppState, caller: &Caller, id: Uuid) -> ApiResult<ApiKey> {
-    let key: ApiKey = sqlx::query_as(&format!("SELECT {COLUMNS} FROM api_keys WHERE id = $1"))
-        .bind(id)
-        .fetch_optional(&state.db)
-        .await?
-        .ok_or(ApiError::NotFound("key"))?;
+    let key: ApiKey = find_by_id(&state.db, &format!("SELECT {COLUMNS} FROM api_keys"), id, "key").await?;
     caller.ensure_sees(key.user_id, "key")?;
     Ok(key)
 }
@@ -171,17 +151,16 @@ async fn list(
     caller: Caller,
     Query(page): Query<PageParams>,
     Query(filter): Query<KeyFilter>,
-) -> ApiResult<axum::Json<Page<ApiKey>>> {
+) -> ApiResult<Page<ApiKey>> {
     let bounds = page.bounds()?;
-    let keys = ListQuery::new(format!("SELECT {COLUMNS} FROM api_keys"))
+    ListQuery::new(format!("SELECT {COLUMNS} FROM api_keys"))
         .filter("user_id = $", caller.own_scope())
         .filter("user_id = $", filter.user_id)
         .filter("team_id = $", filter.team_id)
         .filter("$ = ANY(models)", filter.model_id)
         .filter("(revoked_at IS NOT NULL) = $", filter.revoked)
         .page(&state.db, "created_at, id", bounds)
-        .await?;
-    Ok(axum::Json(keys))
+        .await
 }
 
 /// Create a key. The response carries the key itself, once.
@@ -191,10 +170,9 @@ async fn create(
     State(state): State<AppState>,
     caller: Caller,
     Json(body): Json<CreateKey>,
-) -> ApiResult<(StatusCode, axum::Json<IssuedKey>)> {
+) -> ApiResult<Created<IssuedKey>> {
     caller.require_writer()?;
-    let user_id = body.user_id.or(caller.actor_id()).ok_or_else(|| ApiError::invalid("user_id", "required"))?;
-    caller.ensure_sees(user_id, "user")?;
+    let user_id = caller.user_or_self(body.user_id)?;
     let name = validate::text("name", &body.name, 200)?;
     let models = normalize_models(body.models.unwrap_or_default())?;
     let limits = validate_limits("limits", body.limits)?;
@@ -232,14 +210,15 @@ async fn create(
     .fetch_one(&mut *tx)
     .await?;
     let details = json!({"user_id": user_id, "team_id": team_id, "models": models, "key_prefix": api_key.key_prefix});
-    tx.commit(Change::new("key.create", "key", api_key.id, details), []).await?;
-    Ok((StatusCode::CREATED, axum::Json(IssuedKey { key, api_key })))
+    let change = Change::new("key.create", "key", api_key.id, details);
+    tx.commit(change, []).await?;
+    Ok(Created(IssuedKey { key, api_key }))
 }
 
 #[utoipa::path(get, path = "/api/v1/keys/{id}", tag = "keys", params(("id" = Uuid, Path)),
     responses((status = 200, body = ApiKey)))]
-async fn fetch(State(state): State<AppState>, caller: Caller, Path(id): Path<Uuid>) -> ApiResult<axum::Json<ApiKey>> {
-    Ok(axum::Json(visible(&state, &caller, id).await?))
+async fn fetch(State(state): State<AppState>, caller: Caller, Path(id): Path<Uuid>) -> ApiResult<Json<ApiKey>> {
+    Ok(Json(visible(&state, &caller, id).await?))
 }
 
 /// Update a key's name, models, limits, expiry or metadata. Refused (409) for a revoked key.
@@ -250,7 +229,7 @@ async fn update(
     caller: Caller,
     Path(id): Path<Uuid>,
     Json(body): Json<UpdateKey>,
-) -> ApiResult<axum::Json<ApiKey>> {
+) -> ApiResult<Json<ApiKey>> {
     let current = visible(&state, &caller, id).await?;
     caller.require_writer()?;
     if current.revoked_at.is_some() {
@@ -284,18 +263,14 @@ async fn update(
     .ok_or_else(|| ApiError::conflict("the key is revoked"))?;
     let change = Change::new("key.update", "key", id, json!({"models": key.models}));
     tx.commit(change, [Invalidation::new(InvalidationKind::Key, id)]).await?;
-    Ok(axum::Json(key))
+    Ok(Json(key))
 }
 
 /// Replace a key's secret: the old key stops working at once, the new one is returned once.
 /// Users may rotate only keys whose models are all still actively subscribed.
 #[utoipa::path(post, path = "/api/v1/keys/{id}/rotate", tag = "keys", params(("id" = Uuid, Path)),
     responses((status = 200, body = IssuedKey)))]
-async fn rotate(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<Uuid>,
-) -> ApiResult<axum::Json<IssuedKey>> {
+async fn rotate(State(state): State<AppState>, caller: Caller, Path(id): Path<Uuid>) -> ApiResult<Json<IssuedKey>> {
     let current = visible(&state, &caller, id).await?;
     caller.require_writer()?;
     if current.revoked_at.is_some() {
@@ -316,24 +291,20 @@ async fn rotate(
     .fetch_optional(&mut *tx)
     .await?
     .ok_or_else(|| ApiError::conflict("a revoked key cannot be rotated"))?;
-    let change = Change::new(
-        "key.rotate",
-        "key",
-        id,
-        json!({"old_prefix": current.key_prefix, "key_prefix": api_key.key_prefix}),
-    );
+    let details = json!({"old_prefix": current.key_prefix, "key_prefix": api_key.key_prefix});
+    let change = Change::new("key.rotate", "key", id, details);
     tx.commit(change, [Invalidation::new(InvalidationKind::Key, id)]).await?;
-    Ok(axum::Json(IssuedKey { key, api_key }))
+    Ok(Json(IssuedKey { key, api_key }))
 }
 
 /// Revoke a key at once, everywhere. Revoking a revoked key changes nothing and succeeds.
 #[utoipa::path(post, path = "/api/v1/keys/{id}/revoke", tag = "keys", params(("id" = Uuid, Path)),
     responses((status = 200, body = ApiKey)))]
-async fn revoke(State(state): State<AppState>, caller: Caller, Path(id): Path<Uuid>) -> ApiResult<axum::Json<ApiKey>> {
+async fn revoke(State(state): State<AppState>, caller: Caller, Path(id): Path<Uuid>) -> ApiResult<Json<ApiKey>> {
     let current = visible(&state, &caller, id).await?;
     caller.require_writer()?;
     if current.revoked_at.is_some() {
-        return Ok(axum::Json(current));
+        return Ok(Json(current));
     }
     let mut tx = Write::begin(&state, &caller).await?;
     let key: ApiKey = sqlx::query_as(&format!(
@@ -345,5 +316,5 @@ async fn revoke(State(state): State<AppState>, caller: Caller, Path(id): Path<Uu
     .await?;
     let change = Change::new("key.revoke", "key", id, json!({"key_prefix": key.key_prefix}));
     tx.commit(change, [Invalidation::new(InvalidationKind::Key, id)]).await?;
-    Ok(axum::Json(key))
+    Ok(Json(key))
 }

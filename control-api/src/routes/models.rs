@@ -1,30 +1,14 @@
 //! The model catalogue: what clients may call and what it costs. Administrators manage it by hand
 //! or sync it from LiteLLM's `/model/info`; everyone authenticated may read it.
 
-use axum::{
-    extract::State,
-    http::StatusCode,
-    routing::{get, post},
-    Router,
-};
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sqlx::FromRow;
-use tollgate_core::invalidation::{Invalidation, InvalidationKind};
 use utoipa::{IntoParams, ToSchema};
 
-use crate::{
-    audit::Change,
-    auth::Caller,
-    error::{ApiError, ApiResult},
-    extract::{Json, Path, Query},
-    pagination::{ListQuery, Page, PageParams},
-    state::AppState,
-    validate,
-    write::Write,
-};
+use super::prelude::*;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -55,6 +39,10 @@ pub struct Model {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
+
+/// The columns [`Model`] is read from.
+const COLUMNS: &str = "id, upstream_model, provider, context_length, input_cost_per_token,
+    output_cost_per_token, enabled, restricted, available, metadata, synced_at, created_at, updated_at";
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -108,9 +96,6 @@ pub struct SyncReport {
     pub unavailable: Vec<String>,
 }
 
-const COLUMNS: &str = "id, upstream_model, provider, context_length, input_cost_per_token,
-    output_cost_per_token, enabled, restricted, available, metadata, synced_at, created_at, updated_at";
-
 /// Per-token prices above a thousand dollars are a typo, not a price.
 const MAX_COST_PER_TOKEN: i64 = 1000;
 
@@ -154,15 +139,14 @@ async fn list(
     _caller: Caller,
     Query(page): Query<PageParams>,
     Query(filter): Query<ModelFilter>,
-) -> ApiResult<axum::Json<Page<Model>>> {
+) -> ApiResult<Page<Model>> {
     let bounds = page.bounds()?;
-    let models = ListQuery::new(format!("SELECT {COLUMNS} FROM models"))
+    ListQuery::new(format!("SELECT {COLUMNS} FROM models"))
         .filter("enabled = $", filter.enabled)
         .filter("available = $", filter.available)
         .filter("provider = $", filter.provider)
         .page(&state.db, "id", bounds)
-        .await?;
-    Ok(axum::Json(models))
+        .await
 }
 
 #[utoipa::path(post, path = "/api/v1/models", tag = "models", request_body = CreateModel,
@@ -171,7 +155,7 @@ async fn create(
     State(state): State<AppState>,
     caller: Caller,
     Json(body): Json<CreateModel>,
-) -> ApiResult<(StatusCode, axum::Json<Model>)> {
+) -> ApiResult<Created<Model>> {
     caller.require_admin()?;
     let id = validate::identifier("id", &body.id, 256)?;
     let upstream = validate::identifier("upstream_model", body.upstream_model.as_deref().unwrap_or(&id), 512)?;
@@ -201,19 +185,14 @@ async fn create(
     let change = Change::new("model.create", "model", &id, json!({"upstream_model": upstream}));
     // A gateway may hold a negative entry for this name.
     tx.commit(change, [Invalidation::new(InvalidationKind::Model, &id)]).await?;
-    Ok((StatusCode::CREATED, axum::Json(model)))
+    Ok(Created(model))
 }
 
 /// Model ids may contain `/`: percent-encode it (`%2F`) in the path.
 #[utoipa::path(get, path = "/api/v1/models/{id}", tag = "models", params(("id" = String, Path)),
     responses((status = 200, body = Model)))]
-async fn fetch(State(state): State<AppState>, _caller: Caller, Path(id): Path<String>) -> ApiResult<axum::Json<Model>> {
-    let model = sqlx::query_as(&format!("SELECT {COLUMNS} FROM models WHERE id = $1"))
-        .bind(&id)
-        .fetch_optional(&state.db)
-        .await?
-        .ok_or(ApiError::NotFound("model"))?;
-    Ok(axum::Json(model))
+async fn fetch(State(state): State<AppState>, _caller: Caller, Path(id): Path<String>) -> ApiResult<Json<Model>> {
+    Ok(Json(find_by_id(&state.db, &format!("SELECT {COLUMNS} FROM models"), id, "model").await?))
 }
 
 #[utoipa::path(patch, path = "/api/v1/models/{id}", tag = "models", params(("id" = String, Path)),
@@ -223,7 +202,7 @@ async fn update(
     caller: Caller,
     Path(id): Path<String>,
     Json(body): Json<UpdateModel>,
-) -> ApiResult<axum::Json<Model>> {
+) -> ApiResult<Json<Model>> {
     caller.require_admin()?;
     let upstream =
         body.upstream_model.as_deref().map(|u| validate::identifier("upstream_model", u, 512)).transpose()?;
@@ -258,9 +237,9 @@ async fn update(
     .ok_or(ApiError::NotFound("model"))?;
     let details = json!({"enabled": model.enabled, "input_cost_per_token": model.input_cost_per_token,
                          "output_cost_per_token": model.output_cost_per_token});
-    tx.commit(Change::new("model.update", "model", &id, details), [Invalidation::new(InvalidationKind::Model, &id)])
-        .await?;
-    Ok(axum::Json(model))
+    let change = Change::new("model.update", "model", &id, details);
+    tx.commit(change, [Invalidation::new(InvalidationKind::Model, &id)]).await?;
+    Ok(Json(model))
 }
 
 /// Delete a model. Refused (409) while any subscription, even a cancelled one, refers to it:
@@ -274,8 +253,8 @@ async fn remove(State(state): State<AppState>, caller: Caller, Path(id): Path<St
     if deleted.rows_affected() == 0 {
         return Err(ApiError::NotFound("model"));
     }
-    tx.commit(Change::new("model.delete", "model", &id, json!({})), [Invalidation::new(InvalidationKind::Model, &id)])
-        .await?;
+    let change = Change::new("model.delete", "model", &id, json!({}));
+    tx.commit(change, [Invalidation::new(InvalidationKind::Model, &id)]).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -285,12 +264,12 @@ async fn remove(State(state): State<AppState>, caller: Caller, Path(id): Path<St
 /// Previously synced models that LiteLLM no longer lists are marked unavailable; their
 /// subscriptions are kept.
 #[utoipa::path(post, path = "/api/v1/models/sync", tag = "models", responses((status = 200, body = SyncReport)))]
-async fn sync(State(state): State<AppState>, caller: Caller) -> ApiResult<axum::Json<SyncReport>> {
+async fn sync(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<SyncReport>> {
     caller.require_admin()?;
     let result = run_sync(&state, &caller).await;
     let outcome = if result.is_ok() { "success" } else { "failure" };
     state.metrics.sync_runs.with_label_values(&[outcome]).inc();
-    result.map(axum::Json)
+    result.map(Json)
 }
 
 async fn run_sync(state: &AppState, caller: &Caller) -> ApiResult<SyncReport> {

@@ -2,35 +2,18 @@
 //! restricted model until an administrator approves. Administrators suspend and reactivate;
 //! the owner or an administrator cancels, which is refused while an unrevoked key names the model.
 
-use axum::{
-    extract::State,
-    http::StatusCode,
-    routing::{get, post},
-    Router,
-};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sqlx::{types::Json as Jsonb, FromRow};
 use tollgate_core::{
-    invalidation::{Invalidation, InvalidationKind},
     limits::Limits,
-    roles::SubscriptionStatus,
+    roles::SubscriptionStatus::{self, Active, Cancelled, Pending, Suspended},
 };
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use crate::{
-    audit::Change,
-    auth::Caller,
-    error::{ApiError, ApiResult},
-    extract::{Json, Path, Query},
-    pagination::{ListQuery, Page, PageParams},
-    routes::{users, validate_limits},
-    state::AppState,
-    validate,
-    write::Write,
-};
+use super::{prelude::*, users};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -54,6 +37,9 @@ pub struct Subscription {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
+
+/// The columns [`Subscription`] is read from.
+const COLUMNS: &str = "id, user_id, model_id, status, limits, created_at, updated_at";
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -79,14 +65,9 @@ pub struct SubscriptionFilter {
     pub status: Option<SubscriptionStatus>,
 }
 
-const COLUMNS: &str = "id, user_id, model_id, status, limits, created_at, updated_at";
-
 async fn visible(state: &AppState, caller: &Caller, id: Uuid) -> ApiResult<Subscription> {
-    let sub: Subscription = sqlx::query_as(&format!("SELECT {COLUMNS} FROM subscriptions WHERE id = $1"))
-        .bind(id)
-        .fetch_optional(&state.db)
-        .await?
-        .ok_or(ApiError::NotFound("subscription"))?;
+    let sub: Subscription =
+        find_by_id(&state.db, &format!("SELECT {COLUMNS} FROM subscriptions"), id, "subscription").await?;
     caller.ensure_sees(sub.user_id, "subscription")?;
     Ok(sub)
 }
@@ -98,16 +79,15 @@ async fn list(
     caller: Caller,
     Query(page): Query<PageParams>,
     Query(filter): Query<SubscriptionFilter>,
-) -> ApiResult<axum::Json<Page<Subscription>>> {
+) -> ApiResult<Page<Subscription>> {
     let bounds = page.bounds()?;
-    let subscriptions = ListQuery::new(format!("SELECT {COLUMNS} FROM subscriptions"))
+    ListQuery::new(format!("SELECT {COLUMNS} FROM subscriptions"))
         .filter("user_id = $", caller.own_scope())
         .filter("user_id = $", filter.user_id)
         .filter("model_id = $", filter.model_id)
         .filter("status = $", filter.status.map(SubscriptionStatus::as_str))
         .page(&state.db, "created_at, id", bounds)
-        .await?;
-    Ok(axum::Json(subscriptions))
+        .await
 }
 
 /// Subscribe a user to a model. Users subscribe themselves; the subscription is pending when the
@@ -118,10 +98,9 @@ async fn create(
     State(state): State<AppState>,
     caller: Caller,
     Json(body): Json<CreateSubscription>,
-) -> ApiResult<(StatusCode, axum::Json<Subscription>)> {
+) -> ApiResult<Created<Subscription>> {
     caller.require_writer()?;
-    let user_id = body.user_id.or(caller.actor_id()).ok_or_else(|| ApiError::invalid("user_id", "required"))?;
-    caller.ensure_sees(user_id, "user")?;
+    let user_id = caller.user_or_self(body.user_id)?;
     let model_id = validate::identifier("model_id", &body.model_id, 256)?;
     let limits = validate_limits("limits", body.limits)?;
     let mut tx = Write::begin(&state, &caller).await?;
@@ -135,8 +114,8 @@ async fn create(
         None => return Err(ApiError::invalid("model_id", "no such model")),
         Some((false, _, _)) => return Err(ApiError::invalid("model_id", "model is disabled")),
         Some((_, false, _)) => return Err(ApiError::invalid("model_id", "model is unavailable upstream")),
-        Some((_, _, true)) if caller.own_scope().is_some() => SubscriptionStatus::Pending,
-        Some(_) => SubscriptionStatus::Active,
+        Some((_, _, true)) if caller.own_scope().is_some() => Pending,
+        Some(_) => Active,
     };
     let sub: Subscription = sqlx::query_as(&format!(
         "INSERT INTO subscriptions (user_id, model_id, status, limits) VALUES ($1, $2, $3, $4)
@@ -149,23 +128,16 @@ async fn create(
     .fetch_one(&mut *tx)
     .await?;
     let details = json!({"user_id": user_id, "model_id": model_id, "status": sub.status});
+    let change = Change::new("subscription.create", "subscription", sub.id, details);
     // The user's set of models changed: gateways reload what they hold for the user.
-    tx.commit(
-        Change::new("subscription.create", "subscription", sub.id, details),
-        [Invalidation::new(InvalidationKind::User, user_id)],
-    )
-    .await?;
-    Ok((StatusCode::CREATED, axum::Json(sub)))
+    tx.commit(change, [Invalidation::new(InvalidationKind::User, user_id)]).await?;
+    Ok(Created(sub))
 }
 
 #[utoipa::path(get, path = "/api/v1/subscriptions/{id}", tag = "subscriptions", params(("id" = Uuid, Path)),
     responses((status = 200, body = Subscription)))]
-async fn fetch(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<Uuid>,
-) -> ApiResult<axum::Json<Subscription>> {
-    Ok(axum::Json(visible(&state, &caller, id).await?))
+async fn fetch(State(state): State<AppState>, caller: Caller, Path(id): Path<Uuid>) -> ApiResult<Json<Subscription>> {
+    Ok(Json(visible(&state, &caller, id).await?))
 }
 
 /// Replace a subscription's limits (administrators only).
@@ -176,7 +148,7 @@ async fn update(
     caller: Caller,
     Path(id): Path<Uuid>,
     Json(body): Json<UpdateSubscription>,
-) -> ApiResult<axum::Json<Subscription>> {
+) -> ApiResult<Json<Subscription>> {
     visible(&state, &caller, id).await?;
     caller.require_admin()?;
     let limits = validate_limits("limits", Some(body.limits))?;
@@ -190,23 +162,44 @@ async fn update(
     .await?;
     let change = Change::new("subscription.update", "subscription", id, json!({"limits": limits}));
     tx.commit(change, [Invalidation::new(InvalidationKind::Subscription, id)]).await?;
-    Ok(axum::Json(sub))
+    Ok(Json(sub))
 }
 
-/// Moves a subscription from one of `from` to `to`; 409 from any other status.
+/// A move between statuses: who may make it, and from which statuses.
+struct Transition {
+    action: &'static str,
+    from: &'static [SubscriptionStatus],
+    to: SubscriptionStatus,
+    require: fn(&Caller) -> ApiResult<()>,
+}
+
+const APPROVE: Transition =
+    Transition { action: "approve", from: &[Pending], to: Active, require: Caller::require_admin };
+const SUSPEND: Transition =
+    Transition { action: "suspend", from: &[Pending, Active], to: Suspended, require: Caller::require_admin };
+const REACTIVATE: Transition =
+    Transition { action: "reactivate", from: &[Suspended], to: Active, require: Caller::require_admin };
+const CANCEL: Transition = Transition {
+    action: "cancel",
+    from: &[Pending, Active, Suspended],
+    to: Cancelled,
+    require: Caller::require_writer,
+};
+
+/// Makes `transition` if the caller may; 409 from a status it does not start from.
 async fn transition(
     state: &AppState,
     caller: &Caller,
     id: Uuid,
-    from: &[SubscriptionStatus],
-    to: SubscriptionStatus,
-    action: &str,
-) -> ApiResult<axum::Json<Subscription>> {
+    transition: Transition,
+) -> ApiResult<Json<Subscription>> {
+    let Transition { action, from, to, require } = transition;
     let current = visible(state, caller, id).await?;
+    require(caller)?;
     let mut tx = Write::begin(state, caller).await?;
     // Serialises with key creation, which holds the user's active subscriptions FOR SHARE.
     sqlx::query("SELECT 1 FROM subscriptions WHERE id = $1 FOR UPDATE").bind(id).execute(&mut *tx).await?;
-    if to == SubscriptionStatus::Cancelled {
+    if to == Cancelled {
         let dependent: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM api_keys WHERE user_id = $1 AND $2 = ANY(models) AND revoked_at IS NULL
                AND (expires_at IS NULL OR expires_at > now())",
@@ -235,35 +228,21 @@ async fn transition(
     let details = json!({"from": current.status, "to": sub.status});
     let change = Change::new(format!("subscription.{action}"), "subscription", id, details);
     tx.commit(change, [Invalidation::new(InvalidationKind::Subscription, id)]).await?;
-    Ok(axum::Json(sub))
+    Ok(Json(sub))
 }
 
 /// Approve a pending subscription (administrators only).
 #[utoipa::path(post, path = "/api/v1/subscriptions/{id}/approve", tag = "subscriptions", params(("id" = Uuid, Path)),
     responses((status = 200, body = Subscription)))]
-async fn approve(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<Uuid>,
-) -> ApiResult<axum::Json<Subscription>> {
-    visible(&state, &caller, id).await?;
-    caller.require_admin()?;
-    use SubscriptionStatus::*;
-    transition(&state, &caller, id, &[Pending], Active, "approve").await
+async fn approve(State(state): State<AppState>, caller: Caller, Path(id): Path<Uuid>) -> ApiResult<Json<Subscription>> {
+    transition(&state, &caller, id, APPROVE).await
 }
 
 /// Suspend a pending or active subscription (administrators only).
 #[utoipa::path(post, path = "/api/v1/subscriptions/{id}/suspend", tag = "subscriptions", params(("id" = Uuid, Path)),
     responses((status = 200, body = Subscription)))]
-async fn suspend(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<Uuid>,
-) -> ApiResult<axum::Json<Subscription>> {
-    visible(&state, &caller, id).await?;
-    caller.require_admin()?;
-    use SubscriptionStatus::*;
-    transition(&state, &caller, id, &[Pending, Active], Suspended, "suspend").await
+async fn suspend(State(state): State<AppState>, caller: Caller, Path(id): Path<Uuid>) -> ApiResult<Json<Subscription>> {
+    transition(&state, &caller, id, SUSPEND).await
 }
 
 /// Reactivate a suspended subscription (administrators only).
@@ -273,11 +252,8 @@ async fn reactivate(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<Uuid>,
-) -> ApiResult<axum::Json<Subscription>> {
-    visible(&state, &caller, id).await?;
-    caller.require_admin()?;
-    use SubscriptionStatus::*;
-    transition(&state, &caller, id, &[Suspended], Active, "reactivate").await
+) -> ApiResult<Json<Subscription>> {
+    transition(&state, &caller, id, REACTIVATE).await
 }
 
 /// Cancel a subscription (owner or administrator). Refused (409) while an unrevoked key of the
@@ -285,13 +261,6 @@ async fn reactivate(
 /// block.
 #[utoipa::path(post, path = "/api/v1/subscriptions/{id}/cancel", tag = "subscriptions", params(("id" = Uuid, Path)),
     responses((status = 200, body = Subscription)))]
-async fn cancel(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<Uuid>,
-) -> ApiResult<axum::Json<Subscription>> {
-    visible(&state, &caller, id).await?;
-    caller.require_writer()?;
-    use SubscriptionStatus::*;
-    transition(&state, &caller, id, &[Pending, Active, Suspended], Cancelled, "cancel").await
+async fn cancel(State(state): State<AppState>, caller: Caller, Path(id): Path<Uuid>) -> ApiResult<Json<Subscription>> {
+    transition(&state, &caller, id, CANCEL).await
 }

@@ -1,34 +1,14 @@
 //! Teams and their members. Administrators manage them; a user sees the teams they belong to.
 
-use axum::{
-    extract::State,
-    http::StatusCode,
-    routing::{delete, get},
-    Router,
-};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sqlx::{types::Json as Jsonb, FromRow};
-use tollgate_core::{
-    invalidation::{Invalidation, InvalidationKind},
-    limits::Limits,
-    DEFAULT_TEAM_ID,
-};
+use tollgate_core::{limits::Limits, DEFAULT_TEAM_ID};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use crate::{
-    audit::Change,
-    auth::Caller,
-    error::{ApiError, ApiResult},
-    extract::{Json, Path, Query},
-    pagination::{ListQuery, Page, PageParams},
-    routes::{models::check_models_exist, validate_limits},
-    state::AppState,
-    validate,
-    write::Write,
-};
+use super::{models::check_models_exist, prelude::*};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -50,6 +30,9 @@ pub struct Team {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
+
+/// The columns [`Team`] is read from.
+const COLUMNS: &str = "id, name, description, allowed_models, limits, created_at, updated_at";
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -106,8 +89,6 @@ pub struct AddMember {
     pub role: Option<MemberRole>,
 }
 
-const COLUMNS: &str = "id, name, description, allowed_models, limits, created_at, updated_at";
-
 /// The team `t` has the user `$` as a member.
 const HAS_MEMBER: &str = "EXISTS (SELECT 1 FROM team_members m WHERE m.team_id = t.id AND m.user_id = $)";
 
@@ -144,15 +125,14 @@ async fn list(
     caller: Caller,
     Query(page): Query<PageParams>,
     Query(filter): Query<TeamFilter>,
-) -> ApiResult<axum::Json<Page<Team>>> {
+) -> ApiResult<Page<Team>> {
     let bounds = page.bounds()?;
-    let teams = ListQuery::new(format!("SELECT {COLUMNS} FROM teams t"))
+    ListQuery::new(format!("SELECT {COLUMNS} FROM teams t"))
         .filter(HAS_MEMBER, caller.own_scope())
         .filter(HAS_MEMBER, filter.member_id)
         .filter("lower(name) = lower($)", filter.name)
         .page(&state.db, "created_at, id", bounds)
-        .await?;
-    Ok(axum::Json(teams))
+        .await
 }
 
 #[utoipa::path(post, path = "/api/v1/teams", tag = "teams", request_body = CreateTeam,
@@ -161,7 +141,7 @@ async fn create(
     State(state): State<AppState>,
     caller: Caller,
     Json(body): Json<CreateTeam>,
-) -> ApiResult<(StatusCode, axum::Json<Team>)> {
+) -> ApiResult<Created<Team>> {
     caller.require_admin()?;
     let name = validate::text("name", &body.name, 200)?;
     let description = validate::optional_text("description", body.description.as_deref().unwrap_or(""), 2000)?;
@@ -178,14 +158,15 @@ async fn create(
     .bind(Jsonb(&limits))
     .fetch_one(&mut *tx)
     .await?;
-    tx.commit(Change::new("team.create", "team", team.id, json!({"name": name})), []).await?;
-    Ok((StatusCode::CREATED, axum::Json(team)))
+    let change = Change::new("team.create", "team", team.id, json!({"name": name}));
+    tx.commit(change, []).await?;
+    Ok(Created(team))
 }
 
 #[utoipa::path(get, path = "/api/v1/teams/{id}", tag = "teams", params(("id" = Uuid, Path)),
     responses((status = 200, body = Team)))]
-async fn fetch(State(state): State<AppState>, caller: Caller, Path(id): Path<Uuid>) -> ApiResult<axum::Json<Team>> {
-    Ok(axum::Json(visible(&state, &caller, id).await?))
+async fn fetch(State(state): State<AppState>, caller: Caller, Path(id): Path<Uuid>) -> ApiResult<Json<Team>> {
+    Ok(Json(visible(&state, &caller, id).await?))
 }
 
 #[utoipa::path(patch, path = "/api/v1/teams/{id}", tag = "teams", params(("id" = Uuid, Path)),
@@ -195,7 +176,7 @@ async fn update(
     caller: Caller,
     Path(id): Path<Uuid>,
     Json(body): Json<UpdateTeam>,
-) -> ApiResult<axum::Json<Team>> {
+) -> ApiResult<Json<Team>> {
     visible(&state, &caller, id).await?;
     caller.require_admin()?;
     let name = body.name.as_deref().map(|n| validate::text("name", n, 200)).transpose()?;
@@ -220,7 +201,7 @@ async fn update(
     .ok_or(ApiError::NotFound("team"))?;
     let change = Change::new("team.update", "team", id, json!({"allowed_models": team.allowed_models}));
     tx.commit(change, [Invalidation::new(InvalidationKind::Team, id)]).await?;
-    Ok(axum::Json(team))
+    Ok(Json(team))
 }
 
 /// Delete a team. Refused (409) for the Default Team and while keys belong to the team.
@@ -242,8 +223,8 @@ async fn remove(State(state): State<AppState>, caller: Caller, Path(id): Path<Uu
     if deleted.rows_affected() == 0 {
         return Err(ApiError::NotFound("team"));
     }
-    tx.commit(Change::new("team.delete", "team", id, json!({})), [Invalidation::new(InvalidationKind::Team, id)])
-        .await?;
+    let change = Change::new("team.delete", "team", id, json!({}));
+    tx.commit(change, [Invalidation::new(InvalidationKind::Team, id)]).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -254,17 +235,16 @@ async fn list_members(
     caller: Caller,
     Path(id): Path<Uuid>,
     Query(page): Query<PageParams>,
-) -> ApiResult<axum::Json<Page<TeamMember>>> {
+) -> ApiResult<Page<TeamMember>> {
     let bounds = page.bounds()?;
     visible(&state, &caller, id).await?;
-    let members = ListQuery::new(
+    ListQuery::new(
         "SELECT m.team_id, m.user_id, m.role, u.email, u.name, m.created_at
          FROM team_members m JOIN users u ON u.id = m.user_id",
     )
     .filter("m.team_id = $", Some(id))
     .page(&state.db, "m.created_at, m.user_id", bounds)
-    .await?;
-    Ok(axum::Json(members))
+    .await
 }
 
 #[utoipa::path(post, path = "/api/v1/teams/{id}/members", tag = "teams", params(("id" = Uuid, Path)),
@@ -274,7 +254,7 @@ async fn add_member(
     caller: Caller,
     Path(id): Path<Uuid>,
     Json(body): Json<AddMember>,
-) -> ApiResult<(StatusCode, axum::Json<TeamMember>)> {
+) -> ApiResult<Created<TeamMember>> {
     visible(&state, &caller, id).await?;
     caller.require_admin()?;
     let mut tx = Write::begin(&state, &caller).await?;
@@ -302,7 +282,7 @@ async fn add_member(
     .await?;
     let change = Change::new("team.member.add", "team", id, json!({"user_id": body.user_id, "role": role}));
     tx.commit(change, [Invalidation::new(InvalidationKind::Team, id)]).await?;
-    Ok((StatusCode::CREATED, axum::Json(member)))
+    Ok(Created(member))
 }
 
 /// Remove a member. Refused (409) while the user holds unrevoked keys on this team.

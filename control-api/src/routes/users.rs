@@ -1,30 +1,14 @@
 //! Users: administrators manage them; a user sees only themself.
 
-use axum::{extract::State, http::StatusCode, routing::get, Router};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sqlx::{types::Json as Jsonb, FromRow};
-use tollgate_core::{
-    invalidation::{Invalidation, InvalidationKind},
-    limits::Limits,
-    roles::Role,
-    DEFAULT_TEAM_ID,
-};
+use tollgate_core::{limits::Limits, roles::Role, DEFAULT_TEAM_ID};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use crate::{
-    audit::Change,
-    auth::Caller,
-    error::{ApiError, ApiResult},
-    extract::{Json, Path, Query},
-    pagination::{ListQuery, Page, PageParams},
-    routes::validate_limits,
-    state::AppState,
-    validate,
-    write::Write,
-};
+use super::prelude::*;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -47,6 +31,9 @@ pub struct User {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
+
+/// The columns [`User`] is read from.
+const COLUMNS: &str = "id, email, name, roles, status, limits, created_at, updated_at";
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
@@ -84,8 +71,6 @@ pub struct UserFilter {
     pub role: Option<Role>,
 }
 
-const COLUMNS: &str = "id, email, name, roles, status, limits, created_at, updated_at";
-
 fn roles_vec(roles: Option<Vec<Role>>) -> ApiResult<Vec<&'static str>> {
     let mut roles: Vec<&'static str> =
         roles.unwrap_or_else(|| vec![Role::User]).into_iter().map(Role::as_str).collect();
@@ -97,12 +82,8 @@ fn roles_vec(roles: Option<Vec<Role>>) -> ApiResult<Vec<&'static str>> {
     Ok(roles)
 }
 
-pub(crate) async fn load(db: impl sqlx::PgExecutor<'_>, id: Uuid) -> ApiResult<User> {
-    sqlx::query_as(&format!("SELECT {COLUMNS} FROM users WHERE id = $1"))
-        .bind(id)
-        .fetch_optional(db)
-        .await?
-        .ok_or(ApiError::NotFound("user"))
+async fn load(state: &AppState, id: Uuid) -> ApiResult<User> {
+    find_by_id(&state.db, &format!("SELECT {COLUMNS} FROM users"), id, "user").await
 }
 
 /// 422 naming `user_id` unless the user exists and is active.
@@ -124,16 +105,15 @@ async fn list(
     caller: Caller,
     Query(page): Query<PageParams>,
     Query(filter): Query<UserFilter>,
-) -> ApiResult<axum::Json<Page<User>>> {
+) -> ApiResult<Page<User>> {
     let bounds = page.bounds()?;
-    let users = ListQuery::new(format!("SELECT {COLUMNS} FROM users"))
+    ListQuery::new(format!("SELECT {COLUMNS} FROM users"))
         .filter("id = $", caller.own_scope())
         .filter("lower(email) = lower($)", filter.email)
         .filter("status = $", filter.status.map(status_str))
         .filter("$ = ANY(roles)", filter.role.map(Role::as_str))
         .page(&state.db, "created_at, id", bounds)
-        .await?;
-    Ok(axum::Json(users))
+        .await
 }
 
 fn status_str(s: UserStatus) -> &'static str {
@@ -150,7 +130,7 @@ async fn create(
     State(state): State<AppState>,
     caller: Caller,
     Json(body): Json<CreateUser>,
-) -> ApiResult<(StatusCode, axum::Json<User>)> {
+) -> ApiResult<Created<User>> {
     caller.require_admin()?;
     let email = validate::email("email", &body.email)?;
     let name = validate::text("name", &body.name, 200)?;
@@ -171,22 +151,23 @@ async fn create(
         .bind(user.id)
         .execute(&mut *tx)
         .await?;
-    tx.commit(Change::new("user.create", "user", user.id, json!({"email": email, "roles": roles})), []).await?;
-    Ok((StatusCode::CREATED, axum::Json(user)))
+    let change = Change::new("user.create", "user", user.id, json!({"email": email, "roles": roles}));
+    tx.commit(change, []).await?;
+    Ok(Created(user))
 }
 
 /// The calling user (JWT callers only).
 #[utoipa::path(get, path = "/api/v1/users/me", tag = "users", responses((status = 200, body = User)))]
-async fn me(State(state): State<AppState>, caller: Caller) -> ApiResult<axum::Json<User>> {
+async fn me(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<User>> {
     let id = caller.actor_id().ok_or(ApiError::NotFound("user"))?;
-    Ok(axum::Json(load(&state.db, id).await?))
+    Ok(Json(load(&state, id).await?))
 }
 
 #[utoipa::path(get, path = "/api/v1/users/{id}", tag = "users", params(("id" = Uuid, Path)),
     responses((status = 200, body = User)))]
-async fn fetch(State(state): State<AppState>, caller: Caller, Path(id): Path<Uuid>) -> ApiResult<axum::Json<User>> {
+async fn fetch(State(state): State<AppState>, caller: Caller, Path(id): Path<Uuid>) -> ApiResult<Json<User>> {
     caller.ensure_sees(id, "user")?;
-    Ok(axum::Json(load(&state.db, id).await?))
+    Ok(Json(load(&state, id).await?))
 }
 
 /// Update a user's name, roles, status or limits (administrators only).
@@ -197,7 +178,7 @@ async fn update(
     caller: Caller,
     Path(id): Path<Uuid>,
     Json(body): Json<UpdateUser>,
-) -> ApiResult<axum::Json<User>> {
+) -> ApiResult<Json<User>> {
     caller.ensure_sees(id, "user")?;
     caller.require_admin()?;
     let name = body.name.as_deref().map(|n| validate::text("name", n, 200)).transpose()?;
@@ -219,5 +200,5 @@ async fn update(
     .ok_or(ApiError::NotFound("user"))?;
     let change = Change::new("user.update", "user", id, json!({"status": user.status, "roles": user.roles}));
     tx.commit(change, [Invalidation::new(InvalidationKind::User, id)]).await?;
-    Ok(axum::Json(user))
+    Ok(Json(user))
 }

@@ -113,9 +113,7 @@ async fn first_use_is_audited_with_request_id_and_address(db: PgPool) {
     let app = TestApp::spawn(db).await;
     let token = user_token("kc-jit", "jit@example.com", &["user"]);
     let resp = app
-        .http
-        .get(format!("{}/api/v1/users/me", app.base))
-        .bearer_auth(&token)
+        .request(Method::GET, "/api/v1/users/me", &token)
         .header("x-request-id", "req-jit-1")
         .header("x-forwarded-for", "203.0.113.7, 10.0.0.1")
         .send()

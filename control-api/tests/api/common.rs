@@ -79,6 +79,11 @@ impl TestApp {
         TestApp { base: format!("http://{addr}"), http: reqwest::Client::new(), db, admin_key, model_info }
     }
 
+    /// A request to `path` with `token` as bearer, for tests that set more than [`TestApp::call`] does.
+    pub fn request(&self, method: Method, path: &str, token: &str) -> reqwest::RequestBuilder {
+        self.http.request(method, format!("{}{path}", self.base)).bearer_auth(token)
+    }
+
     /// Sends a request with `token` as bearer (if any) and a JSON body (if any).
     pub async fn call(
         &self,

@@ -1,6 +1,7 @@
 //! Every filter of every list endpoint narrows its list, alone and combined, and a page is
 //! bounded by `limit`/`offset` with `has_more` saying whether another follows.
 
+use reqwest::Method;
 use serde_json::{json, Value};
 use sqlx::PgPool;
 
@@ -86,9 +87,7 @@ async fn every_list_filter_narrows(db: PgPool) {
     assert_eq!(column(&list("/api/v1/audit?action=team.create".into()).await, "target_id"), [id(&team)]);
     assert!(column(&list("/api/v1/audit?request_id=never-sent".into()).await, "action").is_empty());
     let sent = app
-        .http
-        .post(format!("{}/api/v1/teams", app.base))
-        .bearer_auth(&admin)
+        .request(Method::POST, "/api/v1/teams", &admin)
         .header("x-request-id", "req-lists-1")
         .json(&json!({"name": "Traced"}))
         .send()
