@@ -22,11 +22,27 @@ pub struct ModelInfo {
     pub available: bool,
     pub input_cost_per_token: Decimal,
     pub output_cost_per_token: Decimal,
+    /// Tokens of context (prompt and completion), when known.
+    pub context_length: Option<i32>,
 }
 
 impl ModelInfo {
     pub fn usable(&self) -> bool {
         self.enabled && self.available
+    }
+
+    /// Tokens of context, when known and sensible.
+    pub fn context_tokens(&self) -> Option<u64> {
+        self.context_length.and_then(|c| u64::try_from(c).ok()).filter(|c| *c > 0)
+    }
+
+    /// The name the upstream knows the model by.
+    pub fn upstream_name(&self) -> &str {
+        if self.upstream_model.is_empty() {
+            &self.id
+        } else {
+            &self.upstream_model
+        }
     }
 
     pub fn cost(&self, prompt_tokens: u64, completion_tokens: u64) -> Decimal {
@@ -35,7 +51,8 @@ impl ModelInfo {
     }
 }
 
-const COLUMNS: &str = "id, upstream_model, enabled, available, input_cost_per_token, output_cost_per_token";
+const COLUMNS: &str =
+    "id, upstream_model, enabled, available, input_cost_per_token, output_cost_per_token, context_length";
 
 #[derive(Default)]
 pub struct ModelCatalog {

@@ -38,6 +38,15 @@ pub struct GatewayConfig {
     /// are refused at start.
     #[serde(deserialize_with = "comma_list")]
     pub forward_request_headers: Vec<String>,
+    /// Request body fields refused with 400 (a name, `metadata.<name>`, or a prefix ending in
+    /// `*`). The default lists the fields LiteLLM acts on to route, retry, mock, cache, tag or
+    /// call elsewhere; setting this replaces the list.
+    #[serde(deserialize_with = "comma_list")]
+    pub denied_body_fields: Vec<String>,
+    /// Prompt tokens reserved for each image input.
+    pub image_input_tokens: u64,
+    /// Prompt tokens reserved for each audio input.
+    pub audio_input_tokens: u64,
     /// How long a key stays cached without an invalidation.
     pub key_cache_ttl_seconds: u64,
     /// How long an unknown key stays cached as unknown.
@@ -89,6 +98,9 @@ impl Default for GatewayConfig {
             upstream_timeout_seconds: 600,
             passthrough_paths: vec!["/v1/moderations".into(), "/v1/rerank".into()],
             forward_request_headers: vec![],
+            denied_body_fields: DENIED_BODY_FIELDS.iter().map(|f| f.to_string()).collect(),
+            image_input_tokens: 2_000,
+            audio_input_tokens: 2_000,
             key_cache_ttl_seconds: 60,
             negative_cache_ttl_seconds: 5,
             failed_auth_per_minute: 60,
@@ -124,6 +136,7 @@ pub const SPEC: ConfigSpec<'static> = ConfigSpec {
         ("UPSTREAM_TIMEOUT_SECONDS", "upstream_timeout_seconds"),
         ("PASSTHROUGH_PATHS", "passthrough_paths"),
         ("FORWARD_REQUEST_HEADERS", "forward_request_headers"),
+        ("DENIED_BODY_FIELDS", "denied_body_fields"),
         ("KEY_CACHE_TTL_SECONDS", "key_cache_ttl_seconds"),
         ("FAILED_AUTH_PER_MINUTE", "failed_auth_per_minute"),
         ("TRUSTED_PROXIES", "trusted_proxies"),
@@ -141,6 +154,63 @@ pub const SPEC: ConfigSpec<'static> = ConfigSpec {
     ],
     secrets: &["upstream_api_key"],
 };
+
+/// Body fields a LiteLLM proxy acts on when its caller holds the master key: routing and
+/// fallbacks, credentials and endpoints, retries and timeouts, mocking, caching, logging, tags,
+/// budgets, guardrails and custom pricing. None is part of OpenAI's API.
+pub const DENIED_BODY_FIELDS: &[&str] = &[
+    "fallbacks",
+    "context_window_fallbacks",
+    "content_policy_fallbacks",
+    "default_fallbacks",
+    "disable_fallbacks",
+    "model_list",
+    "model_group",
+    "specific_deployment",
+    "api_base",
+    "base_url",
+    "api_key",
+    "api_version",
+    "organization",
+    "custom_llm_provider",
+    "deployment_id",
+    "aws_*",
+    "vertex_*",
+    "azure_*",
+    "region_name",
+    "extra_headers",
+    "extra_body",
+    "mock_*",
+    "num_retries",
+    "max_retries",
+    "retry_policy",
+    "timeout",
+    "request_timeout",
+    "stream_timeout",
+    "cache",
+    "caching",
+    "no-cache",
+    "no-store",
+    "no-log",
+    "no_log",
+    "turn_off_message_logging",
+    "litellm_*",
+    "proxy_server_request",
+    "secret_fields",
+    "user_config",
+    "guardrails",
+    "tags",
+    "input_cost_per_token",
+    "output_cost_per_token",
+    "input_cost_per_second",
+    "output_cost_per_second",
+    "metadata.tags",
+    "metadata.model_group",
+    "metadata.user_api_key*",
+    "metadata.spend_logs_metadata",
+    "metadata.guardrails",
+    "metadata.disable_fallbacks",
+];
 
 impl GatewayConfig {
     /// The parsed `trusted_proxies`.

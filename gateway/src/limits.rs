@@ -28,7 +28,6 @@ use crate::{
     auth::{ActiveSubscription, AuthContext},
     config::GatewayConfig,
     error::GatewayError,
-    meter::Usage,
     state::GatewayState,
 };
 
@@ -50,13 +49,13 @@ pub fn scopes(auth: &AuthContext, subscription: &ActiveSubscription) -> Vec<Scop
     out
 }
 
-/// What a request asks of every scope: its ceiling, priced.
+/// What a request asks of every scope: its allowance of tokens, and its ceiling priced.
 pub fn demand(request_id: &str, admitted: &Admitted) -> Demand {
-    let Usage { prompt_tokens, completion_tokens } = admitted.ceiling;
+    let (allowance, ceiling) = (admitted.allowance, admitted.ceiling);
     Demand {
         request_id: request_id.to_string(),
-        tokens: prompt_tokens + completion_tokens,
-        cost_nanos: nanos_ceil(admitted.model.cost(prompt_tokens, completion_tokens)),
+        tokens: allowance.prompt_tokens + allowance.completion_tokens,
+        cost_nanos: nanos_ceil(admitted.model.cost(ceiling.prompt_tokens, ceiling.completion_tokens)),
     }
 }
 
@@ -143,6 +142,10 @@ pub async fn reserve(
 /// After the response, off the client's path: replaces a reservation with what the request used
 /// (`(tokens, nano-USD)`), or gives it all back when the upstream never answered (`None`).
 pub fn settle(state: &GatewayState, reservation: Reservation, used: Option<(u64, i64)>) {
+    if used.is_some_and(|(_, cost)| cost > reservation.demand.cost_nanos) {
+        // Charged in full: a budget can end over its limit by this one request's excess.
+        state.metrics.reservation_overruns.inc();
+    }
     let limiter = state.limiter.limiter.clone();
     state.support.spawn(async move {
         let result = match used {

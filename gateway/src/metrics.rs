@@ -38,6 +38,8 @@ pub struct Metrics {
     pub redis_errors: IntCounter,
     /// 1 while the limiter cannot reach Redis.
     pub fallback_active: IntGauge,
+    /// Requests whose real cost exceeded what their budgets reserved.
+    pub reservation_overruns: IntCounter,
     /// Requests admitted over a soft or monitor limit, by reason and scope type.
     pub limit_warnings: IntCounterVec,
 }
@@ -127,6 +129,10 @@ impl Metrics {
             redis_latency: histogram("redis_duration_seconds", "Latency of the limiter's Redis round trips"),
             redis_errors: counter("redis_errors_total", "Limiter calls to Redis that failed or timed out"),
             fallback_active,
+            reservation_overruns: counter(
+                "reservation_overruns_total",
+                "Requests that cost more than their budgets reserved (charged in full)",
+            ),
             limit_warnings: counter_vec(
                 "limit_warnings_total",
                 "Requests admitted over a soft or monitor limit",

@@ -8,7 +8,7 @@ use tollgate_core::net::Cidr;
 
 use crate::{
     auth::FailedAuthThrottle, catalog::ModelCatalog, config::GatewayConfig, key_cache::KeyCache, limits::LimiterHandle,
-    metrics::Metrics, upstream::Upstream, usage::UsageSink,
+    metrics::Metrics, request::BodyPolicy, upstream::Upstream, usage::UsageSink,
 };
 
 pub struct GatewayState {
@@ -24,6 +24,8 @@ pub struct GatewayState {
     pub auth_failures: FailedAuthThrottle,
     /// Proxies whose `X-Forwarded-For` names the client.
     pub trusted_proxies: Vec<Cidr>,
+    /// What a request body may carry, and how its media inputs are counted.
+    pub body_policy: BodyPolicy,
     /// Paths proxied with authentication and metering.
     pub metered_paths: Vec<String>,
     pub limiter: Arc<LimiterHandle>,
