@@ -1,10 +1,13 @@
 //! The control API's configuration (configs/control-api.toml), loaded through tollgate-core's
 //! layered loader. Secrets (admin keys, JWT secret, LiteLLM key) come only from the environment.
+//! Addresses and URLs are parsed and checked as the configuration loads, so a bad one stops the
+//! control API at start, naming the setting, instead of failing on first use.
 
-use std::{collections::HashMap, path::Path};
+use std::{collections::HashMap, net::SocketAddr, path::Path};
 
 use figment::Figment;
-use serde::{Deserialize, Serialize};
+use reqwest::Url;
+use serde::{Deserialize, Deserializer, Serialize};
 use tollgate_core::{
     config::{comma_list, load, ConfigError, ConfigSpec},
     roles::Role,
@@ -15,7 +18,8 @@ use tollgate_core::{
 pub struct ControlApiConfig {
     pub database_url: String,
     pub redis_url: String,
-    pub listen: String,
+    /// Address for the control API (`IP:port`).
+    pub listen: SocketAddr,
     /// Plaintext admin API keys (environment only); hashed at start-up.
     #[serde(deserialize_with = "comma_list")]
     pub admin_api_keys: Vec<String>,
@@ -30,7 +34,8 @@ pub struct JwtConfig {
     /// HS256 shared secret (environment only).
     pub secret: Option<String>,
     /// JWKS of an OIDC issuer, for RS256 tokens.
-    pub jwks_url: Option<String>,
+    #[serde(deserialize_with = "optional_url")]
+    pub jwks_url: Option<Url>,
     pub issuer: Option<String>,
     pub audience: Option<String>,
     pub roles_claim: String,
@@ -42,7 +47,9 @@ pub struct JwtConfig {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LitellmConfig {
-    pub url: Option<String>,
+    /// Base URL of LiteLLM; `/model/info` is read below it.
+    #[serde(deserialize_with = "optional_url")]
+    pub url: Option<Url>,
     /// Credential for LiteLLM's `/model/info` (environment only).
     pub api_key: Option<String>,
     pub timeout_seconds: u64,
@@ -53,7 +60,7 @@ impl Default for ControlApiConfig {
         Self {
             database_url: "postgres://postgres@127.0.0.1:5432/tollgate".into(),
             redis_url: "redis://127.0.0.1:6379".into(),
-            listen: "127.0.0.1:8081".into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
             admin_api_keys: Vec::new(),
             migrate_on_start: true,
             jwt: JwtConfig::default(),
@@ -98,8 +105,25 @@ pub const SPEC: ConfigSpec<'static> = ConfigSpec {
 };
 
 impl ControlApiConfig {
-    /// Defaults < file < environment < `flags`.
+    /// Defaults < file < environment < `flags`; every address and URL is checked here.
     pub fn load(file: Option<&Path>, flags: Figment) -> Result<Self, ConfigError> {
-        load(file, &SPEC, flags)
+        let config: Self = load(file, &SPEC, flags)?;
+        SPEC.url("database_url", &config.database_url, &["postgres", "postgresql"])?;
+        SPEC.redis_url("redis_url", &config.redis_url)?;
+        if let Some(url) = &config.jwt.jwks_url {
+            SPEC.url("jwt.jwks_url", url.as_str(), &["http", "https"])?;
+        }
+        if let Some(url) = &config.litellm.url {
+            SPEC.url("litellm.url", url.as_str(), &["http", "https"])?;
+        }
+        Ok(config)
+    }
+}
+
+/// An optional URL where an empty value (e.g. `TOLLGATE_LITELLM_URL=`) means none.
+fn optional_url<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Url>, D::Error> {
+    match Option::<String>::deserialize(d)?.as_deref().map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(url) => Url::parse(url).map(Some).map_err(|e| serde::de::Error::custom(format!("{e} in {url:?}"))),
     }
 }

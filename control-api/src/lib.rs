@@ -89,7 +89,7 @@ pub async fn run(config: ControlApiConfig) -> anyhow::Result<()> {
         }
     });
     let state = AppState::new(&config, db)?;
-    let listener = tokio::net::TcpListener::bind(&config.listen).await?;
+    let listener = tokio::net::TcpListener::bind(config.listen).await?;
     tracing::info!(listen = %listener.local_addr()?, "control API listening");
     serve(listener, state, shutdown_signal()).await?;
     Ok(())

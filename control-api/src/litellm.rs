@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use reqwest::Url;
 use rust_decimal::{prelude::FromPrimitive, Decimal};
 use serde_json::Value;
 
@@ -14,7 +15,7 @@ use crate::{
 
 /// Reads LiteLLM's `/model/info`.
 pub struct LitellmClient {
-    url: Option<String>,
+    url: Option<Url>,
     api_key: Option<String>,
     http: reqwest::Client,
 }
@@ -35,7 +36,7 @@ pub struct UpstreamModel {
 impl LitellmClient {
     pub fn new(config: &LitellmConfig) -> anyhow::Result<Self> {
         Ok(Self {
-            url: config.url.clone().filter(|u| !u.is_empty()),
+            url: config.url.clone(),
             api_key: config.api_key.clone().filter(|k| !k.is_empty()),
             http: reqwest::Client::builder().timeout(Duration::from_secs(config.timeout_seconds.max(1))).build()?,
         })
@@ -44,9 +45,9 @@ impl LitellmClient {
     pub async fn model_info(&self) -> ApiResult<Vec<UpstreamModel>> {
         let base = self
             .url
-            .as_deref()
+            .as_ref()
             .ok_or_else(|| ApiError::Unavailable("model sync is not configured (TOLLGATE_LITELLM_URL)".into()))?;
-        let mut req = self.http.get(format!("{}/model/info", base.trim_end_matches('/')));
+        let mut req = self.http.get(format!("{}/model/info", base.as_str().trim_end_matches('/')));
         if let Some(key) = &self.api_key {
             req = req.bearer_auth(key);
         }

@@ -12,7 +12,7 @@ struct Args {
     /// TOML config file (see configs/control-api.toml).
     #[arg(long, env = "TOLLGATE_CONFIG")]
     config: Option<PathBuf>,
-    /// Address to listen on (overrides TOLLGATE_API_LISTEN).
+    /// Address to listen on, `IP:port` (overrides TOLLGATE_API_LISTEN).
     #[arg(long)]
     listen: Option<String>,
     /// Do not apply migrations at start.

@@ -1,16 +1,52 @@
-//! The shipped example config is valid for the control API's loader.
+//! The control API's configuration as a deployer meets it: the shipped example loads, and a bad
+//! address or URL stops the start naming the setting.
+
+// Test helpers fail loudly by design (clippy.toml already allows this inside #[test] fns).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
 
-use figment::Figment;
+use figment::{providers::Serialized, Figment};
 use tollgate_control_api::config::ControlApiConfig;
 use tollgate_core::roles::Role;
+
+fn with(key: &str, value: &str) -> Result<ControlApiConfig, String> {
+    ControlApiConfig::load(None, Figment::from(Serialized::default(key, value))).map_err(|e| e.to_string())
+}
 
 #[test]
 fn example_config_loads() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/control-api.toml");
     let config = ControlApiConfig::load(Some(&path), Figment::new()).unwrap();
-    assert_eq!(config.listen, "127.0.0.1:8081");
+    assert_eq!(config.listen.to_string(), "127.0.0.1:8081");
     assert_eq!(config.jwt.group_roles.get("litemaas-admins"), Some(&Role::Admin));
     assert_eq!(config.litellm.timeout_seconds, 10);
+}
+
+#[test]
+fn bad_addresses_and_urls_fail_naming_the_setting() {
+    for (key, value) in [
+        ("listen", "localhost-8081"),
+        ("listen", "8081"),
+        ("database_url", "mysql://db/tollgate"),
+        ("database_url", "not a url"),
+        ("redis_url", "127.0.0.1:6379"),
+        ("jwt.jwks_url", "not a url"),
+        ("jwt.jwks_url", "ftp://sso.example.com/certs"),
+        ("litellm.url", "litellm:4000"),
+        ("litellm.url", "http://"),
+    ] {
+        let err = with(key, value).expect_err(&format!("{key}={value:?} was accepted"));
+        assert!(err.contains(key), "{key}={value:?} gave: {err}");
+    }
+}
+
+#[test]
+fn good_addresses_and_urls_are_typed_and_empty_urls_mean_none() {
+    assert_eq!(with("listen", "0.0.0.0:9000").unwrap().listen, "0.0.0.0:9000".parse().unwrap());
+    let litellm = with("litellm.url", "http://litellm:4000/base").unwrap().litellm.url.unwrap();
+    assert_eq!((litellm.host_str(), litellm.port(), litellm.path()), (Some("litellm"), Some(4000), "/base"));
+    assert!(with("litellm.url", "").unwrap().litellm.url.is_none());
+    assert!(with("jwt.jwks_url", " ").unwrap().jwt.jwks_url.is_none());
+    assert!(with("redis_url", "redis+cluster://10.0.0.1:7000,10.0.0.2:7000").is_ok());
 }

@@ -9,6 +9,7 @@ use std::{
 };
 
 use jsonwebtoken::{decode, decode_header, jwk::JwkSet, Algorithm, DecodingKey, Validation};
+use reqwest::Url;
 use serde_json::{Map, Value};
 use tokio::sync::RwLock;
 use tollgate_core::roles::Role;
@@ -36,7 +37,7 @@ pub struct JwtVerifier {
 }
 
 struct JwksCache {
-    url: String,
+    url: Url,
     http: reqwest::Client,
     keys: RwLock<KeySet>,
 }
@@ -54,9 +55,9 @@ const JWKS_REFRESH: Duration = Duration::from_secs(10);
 impl JwtVerifier {
     pub fn new(config: &JwtConfig) -> anyhow::Result<Self> {
         let hs256 = config.secret.as_deref().filter(|s| !s.is_empty()).map(|s| DecodingKey::from_secret(s.as_bytes()));
-        let jwks = match config.jwks_url.as_deref().filter(|u| !u.is_empty()) {
+        let jwks = match &config.jwks_url {
             Some(url) => Some(JwksCache {
-                url: url.to_string(),
+                url: url.clone(),
                 http: reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?,
                 keys: RwLock::new(KeySet::default()),
             }),
@@ -154,7 +155,7 @@ impl JwksCache {
             return Ok(set.by_kid.get(kid).cloned());
         }
         set.fetched_at = Some(Instant::now());
-        let jwks: JwkSet = match self.http.get(&self.url).send().await {
+        let jwks: JwkSet = match self.http.get(self.url.clone()).send().await {
             Ok(resp) => resp.json().await.map_err(|e| {
                 tracing::warn!(error = %e, "JWKS unreadable");
                 ApiError::Unavailable("identity provider keys unavailable".into())

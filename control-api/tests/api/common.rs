@@ -69,8 +69,8 @@ impl TestApp {
         config.redis_url = redis_url();
         config.admin_api_keys = vec![admin_key.clone()];
         config.jwt.secret = Some(JWT_SECRET.into());
-        config.jwt.jwks_url = Some(format!("http://{jwks_addr}/jwks.json"));
-        config.litellm.url = Some(format!("http://{litellm_addr}"));
+        config.jwt.jwks_url = Some(format!("http://{jwks_addr}/jwks.json").parse().unwrap());
+        config.litellm.url = Some(format!("http://{litellm_addr}").parse().unwrap());
         config.litellm.api_key = Some(LITELLM_KEY.into());
         let state = AppState::new(&config, db.clone()).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
