@@ -20,45 +20,39 @@ pub struct Metrics {
     pub invalidations: IntCounterVec,
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Metrics {
-    pub fn new() -> Self {
-        let registry = Registry::new_custom(Some("tollgate_control_api".into()), None).expect("registry");
+    /// Fails only on a malformed metric name, help or label set: a mistake that stops every start,
+    /// never a request.
+    pub fn new() -> prometheus::Result<Self> {
+        let registry = Registry::new_custom(Some("tollgate_control_api".into()), None)?;
         let requests = IntCounterVec::new(
             Opts::new("http_requests_total", "HTTP requests by route, method and status"),
             &["route", "method", "status"],
-        )
-        .expect("metric");
+        )?;
         let latency = HistogramVec::new(
             HistogramOpts::new("http_request_duration_seconds", "HTTP request latency")
                 .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
             &["route", "method"],
-        )
-        .expect("metric");
+        )?;
         let sync_runs =
-            IntCounterVec::new(Opts::new("model_sync_runs_total", "Model sync runs by outcome"), &["outcome"])
-                .expect("metric");
+            IntCounterVec::new(Opts::new("model_sync_runs_total", "Model sync runs by outcome"), &["outcome"])?;
         let invalidations = IntCounterVec::new(
             Opts::new("invalidations_published_total", "Invalidation messages by outcome"),
             &["outcome"],
-        )
-        .expect("metric");
+        )?;
         for c in [&requests, &sync_runs, &invalidations] {
-            registry.register(Box::new(c.clone())).expect("register");
+            registry.register(Box::new(c.clone()))?;
         }
-        registry.register(Box::new(latency.clone())).expect("register");
-        Self { registry, requests, latency, sync_runs, invalidations }
+        registry.register(Box::new(latency.clone()))?;
+        Ok(Self { registry, requests, latency, sync_runs, invalidations })
     }
 
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
-        TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("encode");
-        String::from_utf8(buf).expect("utf8")
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            tracing::error!(error = %e, "metrics encoding failed");
+        }
+        String::from_utf8_lossy(&buf).into_owned()
     }
 }
 

@@ -22,7 +22,7 @@ impl AppState {
         Ok(Self {
             auth: Arc::new(Authenticator::new(config, db.clone())?),
             events: EventPublisher::new(&config.redis_url)?,
-            metrics: Arc::new(Metrics::new()),
+            metrics: Arc::new(Metrics::new()?),
             litellm: Arc::new(LitellmClient::new(&config.litellm)?),
             db,
         })

@@ -11,7 +11,10 @@ use axum::{extract::State, http::HeaderMap, routing::get, Router};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use sqlx::PgPool;
-use tollgate_control_api::{config::ControlApiConfig, state::AppState};
+use tollgate_control_api::{
+    config::{ControlApiConfig, JwtConfig, LitellmConfig},
+    state::AppState,
+};
 
 pub const JWT_SECRET: &str = "test-hs256-secret-that-is-long-enough";
 pub const LITELLM_KEY: &str = "sk-litellm-test";
@@ -65,13 +68,22 @@ impl TestApp {
         .await;
 
         let admin_key = tollgate_core::keys::generate_key();
-        let mut config = ControlApiConfig::default();
-        config.redis_url = redis_url();
-        config.admin_api_keys = vec![admin_key.clone()];
-        config.jwt.secret = Some(JWT_SECRET.into());
-        config.jwt.jwks_url = Some(format!("http://{jwks_addr}/jwks.json").parse().unwrap());
-        config.litellm.url = Some(format!("http://{litellm_addr}").parse().unwrap());
-        config.litellm.api_key = Some(LITELLM_KEY.into());
+        let defaults = ControlApiConfig::default();
+        let config = ControlApiConfig {
+            redis_url: redis_url(),
+            admin_api_keys: vec![admin_key.clone()],
+            jwt: JwtConfig {
+                secret: Some(JWT_SECRET.into()),
+                jwks_url: Some(format!("http://{jwks_addr}/jwks.json").parse().unwrap()),
+                ..defaults.jwt
+            },
+            litellm: LitellmConfig {
+                url: Some(format!("http://{litellm_addr}").parse().unwrap()),
+                api_key: Some(LITELLM_KEY.into()),
+                ..defaults.litellm
+            },
+            ..defaults
+        };
         let state = AppState::new(&config, db.clone()).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

@@ -1,6 +1,10 @@
 //! Control API over real HTTP against real PostgreSQL (`#[sqlx::test]` gives each test its own
 //! database) and the shared Redis.
 
+// Test helpers fail loudly by design (clippy.toml already allows this inside #[test] fns; the
+// helpers outside them need it said here).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 mod audit;

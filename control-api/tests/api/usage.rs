@@ -7,9 +7,11 @@ use uuid::Uuid;
 
 use crate::common::*;
 
-/// Rollup rows as the gateway's usage writer leaves them: `(day, hour, key, model, user, team,
+/// A rollup row as the gateway's usage writer leaves it: `(day, hour, key, model, user, team,
 /// requests, prompt, completion, cost)`.
-async fn insert_usage(app: &TestApp, rows: &[(&str, &str, Uuid, &str, Uuid, Uuid, i64, i64, i64, &str)]) {
+type UsageRow<'a> = (&'a str, &'a str, Uuid, &'a str, Uuid, Uuid, i64, i64, i64, &'a str);
+
+async fn insert_usage(app: &TestApp, rows: &[UsageRow<'_>]) {
     for (day, hour, key, model, user, team, requests, prompt, completion, cost) in rows {
         let cost = Decimal::from_str(cost).unwrap();
         sqlx::query(
