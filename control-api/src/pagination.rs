@@ -81,7 +81,8 @@ impl<'a> ListQuery<'a> {
         Self { sql: QueryBuilder::new(select), conditions: 0 }
     }
 
-    /// Adds `condition`, with `value` bound where it says `$`, when `value` is given.
+    /// Adds `condition`, with `value` bound where it says `$`, when `value` is given. Conditions
+    /// are SQL written in the code; what the request sent is only ever bound.
     pub fn filter<T>(mut self, condition: &str, value: Option<T>) -> Self
     where
         T: 'a + Encode<'a, Postgres> + Type<Postgres>,
