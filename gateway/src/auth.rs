@@ -219,6 +219,20 @@ impl FailedAuthThrottle {
         }
     }
 
+    /// Takes one failure's place for a key lookup from `ip` before it runs, so that concurrent
+    /// lookups cannot overrun the allowance: `false` (and nothing taken) when `ip` is blocked.
+    /// A lookup that finds a key gives its place back with [`Self::forgive`].
+    pub fn begin_lookup(&self, ip: IpAddr) -> bool {
+        !matches!(self.judge(ip, GatewayError::InvalidKey), GatewayError::TooManyFailures)
+    }
+
+    /// Gives back the place [`Self::begin_lookup`] took.
+    pub fn forgive(&self, ip: IpAddr) {
+        if let Some(w) = lock(self.shard(&ip)).get_mut(&ip) {
+            w.failures = w.failures.saturating_sub(1);
+        }
+    }
+
     /// Addresses tracked now.
     pub fn len(&self) -> usize {
         self.shards.iter().map(|s| lock(s).len()).sum()
@@ -261,18 +275,22 @@ pub async fn authenticate(
             state.metrics.key_cache_hits.inc();
             return Err(failed(GatewayError::InvalidKey));
         }
-        // An address past its failures may still use keys already cached, but reaches
-        // PostgreSQL no more: a flood of made-up keys costs at most its allowance of lookups.
-        Lookup::Miss if state.auth_failures.is_blocked(ip) => return Err(GatewayError::TooManyFailures),
+        // Every lookup counts as a failure until it finds a key: an address past its failures
+        // may still use keys already cached, but reaches PostgreSQL no more, so a flood of
+        // made-up keys costs at most its allowance of lookups, however concurrent.
+        Lookup::Miss if !state.auth_failures.begin_lookup(ip) => return Err(GatewayError::TooManyFailures),
         Lookup::Miss => {
             state.metrics.key_cache_misses.inc();
             let db = state.db.clone();
             let loaded = state.support.spawn(async move { load_key(&db, hash).await }).await;
+            if !matches!(loaded, Ok(Ok(None))) {
+                state.auth_failures.forgive(ip);
+            }
             match loaded {
                 Ok(Ok(Some(ctx))) => state.keys.insert(hash, Some(ctx)).ok_or(GatewayError::Internal)?,
                 Ok(Ok(None)) => {
                     state.keys.insert(hash, None);
-                    return Err(failed(GatewayError::InvalidKey));
+                    return Err(GatewayError::InvalidKey);
                 }
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "key lookup failed");

@@ -152,10 +152,12 @@ impl ProxyHttp for Gateway {
                     Ok(body) => body,
                     Err(e) => return self.refuse(session, ctx, e).await,
                 };
-                let original_len = body.len();
+                let original = body.clone();
                 match self.admit_and_reserve(ctx, body).await {
                     Ok(out) => {
-                        ctx.body = BodyMode::Judged((out.len() != original_len).then_some(out));
+                        // A rewrite may keep the length (`null` -> `true`): compare the buffers.
+                        let rewritten = out.as_ptr() != original.as_ptr() || out.len() != original.len();
+                        ctx.body = BodyMode::Judged(rewritten.then_some(out));
                         Ok(false)
                     }
                     Err(e) => self.refuse(session, ctx, e).await,

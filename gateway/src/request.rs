@@ -211,7 +211,8 @@ pub fn parse(body: &[u8], policy: &BodyPolicy) -> Result<(RequestFacts, Layout),
     let mut client_wants_usage = false;
     if let Some(raw) = fields.get("stream_options") {
         layout.stream_options = Some(span(raw, body));
-        if raw.get() != "null" {
+        // `null`, `false` and `true` carry no options: replaced whole on a stream.
+        if !matches!(raw.get(), "null" | "false" | "true") {
             let options: Fields =
                 serde_json::from_str(raw.get()).map_err(|_| invalid("`stream_options` must be an object"))?;
             client_wants_usage = options.typed::<bool>("include_usage", "a boolean")?.unwrap_or(false);
@@ -391,6 +392,7 @@ mod tests {
         for body in [
             r#" {"model":"m","stream":true,"messages":[]}"#,
             r#"{"model":"m","stream":true,"stream_options":null}"#,
+            r#"{"model":"m","stream":true,"stream_options":false}"#,
             r#"{"stream_options":{"include_usage":false},"model":"m","stream":true}"#,
             r#"{"model":"m","stream":true,"stream_options":{"include_obfuscation":false}}"#,
             r#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#,

@@ -331,3 +331,117 @@ async fn behind_a_trusted_proxy_each_client_has_its_own_allowance(db: PgPool) {
     }
     assert_eq!(codes, [401, 401, 429, 401], "the second client is not throttled for the first");
 }
+
+#[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
+async fn every_denied_body_field_is_refused_before_the_upstream(db: PgPool) {
+    let stack = Stack::start(db).await;
+    let (key, _, _) = stack.ready_key("fields@example.com", &["m"]).await;
+    for field in tollgate_gateway::config::DENIED_BODY_FIELDS {
+        let name = field.replace('*', "x");
+        let mut body = json!({"model": "m", "messages": user_msg("hi")});
+        match name.strip_prefix("metadata.") {
+            Some(inner) => body["metadata"] = json!({ inner: "x" }),
+            None => body[name.as_str()] = json!(["expensive-model"]),
+        }
+        let resp = stack.chat(&key, body).send().await.unwrap();
+        let (status, code) = error_of(resp).await;
+        assert_eq!((status, code.as_str()), (StatusCode::BAD_REQUEST, "invalid_request"), "{name}");
+    }
+    // Hiding a field behind an escape or a repeat does not help.
+    let smuggled = r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"fallb\u0061cks":["x"]}"#;
+    let repeated = r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"model":"expensive"}"#;
+    for body in [smuggled, repeated] {
+        let resp = stack
+            .http
+            .post(format!("{}/v1/chat/completions", stack.gateway.base))
+            .bearer_auth(&key)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{body}");
+    }
+    assert!(stack.recorded().await.is_empty(), "a refused body reached the upstream");
+}
+
+#[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
+async fn every_stream_carries_exactly_one_request_for_usage(db: PgPool) {
+    let stack = Stack::start(db).await;
+    let (key, _, _) = stack.ready_key("so@example.com", &["m"]).await;
+    let variants =
+        [json!(null), json!(false), json!({}), json!({"include_usage": false}), json!({"include_usage": null})];
+    for (i, options) in variants.iter().enumerate() {
+        let resp = stack
+            .chat(&key, json!({"model": "m", "messages": user_msg("hi"), "stream": true, "stream_options": options}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "{options}");
+        let text = resp.text().await.unwrap();
+        assert!(!text.contains("\"usage\":{"), "the client did not ask for usage: {text}");
+        let seen = last_recorded(&stack).await;
+        let sent = seen["body"].as_str().unwrap();
+        assert_eq!(sent.matches("stream_options").count(), 1, "{sent}");
+        let v: Value = serde_json::from_str(sent).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true, "{sent}");
+        stack.wait_usage_rows(i as i64 + 1).await;
+    }
+    let estimated: i64 = sqlx::query_scalar("SELECT count(*) FROM usage_logs WHERE error_kind IS NOT NULL")
+        .fetch_one(&stack.db)
+        .await
+        .unwrap();
+    assert_eq!(estimated, 0, "every stream was billed from the upstream's own usage");
+}
+
+#[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
+async fn the_upstream_is_asked_for_the_models_upstream_name(db: PgPool) {
+    let stack = Stack::start(db).await;
+    stack
+        .post_admin(
+            "/models",
+            json!({"id": "house-model", "upstream_model": "provider/real-model-2024", "input_cost_per_token": 0.000001,
+                   "output_cost_per_token": 0.000002}),
+        )
+        .await;
+    let (key, _, _) = stack.key_for("up@example.com", &["house-model"]).await;
+    stack.wait_model(&key, "house-model").await;
+    let resp = stack.chat(&key, json!({"model": "house-model", "messages": user_msg("hi")})).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let seen = last_recorded(&stack).await;
+    let v: Value = serde_json::from_str(seen["body"].as_str().unwrap()).unwrap();
+    assert_eq!(v["model"], "provider/real-model-2024");
+}
+
+#[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
+async fn reservations_bound_every_choice_against_a_budget_that_fits_one_honest_request(db: PgPool) {
+    let stack = Stack::start(db).await;
+    stack.model("m").await;
+    let honest = json!({"model": "m", "messages": user_msg("hi"), "max_tokens": 10});
+    let prompt = tollgate_gateway::request::estimate_tokens(serde_json::to_vec(&honest).unwrap().len());
+    // 1 micro-USD per prompt token, 2 per completion token: the honest request may cost this much.
+    let budget = rust_decimal::Decimal::new((prompt + 2 * 10) as i64, 6);
+    let (key, _) =
+        limited_key(&stack, "n@example.com", "m", json!({"max_budget": budget, "budget_period": "monthly"})).await;
+    stack.wait_model(&key, "m").await;
+    let mut asks = Vec::new();
+    for (extra, what) in [
+        (json!({"n": 2}), "two choices"),
+        (json!({"best_of": 3}), "best_of"),
+        (json!({"max_completion_tokens": 10, "max_tokens": 1000}), "a larger max_tokens beside max_completion_tokens"),
+        (json!({"max_tokens": null}), "no max tokens"),
+    ] {
+        let mut body = honest.clone();
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        if body["max_tokens"].is_null() {
+            body.as_object_mut().unwrap().remove("max_tokens");
+        }
+        let resp = stack.chat(&key, body).send().await.unwrap();
+        asks.push((what, error_of(resp).await));
+    }
+    for (what, (status, code)) in asks {
+        assert_eq!((status, code.as_str()), (StatusCode::TOO_MANY_REQUESTS, "insufficient_quota"), "{what}");
+    }
+    let resp = stack.chat(&key, honest).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK, "the honest request fits exactly");
+}
