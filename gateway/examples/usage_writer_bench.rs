@@ -44,7 +44,7 @@ async fn main() -> anyhow::Result<()> {
                     cost: Decimal::new(80, 6),
                     latency_ms: 3,
                     ttfb_ms: Some(2),
-                    stream: n % 2 == 0,
+                    stream: n.is_multiple_of(2),
                     error_kind: None,
                 }
             })

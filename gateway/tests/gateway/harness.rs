@@ -174,9 +174,11 @@ impl Stack {
         let admin_key = tollgate_core::keys::generate_key();
         let redis =
             env.iter().find(|(k, _)| *k == "TOLLGATE_REDIS_URL").map(|(_, v)| v.to_string()).unwrap_or_else(redis_url);
-        let mut config = ControlApiConfig::default();
-        config.redis_url = redis.clone();
-        config.admin_api_keys = vec![admin_key.clone()];
+        let config = ControlApiConfig {
+            redis_url: redis.clone(),
+            admin_api_keys: vec![admin_key.clone()],
+            ..Default::default()
+        };
         let state = AppState::new(&config, db.clone()).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let api = format!("http://{}", listener.local_addr().unwrap());

@@ -79,7 +79,8 @@ async fn thousand_mixed_requests_are_metered_exactly(db: PgPool) {
         .await;
 
     stack.wait_usage_rows(1000).await;
-    let rows: Vec<(String, String, String, i64, i64, Decimal, Option<String>)> = sqlx::query_as(
+    type Row = (String, String, String, i64, i64, Decimal, Option<String>);
+    let rows: Vec<Row> = sqlx::query_as(
         "SELECT request_id, key_id::text, model_id, prompt_tokens, completion_tokens, cost, error_kind FROM usage_logs",
     )
     .fetch_all(&stack.db)
