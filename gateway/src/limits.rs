@@ -54,7 +54,7 @@ pub fn demand(request_id: &str, admitted: &Admitted) -> Demand {
     let (allowance, ceiling) = (admitted.allowance, admitted.ceiling);
     Demand {
         request_id: request_id.to_string(),
-        tokens: allowance.prompt_tokens + allowance.completion_tokens,
+        tokens: allowance.prompt_tokens.saturating_add(allowance.completion_tokens),
         cost_nanos: nanos_ceil(admitted.model.cost(ceiling.prompt_tokens, ceiling.completion_tokens)),
     }
 }

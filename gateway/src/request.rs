@@ -24,6 +24,9 @@ use crate::error::GatewayError;
 
 /// Most choices (`n`, `best_of`) one request may ask for.
 pub const MAX_CHOICES: u64 = 128;
+/// Most completion tokens one choice may ask for: far above any model's output, low enough that
+/// no product of counts overflows.
+pub const MAX_COMPLETION_TOKENS: u64 = 100_000_000;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct RequestFacts {
@@ -199,6 +202,11 @@ pub fn parse(body: &[u8], policy: &BodyPolicy) -> Result<(RequestFacts, Layout),
         (Some(a), Some(b)) => Some(a.max(b)),
         (a, b) => a.or(b),
     };
+    if max_tokens.is_some_and(|m| m > MAX_COMPLETION_TOKENS) {
+        return Err(invalid(format!(
+            "`max_tokens` and `max_completion_tokens` must be at most {MAX_COMPLETION_TOKENS}"
+        )));
+    }
     let choices = count("n")?.unwrap_or(1).max(count("best_of")?.unwrap_or(1)).max(1);
     if choices > MAX_CHOICES {
         return Err(invalid(format!("`n` and `best_of` must be at most {MAX_CHOICES}")));
@@ -378,6 +386,7 @@ mod tests {
             (br#"{"model":"m","stream":"yes"}"#, "stream"),
             (br#"{"model":"m","max_tokens":-1}"#, "max_tokens"),
             (br#"{"model":"m","n":1000}"#, "n"),
+            (br#"{"model":"m","max_tokens":18446744073709551615}"#, "max_tokens"),
             (br#"{"model":"m","stream":true,"stream_options":5}"#, "stream_options"),
         ] {
             let e = parse(body, &policy()).unwrap_err();
