@@ -10,6 +10,7 @@ use reqwest::Url;
 use serde::{Deserialize, Deserializer, Serialize};
 use tollgate_core::{
     config::{comma_list, load, ConfigError, ConfigSpec},
+    net::Cidr,
     roles::Role,
 };
 
@@ -24,6 +25,10 @@ pub struct ControlApiConfig {
     #[serde(deserialize_with = "comma_list")]
     pub admin_api_keys: Vec<String>,
     pub migrate_on_start: bool,
+    /// CIDR ranges of proxies whose `X-Forwarded-For` names the client in the audit trail (none
+    /// by default: the peer is the client).
+    #[serde(deserialize_with = "comma_list")]
+    pub trusted_proxies: Vec<String>,
     pub jwt: JwtConfig,
     pub litellm: LitellmConfig,
 }
@@ -42,6 +47,11 @@ pub struct JwtConfig {
     pub groups_claim: String,
     /// Group name -> role, used when the token has no roles claim.
     pub group_roles: HashMap<String, Role>,
+    /// Clock skew tolerated on `exp` and `nbf`, in seconds.
+    pub leeway_seconds: u64,
+    /// How often the JWKS is refetched on a timer, so that keys the issuer removed stop
+    /// verifying (an unknown `kid` also triggers a fetch, at most every 10 s).
+    pub jwks_refresh_seconds: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -63,6 +73,7 @@ impl Default for ControlApiConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
             admin_api_keys: Vec::new(),
             migrate_on_start: true,
+            trusted_proxies: Vec::new(),
             jwt: JwtConfig::default(),
             litellm: LitellmConfig { timeout_seconds: 10, ..Default::default() },
         }
@@ -83,6 +94,8 @@ impl Default for JwtConfig {
                 ("litemaas-readonly".into(), Role::AdminReadonly),
                 ("litemaas-users".into(), Role::User),
             ]),
+            leeway_seconds: 60,
+            jwks_refresh_seconds: 300,
         }
     }
 }
@@ -94,10 +107,13 @@ pub const SPEC: ConfigSpec<'static> = ConfigSpec {
         ("API_LISTEN", "listen"),
         ("ADMIN_API_KEYS", "admin_api_keys"),
         ("MIGRATE_ON_START", "migrate_on_start"),
+        ("TRUSTED_PROXIES", "trusted_proxies"),
         ("JWT_SECRET", "jwt.secret"),
         ("JWT_JWKS_URL", "jwt.jwks_url"),
         ("JWT_ISSUER", "jwt.issuer"),
         ("JWT_AUDIENCE", "jwt.audience"),
+        ("JWT_LEEWAY_SECONDS", "jwt.leeway_seconds"),
+        ("JWT_JWKS_REFRESH_SECONDS", "jwt.jwks_refresh_seconds"),
         ("LITELLM_URL", "litellm.url"),
         ("LITELLM_API_KEY", "litellm.api_key"),
     ],
@@ -116,7 +132,16 @@ impl ControlApiConfig {
         if let Some(url) = &config.litellm.url {
             SPEC.url("litellm.url", url.as_str(), &["http", "https"])?;
         }
+        config.trusted_proxy_ranges()?;
+        if config.jwt.jwks_refresh_seconds == 0 {
+            return Err(SPEC.invalid("jwt.jwks_refresh_seconds", "must be at least 1"));
+        }
         Ok(config)
+    }
+
+    /// The parsed `trusted_proxies`.
+    pub fn trusted_proxy_ranges(&self) -> Result<Vec<Cidr>, ConfigError> {
+        self.trusted_proxies.iter().map(|c| c.parse().map_err(|e| SPEC.invalid("trusted_proxies", e))).collect()
     }
 }
 

@@ -4,6 +4,7 @@
 
 pub mod audit;
 pub mod auth;
+pub mod authz;
 pub mod config;
 pub mod error;
 pub mod events;
@@ -21,10 +22,7 @@ use std::{future::Future, net::SocketAddr, time::Duration};
 
 use axum::{http::StatusCode, middleware, routing::get, Router};
 use sqlx::{postgres::PgPoolOptions, PgPool};
-use tower_http::{
-    request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
-    trace::TraceLayer,
-};
+use tower_http::trace::TraceLayer;
 use utoipa::OpenApi;
 use utoipa_swagger_ui::SwaggerUi;
 
@@ -47,8 +45,7 @@ pub fn app(state: AppState) -> Router {
         })
         .layer(middleware::from_fn_with_state(state.clone(), metrics::track))
         .layer(TraceLayer::new_for_http())
-        .layer(PropagateRequestIdLayer::x_request_id())
-        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(middleware::from_fn(audit::request_ids))
         .with_state(state)
 }
 

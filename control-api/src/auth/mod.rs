@@ -1,20 +1,24 @@
 //! Who is calling: an admin API key from configuration, or a JWT ([`jwt`]: HS256 shared secret,
 //! or RS256 verified against an OIDC issuer's JWKS) whose user [`provision`] finds or creates.
-//! [`Caller`] also carries the request's [`Origin`] for the audit trail, and the role checks every
-//! handler applies.
+//! [`Caller`] also carries the request's [`Origin`] for the audit trail; what a caller may do is
+//! [`crate::authz`]'s table.
+//!
+//! A JWT caller's role is the strongest of the roles its token maps to and the roles an
+//! administrator stored on the user in Tollgate, so Tollgate can grant a role without the
+//! identity provider. A role is taken away where it was given (the identity provider's groups,
+//! or `PATCH /users/{id}` `roles`); suspending the user takes everything away at once.
 
 mod jwt;
 mod provision;
 
-use std::net::SocketAddr;
-
 use axum::{
-    extract::{ConnectInfo, FromRequestParts},
+    extract::FromRequestParts,
     http::{header, request::Parts},
 };
 use sqlx::PgPool;
 use tollgate_core::{
     keys::{hash_key, hashes_equal, KeyHash},
+    net::Cidr,
     roles::Role,
 };
 use uuid::Uuid;
@@ -29,8 +33,15 @@ use crate::{
 
 #[derive(Debug, Clone)]
 pub enum Principal {
-    AdminKey { label: String },
-    User { id: Uuid, email: String, role: Role },
+    AdminKey {
+        label: String,
+    },
+    /// A JWT's user; `role` is already merged with the roles stored in Tollgate.
+    User {
+        id: Uuid,
+        email: String,
+        role: Role,
+    },
 }
 
 /// The authenticated caller of one request.
@@ -64,60 +75,12 @@ impl Caller {
         Actor { id: self.actor_id(), label, origin: &self.origin }
     }
 
-    /// Admins only (every write that is not on one's own resources).
-    pub fn require_admin(&self) -> ApiResult<()> {
-        match self.role() {
-            Role::Admin => Ok(()),
-            Role::AdminReadonly => Err(ApiError::forbidden("read-only administrators cannot write")),
-            Role::User => Err(ApiError::forbidden("administrator role required")),
-        }
-    }
-
-    /// Any write: refused to read-only administrators; users are then limited to their own.
-    pub fn require_writer(&self) -> ApiResult<()> {
-        match self.role() {
-            Role::AdminReadonly => Err(ApiError::forbidden("read-only administrators cannot write")),
-            _ => Ok(()),
-        }
-    }
-
-    /// Reading everything (audit log and the like): admin or adminReadonly.
-    pub fn require_reader(&self) -> ApiResult<()> {
-        match self.role() {
-            Role::User => Err(ApiError::forbidden("administrator role required")),
-            _ => Ok(()),
-        }
-    }
-
-    /// `Some(own id)` when results must be restricted to the caller's own resources.
+    /// `Some(own id)` when a list must hold only the caller's own rows (the `user` role).
     pub fn own_scope(&self) -> Option<Uuid> {
         match &self.principal {
             Principal::User { id, role: Role::User, .. } => Some(*id),
             _ => None,
         }
-    }
-
-    /// Whether the caller may see resources owned by `owner`.
-    pub fn sees(&self, owner: Uuid) -> bool {
-        self.own_scope().is_none_or(|me| me == owner)
-    }
-
-    /// 404 unless the caller may see resources owned by `owner`: to a user, others' resources
-    /// do not exist.
-    pub fn ensure_sees(&self, owner: Uuid, what: &'static str) -> ApiResult<()> {
-        if self.sees(owner) {
-            Ok(())
-        } else {
-            Err(ApiError::NotFound(what))
-        }
-    }
-
-    /// The user a resource is created for: `asked` if the caller may see that user (404 if not),
-    /// else the caller themself; 422 naming `user_id` when an admin key names nobody.
-    pub fn user_or_self(&self, asked: Option<Uuid>) -> ApiResult<Uuid> {
-        let user_id = asked.or(self.actor_id()).ok_or_else(|| ApiError::invalid("user_id", "required"))?;
-        self.ensure_sees(user_id, "user")?;
-        Ok(user_id)
     }
 }
 
@@ -133,26 +96,16 @@ impl FromRequestParts<AppState> for Caller {
             .map(str::trim)
             .filter(|t| !t.is_empty())
             .ok_or_else(|| ApiError::Unauthorized("missing bearer token".into()))?;
-        let origin = origin(parts);
+        let origin = Origin::of(parts, &state.auth.trusted_proxies);
         let principal = state.auth.authenticate(token, &origin).await?;
         Ok(Caller { principal, origin })
     }
 }
 
-fn origin(parts: &Parts) -> Origin {
-    let request_id = parts.headers.get("x-request-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
-    let forwarded = parts
-        .headers
-        .get("x-forwarded-for")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(',').next())
-        .map(|v| v.trim().to_owned());
-    let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip().to_string());
-    Origin { request_id, ip: forwarded.or(peer) }
-}
-
 pub struct Authenticator {
     admin_key_hashes: Vec<KeyHash>,
+    /// Proxies whose `X-Forwarded-For` names the client, for the audit trail.
+    pub trusted_proxies: Vec<Cidr>,
     jwt: JwtVerifier,
     db: PgPool,
 }
@@ -161,6 +114,7 @@ impl Authenticator {
     pub fn new(config: &ControlApiConfig, db: PgPool) -> anyhow::Result<Self> {
         Ok(Self {
             admin_key_hashes: config.admin_api_keys.iter().map(|k| hash_key(k)).collect(),
+            trusted_proxies: config.trusted_proxy_ranges()?,
             jwt: JwtVerifier::new(&config.jwt)?,
             db,
         })

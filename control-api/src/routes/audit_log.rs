@@ -20,7 +20,10 @@ pub struct AuditFilter {
     /// user, team, model, subscription or key.
     pub target_type: Option<String>,
     pub target_id: Option<String>,
+    /// The server's request id (the `x-request-id` it answered with).
     pub request_id: Option<String>,
+    /// The `x-request-id` the client sent.
+    pub client_request_id: Option<String>,
 }
 
 /// Audit entries, newest first.
@@ -32,10 +35,11 @@ async fn list(
     Query(page): Query<PageParams>,
     Query(filter): Query<AuditFilter>,
 ) -> ApiResult<Page<AuditEntry>> {
-    caller.require_reader()?;
+    caller.authorize(&state.db, Op::Audit, Target::NONE).await?;
     let bounds = page.bounds()?;
     ListQuery::new(
-        "SELECT id, created_at, actor_id, actor, action, target_type, target_id, details, ip, request_id
+        "SELECT id, created_at, actor_id, actor, action, target_type, target_id, details, ip, request_id,
+                client_request_id, user_agent
          FROM audit_logs",
     )
     .filter("actor_id = $", filter.actor_id)
@@ -43,6 +47,7 @@ async fn list(
     .filter("target_type = $", filter.target_type)
     .filter("target_id = $", filter.target_id)
     .filter("request_id = $", filter.request_id)
+    .filter("client_request_id = $", filter.client_request_id)
     .page(&state.db, "id DESC", bounds)
     .await
 }

@@ -1,6 +1,8 @@
 //! API keys. The plaintext key is returned exactly once, by create and rotate; only its SHA-256
 //! and a display prefix are stored. A key's models must be a subset of its owner's active
-//! subscriptions (and of its team's allowed models); users manage only their own keys.
+//! subscriptions (and of its team's allowed models); users manage only their own keys, and team
+//! admins their team's (never receiving another user's secret). Limits an administrator set on a
+//! key are a ceiling for everyone else: see [`crate::authz::limits_within`].
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -34,8 +36,12 @@ pub struct ApiKey {
     pub team_id: Uuid,
     /// Models the key may call; empty means every model of the owner's active subscriptions.
     pub models: Vec<String>,
+    /// What the gateway enforces.
     #[schema(value_type = Limits)]
     pub limits: Jsonb<Limits>,
+    /// The limits an administrator set: others may tighten `limits` within them, never loosen.
+    #[schema(value_type = Limits)]
+    pub admin_limits: Jsonb<Limits>,
     pub expires_at: Option<DateTime<Utc>>,
     pub revoked_at: Option<DateTime<Utc>>,
     pub last_used_at: Option<DateTime<Utc>>,
@@ -46,7 +52,7 @@ pub struct ApiKey {
 }
 
 /// The columns [`ApiKey`] is read from.
-const COLUMNS: &str = "id, key_prefix, name, user_id, team_id, models, limits, expires_at,
+const COLUMNS: &str = "id, key_prefix, name, user_id, team_id, models, limits, admin_limits, expires_at,
     revoked_at, last_used_at, metadata, created_at, updated_at";
 
 /// A key with its plaintext, shown only in the response that creates or rotates it.
@@ -79,8 +85,10 @@ pub struct UpdateKey {
     pub name: Option<String>,
     /// Replaces the list; empty means every model of the owner's active subscriptions.
     pub models: Option<Vec<String>>,
-    /// Replaces the key's limits.
+    /// Replaces the key's limits (anyone but an administrator: within `admin_limits` and the
+    /// user's and team's limits).
     pub limits: Option<Limits>,
+    /// Anyone but an administrator may only bring the expiry closer.
     pub expires_at: Option<DateTime<Utc>>,
     #[schema(value_type = Option<Object>)]
     pub metadata: Option<Value>,
@@ -97,10 +105,33 @@ pub struct KeyFilter {
     pub revoked: Option<bool>,
 }
 
-async fn visible(state: &AppState, caller: &Caller, id: Uuid) -> ApiResult<ApiKey> {
+/// The key, if `op` is allowed on it (404 or 403 otherwise), and the relation that allows it.
+async fn authorized(state: &AppState, caller: &Caller, op: Op, id: Uuid) -> ApiResult<(ApiKey, Relation)> {
     let key: ApiKey = find_by_id(&state.db, &format!("SELECT {COLUMNS} FROM api_keys"), id, "key").await?;
-    caller.ensure_sees(key.user_id, "key")?;
-    Ok(key)
+    let relation = caller.authorize(&state.db, op, Target::owned(key.user_id, Some(key.team_id))).await?;
+    Ok((key, relation))
+}
+
+/// 422 unless `limits` are within what administrators set: on the key itself (`admin_limits`, when
+/// it exists), on its user and on its team.
+async fn check_limits(
+    conn: &mut PgConnection,
+    limits: &Limits,
+    admin_limits: Option<&Limits>,
+    user_id: Uuid,
+    team_id: Uuid,
+) -> ApiResult<()> {
+    let (user, team): (Jsonb<Limits>, Jsonb<Limits>) =
+        sqlx::query_as("SELECT (SELECT limits FROM users WHERE id = $1), (SELECT limits FROM teams WHERE id = $2)")
+            .bind(user_id)
+            .bind(team_id)
+            .fetch_one(&mut *conn)
+            .await?;
+    let mut ceilings = vec![("user", &user.0, Ceiling::Enclosing), ("team", &team.0, Ceiling::Enclosing)];
+    if let Some(set) = admin_limits {
+        ceilings.insert(0, ("key", set, Ceiling::Set));
+    }
+    limits_within("limits", limits, &ceilings)
 }
 
 fn normalize_models(models: Vec<String>) -> ApiResult<Vec<String>> {
@@ -152,9 +183,13 @@ async fn list(
     Query(page): Query<PageParams>,
     Query(filter): Query<KeyFilter>,
 ) -> ApiResult<Page<ApiKey>> {
+    caller.authorize(&state.db, Op::KeysList, Target::NONE).await?;
     let bounds = page.bounds()?;
+    // A user sees their own keys and those of the teams they administer.
+    const OWN_OR_TEAM_ADMIN: &str = "EXISTS (SELECT 1 FROM (SELECT $::uuid AS me) c WHERE c.me = api_keys.user_id
+        OR c.me IN (SELECT m.user_id FROM team_members m WHERE m.team_id = api_keys.team_id AND m.role = 'admin'))";
     ListQuery::new(format!("SELECT {COLUMNS} FROM api_keys"))
-        .filter("user_id = $", caller.own_scope())
+        .filter(OWN_OR_TEAM_ADMIN, caller.own_scope())
         .filter("user_id = $", filter.user_id)
         .filter("team_id = $", filter.team_id)
         .filter("$ = ANY(models)", filter.model_id)
@@ -171,15 +206,16 @@ async fn create(
     caller: Caller,
     Json(body): Json<CreateKey>,
 ) -> ApiResult<Created<IssuedKey>> {
-    caller.require_writer()?;
-    let user_id = caller.user_or_self(body.user_id)?;
+    let user_id = body.user_id.or(caller.actor_id()).ok_or_else(|| ApiError::invalid("user_id", "required"))?;
+    let team_id = body.team_id.unwrap_or(DEFAULT_TEAM_ID);
+    let relation = caller.authorize(&state.db, Op::KeysCreate, Target::owned(user_id, Some(team_id))).await?;
     let name = validate::text("name", &body.name, 200)?;
     let models = normalize_models(body.models.unwrap_or_default())?;
     let limits = validate_limits("limits", body.limits)?;
     check_expiry(body.expires_at)?;
     let metadata = body.metadata.unwrap_or_else(|| json!({}));
     validate::metadata("metadata", &metadata)?;
-    let team_id = body.team_id.unwrap_or(DEFAULT_TEAM_ID);
+    let admin = relation == Relation::Admin;
 
     let mut tx = Write::begin(&state, &caller).await?;
     users::require_active(&mut tx, user_id).await?;
@@ -193,10 +229,16 @@ async fn create(
         return Err(ApiError::invalid("team_id", "the user is not a member of this team"));
     }
     check_entitlement(&mut tx, user_id, team_id, &models).await?;
+    if !admin {
+        check_limits(&mut tx, &limits, None, user_id, team_id).await?;
+    }
+    // An administrator's limits are the key's ceiling; anyone else's are only what is enforced.
+    let admin_limits = if admin { limits.clone() } else { Limits::default() };
     let key = generate_key();
     let api_key: ApiKey = sqlx::query_as(&format!(
-        "INSERT INTO api_keys (key_hash, key_prefix, name, user_id, team_id, models, limits, expires_at, metadata)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING {COLUMNS}"
+        "INSERT INTO api_keys (key_hash, key_prefix, name, user_id, team_id, models, limits, admin_limits,
+                               expires_at, metadata)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING {COLUMNS}"
     ))
     .bind(&hash_key(&key)[..])
     .bind(display_prefix(&key))
@@ -205,11 +247,13 @@ async fn create(
     .bind(team_id)
     .bind(&models)
     .bind(Jsonb(&limits))
+    .bind(Jsonb(&admin_limits))
     .bind(body.expires_at)
     .bind(&metadata)
     .fetch_one(&mut *tx)
     .await?;
-    let details = json!({"user_id": user_id, "team_id": team_id, "models": models, "key_prefix": api_key.key_prefix});
+    let details = json!({"user_id": user_id, "team_id": team_id, "models": models, "key_prefix": api_key.key_prefix,
+                         "limits": limits, "expires_at": body.expires_at});
     let change = Change::new("key.create", "key", api_key.id, details);
     tx.commit(change, []).await?;
     Ok(Created(IssuedKey { key, api_key }))
@@ -218,10 +262,11 @@ async fn create(
 #[utoipa::path(get, path = "/api/v1/keys/{id}", tag = "keys", params(("id" = Uuid, Path)),
     responses((status = 200, body = ApiKey)))]
 async fn fetch(State(state): State<AppState>, caller: Caller, Path(id): Path<Uuid>) -> ApiResult<Json<ApiKey>> {
-    Ok(Json(visible(&state, &caller, id).await?))
+    Ok(Json(authorized(&state, &caller, Op::KeysGet, id).await?.0))
 }
 
-/// Update a key's name, models, limits, expiry or metadata. Refused (409) for a revoked key.
+/// Update a key's name, models, limits, expiry or metadata. Refused (409) for a revoked key. An
+/// administrator's limits become the key's ceiling; anyone else only tightens within it (422).
 #[utoipa::path(patch, path = "/api/v1/keys/{id}", tag = "keys", params(("id" = Uuid, Path)),
     request_body = UpdateKey, responses((status = 200, body = ApiKey)))]
 async fn update(
@@ -230,10 +275,15 @@ async fn update(
     Path(id): Path<Uuid>,
     Json(body): Json<UpdateKey>,
 ) -> ApiResult<Json<ApiKey>> {
-    let current = visible(&state, &caller, id).await?;
-    caller.require_writer()?;
+    let (current, relation) = authorized(&state, &caller, Op::KeysUpdate, id).await?;
     if current.revoked_at.is_some() {
         return Err(ApiError::conflict("the key is revoked"));
+    }
+    let admin = relation == Relation::Admin;
+    if let (false, Some(new)) = (admin, body.expires_at) {
+        if current.expires_at.is_some_and(|old| new > old) {
+            return Err(ApiError::invalid("expires_at", "only an administrator may extend a key's expiry"));
+        }
     }
     let name = body.name.as_deref().map(|n| validate::text("name", n, 200)).transpose()?;
     let models = body.models.map(normalize_models).transpose()?;
@@ -246,10 +296,15 @@ async fn update(
     if let Some(models) = &models {
         check_entitlement(&mut tx, current.user_id, current.team_id, models).await?;
     }
+    if let (false, Some(limits)) = (admin, &limits) {
+        check_limits(&mut tx, limits, Some(&current.admin_limits), current.user_id, current.team_id).await?;
+    }
     let key: ApiKey = sqlx::query_as(&format!(
         "UPDATE api_keys SET name = COALESCE($2, name), models = COALESCE($3, models),
                 limits = COALESCE($4, limits), expires_at = COALESCE($5, expires_at),
-                metadata = COALESCE($6, metadata), updated_at = now()
+                metadata = COALESCE($6, metadata),
+                admin_limits = CASE WHEN $7 THEN COALESCE($4, admin_limits) ELSE admin_limits END,
+                updated_at = now()
          WHERE id = $1 AND revoked_at IS NULL RETURNING {COLUMNS}"
     ))
     .bind(id)
@@ -258,10 +313,11 @@ async fn update(
     .bind(limits.map(Jsonb))
     .bind(body.expires_at)
     .bind(body.metadata)
+    .bind(admin)
     .fetch_optional(&mut *tx)
     .await?
     .ok_or_else(|| ApiError::conflict("the key is revoked"))?;
-    let change = Change::new("key.update", "key", id, json!({"models": key.models}));
+    let change = Change::new("key.update", "key", id, json!({"changes": diff(&current, &key)}));
     tx.commit(change, [Invalidation::new(InvalidationKind::Key, id)]).await?;
     Ok(Json(key))
 }
@@ -271,13 +327,12 @@ async fn update(
 #[utoipa::path(post, path = "/api/v1/keys/{id}/rotate", tag = "keys", params(("id" = Uuid, Path)),
     responses((status = 200, body = IssuedKey)))]
 async fn rotate(State(state): State<AppState>, caller: Caller, Path(id): Path<Uuid>) -> ApiResult<Json<IssuedKey>> {
-    let current = visible(&state, &caller, id).await?;
-    caller.require_writer()?;
+    let (current, relation) = authorized(&state, &caller, Op::KeysRotate, id).await?;
     if current.revoked_at.is_some() {
         return Err(ApiError::conflict("a revoked key cannot be rotated"));
     }
     let mut tx = Write::begin(&state, &caller).await?;
-    if caller.own_scope().is_some() {
+    if relation != Relation::Admin {
         check_entitlement(&mut tx, current.user_id, current.team_id, &current.models).await?;
     }
     let key = generate_key();
@@ -301,8 +356,7 @@ async fn rotate(State(state): State<AppState>, caller: Caller, Path(id): Path<Uu
 #[utoipa::path(post, path = "/api/v1/keys/{id}/revoke", tag = "keys", params(("id" = Uuid, Path)),
     responses((status = 200, body = ApiKey)))]
 async fn revoke(State(state): State<AppState>, caller: Caller, Path(id): Path<Uuid>) -> ApiResult<Json<ApiKey>> {
-    let current = visible(&state, &caller, id).await?;
-    caller.require_writer()?;
+    let (current, _) = authorized(&state, &caller, Op::KeysRevoke, id).await?;
     if current.revoked_at.is_some() {
         return Ok(Json(current));
     }

@@ -136,10 +136,11 @@ pub async fn check_models_exist(db: &sqlx::PgPool, field: &str, ids: &[String]) 
     responses((status = 200, body = Page<Model>)))]
 async fn list(
     State(state): State<AppState>,
-    _caller: Caller,
+    caller: Caller,
     Query(page): Query<PageParams>,
     Query(filter): Query<ModelFilter>,
 ) -> ApiResult<Page<Model>> {
+    caller.authorize(&state.db, Op::ModelsList, Target::NONE).await?;
     let bounds = page.bounds()?;
     ListQuery::new(format!("SELECT {COLUMNS} FROM models"))
         .filter("enabled = $", filter.enabled)
@@ -156,7 +157,7 @@ async fn create(
     caller: Caller,
     Json(body): Json<CreateModel>,
 ) -> ApiResult<Created<Model>> {
-    caller.require_admin()?;
+    caller.authorize(&state.db, Op::ModelsCreate, Target::NONE).await?;
     let id = validate::identifier("id", &body.id, 256)?;
     let upstream = validate::identifier("upstream_model", body.upstream_model.as_deref().unwrap_or(&id), 512)?;
     let provider = body.provider.as_deref().map(|p| validate::identifier("provider", p, 100)).transpose()?;
@@ -191,7 +192,8 @@ async fn create(
 /// Model ids may contain `/`: percent-encode it (`%2F`) in the path.
 #[utoipa::path(get, path = "/api/v1/models/{id}", tag = "models", params(("id" = String, Path)),
     responses((status = 200, body = Model)))]
-async fn fetch(State(state): State<AppState>, _caller: Caller, Path(id): Path<String>) -> ApiResult<Json<Model>> {
+async fn fetch(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Json<Model>> {
+    caller.authorize(&state.db, Op::ModelsGet, Target::NONE).await?;
     Ok(Json(find_by_id(&state.db, &format!("SELECT {COLUMNS} FROM models"), id, "model").await?))
 }
 
@@ -203,7 +205,8 @@ async fn update(
     Path(id): Path<String>,
     Json(body): Json<UpdateModel>,
 ) -> ApiResult<Json<Model>> {
-    caller.require_admin()?;
+    caller.authorize(&state.db, Op::ModelsUpdate, Target::NONE).await?;
+    let before: Model = find_by_id(&state.db, &format!("SELECT {COLUMNS} FROM models"), id.clone(), "model").await?;
     let upstream =
         body.upstream_model.as_deref().map(|u| validate::identifier("upstream_model", u, 512)).transpose()?;
     let provider = body.provider.as_deref().map(|p| validate::identifier("provider", p, 100)).transpose()?;
@@ -235,9 +238,7 @@ async fn update(
     .fetch_optional(&mut *tx)
     .await?
     .ok_or(ApiError::NotFound("model"))?;
-    let details = json!({"enabled": model.enabled, "input_cost_per_token": model.input_cost_per_token,
-                         "output_cost_per_token": model.output_cost_per_token});
-    let change = Change::new("model.update", "model", &id, details);
+    let change = Change::new("model.update", "model", &id, json!({"changes": diff(&before, &model)}));
     tx.commit(change, [Invalidation::new(InvalidationKind::Model, &id)]).await?;
     Ok(Json(model))
 }
@@ -247,7 +248,7 @@ async fn update(
 #[utoipa::path(delete, path = "/api/v1/models/{id}", tag = "models", params(("id" = String, Path)),
     responses((status = 204)))]
 async fn remove(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<StatusCode> {
-    caller.require_admin()?;
+    caller.authorize(&state.db, Op::ModelsDelete, Target::NONE).await?;
     let mut tx = Write::begin(&state, &caller).await?;
     let deleted = sqlx::query("DELETE FROM models WHERE id = $1").bind(&id).execute(&mut *tx).await?;
     if deleted.rows_affected() == 0 {
@@ -258,14 +259,15 @@ async fn remove(State(state): State<AppState>, caller: Caller, Path(id): Path<St
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Sync the catalogue from LiteLLM. New models are created enabled when LiteLLM knows their
-/// price and disabled (metadata.pricing = "missing") when it does not, so nothing is sold for
-/// free by accident; existing models keep their enabled flag and any price LiteLLM lacks.
+/// Sync the catalogue from LiteLLM. New models are created enabled when LiteLLM knows both their
+/// prices and disabled (metadata.pricing = "missing") when it lacks either, so nothing is sold
+/// for free by accident; existing models keep their enabled flag and any price LiteLLM lacks.
 /// Previously synced models that LiteLLM no longer lists are marked unavailable; their
-/// subscriptions are kept.
+/// subscriptions are kept. A `/model/info` that lists no model (LiteLLM still starting) changes
+/// nothing and fails the sync (502), like one that cannot be read.
 #[utoipa::path(post, path = "/api/v1/models/sync", tag = "models", responses((status = 200, body = SyncReport)))]
 async fn sync(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<SyncReport>> {
-    caller.require_admin()?;
+    caller.authorize(&state.db, Op::ModelsSync, Target::NONE).await?;
     let result = run_sync(&state, &caller).await;
     let outcome = if result.is_ok() { "success" } else { "failure" };
     state.metrics.sync_runs.with_label_values(&[outcome]).inc();
@@ -274,10 +276,16 @@ async fn sync(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<S
 
 async fn run_sync(state: &AppState, caller: &Caller) -> ApiResult<SyncReport> {
     let upstream = state.litellm.model_info().await?;
+    if upstream.is_empty() {
+        // Marking every model unavailable would refuse every request: believe the catalogue, not
+        // an empty answer.
+        return Err(ApiError::BadGateway("LiteLLM /model/info listed no models; nothing changed".into()));
+    }
     let mut tx = Write::begin(state, caller).await?;
     let mut report = SyncReport { created: vec![], updated: vec![], unavailable: vec![] };
     for m in &upstream {
-        let priced = m.input_cost_per_token.is_some() || m.output_cost_per_token.is_some();
+        // One known price is no price: the other would be sold at zero.
+        let priced = m.input_cost_per_token.is_some() && m.output_cost_per_token.is_some();
         let mut metadata = m.metadata.clone();
         if !priced {
             metadata["pricing"] = json!("missing");

@@ -12,8 +12,9 @@ pub use tollgate_core::invalidation::{Invalidation, InvalidationKind};
 
 pub use super::{find_by_id, validate_limits};
 pub use crate::{
-    audit::Change,
+    audit::{diff, Change},
     auth::Caller,
+    authz::{limits_within, Ceiling, Op, Relation, Target},
     error::{ApiError, ApiResult},
     extract::{Created, Json, Path, Query},
     pagination::{ListQuery, Page, PageParams},

@@ -1,4 +1,7 @@
 //! Teams and their members. Administrators manage them; a user sees the teams they belong to.
+//! A team admin (`team_members.role = admin`) may change the team's description, tighten its
+//! limits within those an administrator set, see every member, and add or remove plain members;
+//! a plain member sees only their own membership row.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -25,14 +28,18 @@ pub struct Team {
     pub description: String,
     /// Models the team's keys may use; empty means all.
     pub allowed_models: Vec<String>,
+    /// What the gateway enforces.
     #[schema(value_type = Limits)]
     pub limits: Jsonb<Limits>,
+    /// The limits an administrator set: a team admin may tighten `limits` within them.
+    #[schema(value_type = Limits)]
+    pub admin_limits: Jsonb<Limits>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
 
 /// The columns [`Team`] is read from.
-const COLUMNS: &str = "id, name, description, allowed_models, limits, created_at, updated_at";
+const COLUMNS: &str = "id, name, description, allowed_models, limits, admin_limits, created_at, updated_at";
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -50,7 +57,7 @@ pub struct UpdateTeam {
     pub description: Option<String>,
     /// Replaces the list; empty means all models.
     pub allowed_models: Option<Vec<String>>,
-    /// Replaces the team's limits.
+    /// Replaces the team's limits (a team admin: within `admin_limits`).
     pub limits: Option<Limits>,
 }
 
@@ -104,18 +111,12 @@ async fn validate_models(db: &sqlx::PgPool, models: Option<Vec<String>>) -> ApiR
     Ok(Some(ids))
 }
 
-/// A user sees only the teams they belong to; others' are "not found".
-async fn visible(state: &AppState, caller: &Caller, id: Uuid) -> ApiResult<Team> {
-    let team: Team = sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM teams t WHERE id = $1 AND ($2::uuid IS NULL OR EXISTS
-           (SELECT 1 FROM team_members m WHERE m.team_id = t.id AND m.user_id = $2))"
-    ))
-    .bind(id)
-    .bind(caller.own_scope())
-    .fetch_optional(&state.db)
-    .await?
-    .ok_or(ApiError::NotFound("team"))?;
-    Ok(team)
+/// The team, if `op` is allowed on it (a user who is no member gets 404), and the relation that
+/// allows it.
+async fn authorized(state: &AppState, caller: &Caller, op: Op, id: Uuid) -> ApiResult<(Team, Relation)> {
+    let team: Team = find_by_id(&state.db, &format!("SELECT {COLUMNS} FROM teams"), id, "team").await?;
+    let relation = caller.authorize(&state.db, op, Target::team(id)).await?;
+    Ok((team, relation))
 }
 
 #[utoipa::path(get, path = "/api/v1/teams", tag = "teams", params(PageParams, TeamFilter),
@@ -126,6 +127,7 @@ async fn list(
     Query(page): Query<PageParams>,
     Query(filter): Query<TeamFilter>,
 ) -> ApiResult<Page<Team>> {
+    caller.authorize(&state.db, Op::TeamsList, Target::NONE).await?;
     let bounds = page.bounds()?;
     ListQuery::new(format!("SELECT {COLUMNS} FROM teams t"))
         .filter(HAS_MEMBER, caller.own_scope())
@@ -142,14 +144,14 @@ async fn create(
     caller: Caller,
     Json(body): Json<CreateTeam>,
 ) -> ApiResult<Created<Team>> {
-    caller.require_admin()?;
+    caller.authorize(&state.db, Op::TeamsCreate, Target::NONE).await?;
     let name = validate::text("name", &body.name, 200)?;
     let description = validate::optional_text("description", body.description.as_deref().unwrap_or(""), 2000)?;
     let limits = validate_limits("limits", body.limits)?;
     let models = validate_models(&state.db, body.allowed_models).await?.unwrap_or_default();
     let mut tx = Write::begin(&state, &caller).await?;
     let team: Team = sqlx::query_as(&format!(
-        "INSERT INTO teams (name, description, allowed_models, limits) VALUES ($1, $2, $3, $4)
+        "INSERT INTO teams (name, description, allowed_models, limits, admin_limits) VALUES ($1, $2, $3, $4, $4)
          RETURNING {COLUMNS}"
     ))
     .bind(&name)
@@ -166,7 +168,7 @@ async fn create(
 #[utoipa::path(get, path = "/api/v1/teams/{id}", tag = "teams", params(("id" = Uuid, Path)),
     responses((status = 200, body = Team)))]
 async fn fetch(State(state): State<AppState>, caller: Caller, Path(id): Path<Uuid>) -> ApiResult<Json<Team>> {
-    Ok(Json(visible(&state, &caller, id).await?))
+    Ok(Json(authorized(&state, &caller, Op::TeamsGet, id).await?.0))
 }
 
 #[utoipa::path(patch, path = "/api/v1/teams/{id}", tag = "teams", params(("id" = Uuid, Path)),
@@ -177,8 +179,16 @@ async fn update(
     Path(id): Path<Uuid>,
     Json(body): Json<UpdateTeam>,
 ) -> ApiResult<Json<Team>> {
-    visible(&state, &caller, id).await?;
-    caller.require_admin()?;
+    let (before, relation) = authorized(&state, &caller, Op::TeamsUpdate, id).await?;
+    let admin = relation == Relation::Admin;
+    if !admin {
+        if body.name.is_some() || body.allowed_models.is_some() {
+            return Err(ApiError::forbidden("only administrators change a team's name or allowed models"));
+        }
+        if let Some(limits) = &body.limits {
+            limits_within("limits", limits, &[("team", &before.admin_limits, Ceiling::Set)])?;
+        }
+    }
     let name = body.name.as_deref().map(|n| validate::text("name", n, 200)).transpose()?;
     let description =
         body.description.as_deref().map(|d| validate::optional_text("description", d, 2000)).transpose()?;
@@ -188,6 +198,7 @@ async fn update(
     let team: Team = sqlx::query_as(&format!(
         "UPDATE teams SET name = COALESCE($2, name), description = COALESCE($3, description),
                 allowed_models = COALESCE($4, allowed_models), limits = COALESCE($5, limits),
+                admin_limits = CASE WHEN $6 THEN COALESCE($5, admin_limits) ELSE admin_limits END,
                 updated_at = now()
          WHERE id = $1 RETURNING {COLUMNS}"
     ))
@@ -196,10 +207,11 @@ async fn update(
     .bind(description)
     .bind(models)
     .bind(limits.map(Jsonb))
+    .bind(admin)
     .fetch_optional(&mut *tx)
     .await?
     .ok_or(ApiError::NotFound("team"))?;
-    let change = Change::new("team.update", "team", id, json!({"allowed_models": team.allowed_models}));
+    let change = Change::new("team.update", "team", id, json!({"changes": diff(&before, &team)}));
     tx.commit(change, [Invalidation::new(InvalidationKind::Team, id)]).await?;
     Ok(Json(team))
 }
@@ -208,8 +220,7 @@ async fn update(
 #[utoipa::path(delete, path = "/api/v1/teams/{id}", tag = "teams", params(("id" = Uuid, Path)),
     responses((status = 204)))]
 async fn remove(State(state): State<AppState>, caller: Caller, Path(id): Path<Uuid>) -> ApiResult<StatusCode> {
-    visible(&state, &caller, id).await?;
-    caller.require_admin()?;
+    authorized(&state, &caller, Op::TeamsDelete, id).await?;
     if id == DEFAULT_TEAM_ID {
         return Err(ApiError::conflict("the Default Team cannot be deleted"));
     }
@@ -228,6 +239,8 @@ async fn remove(State(state): State<AppState>, caller: Caller, Path(id): Path<Uu
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// A team's members: all of them for administrators and the team's admins; a plain member sees
+/// only their own row (a member list is a directory of email addresses).
 #[utoipa::path(get, path = "/api/v1/teams/{id}/members", tag = "teams", params(("id" = Uuid, Path), PageParams),
     responses((status = 200, body = Page<TeamMember>)))]
 async fn list_members(
@@ -237,16 +250,22 @@ async fn list_members(
     Query(page): Query<PageParams>,
 ) -> ApiResult<Page<TeamMember>> {
     let bounds = page.bounds()?;
-    visible(&state, &caller, id).await?;
+    let (_, relation) = authorized(&state, &caller, Op::MembersList, id).await?;
+    let only = match relation {
+        Relation::Owner => caller.actor_id(),
+        _ => None,
+    };
     ListQuery::new(
         "SELECT m.team_id, m.user_id, m.role, u.email, u.name, m.created_at
          FROM team_members m JOIN users u ON u.id = m.user_id",
     )
     .filter("m.team_id = $", Some(id))
+    .filter("m.user_id = $", only)
     .page(&state.db, "m.created_at, m.user_id", bounds)
     .await
 }
 
+/// Add a member (a team admin: plain members only).
 #[utoipa::path(post, path = "/api/v1/teams/{id}/members", tag = "teams", params(("id" = Uuid, Path)),
     request_body = AddMember, responses((status = 201, body = TeamMember)))]
 async fn add_member(
@@ -255,8 +274,11 @@ async fn add_member(
     Path(id): Path<Uuid>,
     Json(body): Json<AddMember>,
 ) -> ApiResult<Created<TeamMember>> {
-    visible(&state, &caller, id).await?;
-    caller.require_admin()?;
+    let (_, relation) = authorized(&state, &caller, Op::MembersAdd, id).await?;
+    let role = body.role.unwrap_or_default();
+    if relation != Relation::Admin && matches!(role, MemberRole::Admin) {
+        return Err(ApiError::forbidden("only administrators make team admins"));
+    }
     let mut tx = Write::begin(&state, &caller).await?;
     let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM users WHERE id = $1)")
         .bind(body.user_id)
@@ -265,7 +287,7 @@ async fn add_member(
     if !exists {
         return Err(ApiError::invalid("user_id", "no such user"));
     }
-    let role = match body.role.unwrap_or_default() {
+    let role = match role {
         MemberRole::Member => "member",
         MemberRole::Admin => "admin",
     };
@@ -285,7 +307,8 @@ async fn add_member(
     Ok(Created(member))
 }
 
-/// Remove a member. Refused (409) while the user holds unrevoked keys on this team.
+/// Remove a member (a team admin: plain members and themself). Refused (409) while the user holds
+/// unrevoked keys on this team.
 #[utoipa::path(delete, path = "/api/v1/teams/{id}/members/{user_id}", tag = "teams",
     params(("id" = Uuid, Path), ("user_id" = Uuid, Path)), responses((status = 204)))]
 async fn remove_member(
@@ -293,9 +316,19 @@ async fn remove_member(
     caller: Caller,
     Path((id, user_id)): Path<(Uuid, Uuid)>,
 ) -> ApiResult<StatusCode> {
-    visible(&state, &caller, id).await?;
-    caller.require_admin()?;
+    let (_, relation) = authorized(&state, &caller, Op::MembersRemove, id).await?;
     let mut tx = Write::begin(&state, &caller).await?;
+    if relation != Relation::Admin && caller.actor_id() != Some(user_id) {
+        let role: Option<String> =
+            sqlx::query_scalar("SELECT role FROM team_members WHERE team_id = $1 AND user_id = $2 FOR UPDATE")
+                .bind(id)
+                .bind(user_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if role.as_deref() == Some("admin") {
+            return Err(ApiError::forbidden("only administrators remove a team admin"));
+        }
+    }
     let keys: i64 =
         sqlx::query_scalar("SELECT count(*) FROM api_keys WHERE team_id = $1 AND user_id = $2 AND revoked_at IS NULL")
             .bind(id)

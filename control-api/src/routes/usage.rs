@@ -2,7 +2,7 @@
 //! usage_hourly for hours); raw usage_logs are never scanned. Users see only their own usage.
 
 use axum::{extract::State, routing::get, Router};
-use chrono::{DateTime, Duration, NaiveDate, NaiveTime, Utc};
+use chrono::{DateTime, Datelike, Duration, NaiveDate, NaiveTime, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use sqlx::FromRow;
@@ -11,6 +11,7 @@ use uuid::Uuid;
 
 use crate::{
     auth::Caller,
+    authz::{Op, Target},
     error::{ApiError, ApiResult},
     extract::Query,
     state::AppState,
@@ -73,17 +74,26 @@ pub struct UsageReport {
 /// The longest range a report may span.
 const MAX_RANGE_DAYS: i64 = 366 * 2;
 
+/// Dates a report may name: [2000-01-01, 2200-01-01). Beyond them there is no usage, and date
+/// arithmetic near chrono's limits would overflow.
+const EARLIEST_YEAR: i32 = 2000;
+const LATEST_YEAR: i32 = 2200;
+
 fn parse_time(field: &str, value: &str) -> ApiResult<DateTime<Utc>> {
-    if let Ok(t) = DateTime::parse_from_rfc3339(value) {
-        return Ok(t.with_timezone(&Utc));
+    let t = if let Ok(t) = DateTime::parse_from_rfc3339(value) {
+        t.with_timezone(&Utc)
+    } else if let Ok(d) = NaiveDate::parse_from_str(value, "%Y-%m-%d") {
+        d.and_time(NaiveTime::MIN).and_utc()
+    } else {
+        return Err(ApiError::BadRequest {
+            field: Some(field.into()),
+            message: format!("{field} must be YYYY-MM-DD or an RFC 3339 time"),
+        });
+    };
+    if !(EARLIEST_YEAR..LATEST_YEAR).contains(&t.year()) {
+        return Err(ApiError::invalid(field, format!("must be between {EARLIEST_YEAR}-01-01 and {LATEST_YEAR}-01-01")));
     }
-    if let Ok(d) = NaiveDate::parse_from_str(value, "%Y-%m-%d") {
-        return Ok(d.and_time(NaiveTime::MIN).and_utc());
-    }
-    Err(ApiError::BadRequest {
-        field: Some(field.into()),
-        message: format!("{field} must be YYYY-MM-DD or an RFC 3339 time"),
-    })
+    Ok(t)
 }
 
 /// Usage totals grouped by day, hour, model, key, user or team.
@@ -94,6 +104,7 @@ async fn report(
     caller: Caller,
     Query(q): Query<UsageQuery>,
 ) -> ApiResult<axum::Json<UsageReport>> {
+    caller.authorize(&state.db, Op::Usage, Target::NONE).await?;
     let to = q.to.as_deref().map(|v| parse_time("to", v)).transpose()?.unwrap_or_else(Utc::now);
     let from = q.from.as_deref().map(|v| parse_time("from", v)).transpose()?.unwrap_or(to - Duration::days(30));
     if from >= to {

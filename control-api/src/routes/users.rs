@@ -1,4 +1,5 @@
-//! Users: administrators manage them; a user sees only themself.
+//! Users: administrators manage them; a user sees only themself. `roles` are the roles granted in
+//! Tollgate, merged with a JWT's own at each request (see [`crate::auth`]).
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -106,6 +107,7 @@ async fn list(
     Query(page): Query<PageParams>,
     Query(filter): Query<UserFilter>,
 ) -> ApiResult<Page<User>> {
+    caller.authorize(&state.db, Op::UsersList, Target::NONE).await?;
     let bounds = page.bounds()?;
     ListQuery::new(format!("SELECT {COLUMNS} FROM users"))
         .filter("id = $", caller.own_scope())
@@ -131,7 +133,7 @@ async fn create(
     caller: Caller,
     Json(body): Json<CreateUser>,
 ) -> ApiResult<Created<User>> {
-    caller.require_admin()?;
+    caller.authorize(&state.db, Op::UsersCreate, Target::NONE).await?;
     let email = validate::email("email", &body.email)?;
     let name = validate::text("name", &body.name, 200)?;
     let roles = roles_vec(body.roles)?;
@@ -159,6 +161,7 @@ async fn create(
 /// The calling user (JWT callers only).
 #[utoipa::path(get, path = "/api/v1/users/me", tag = "users", responses((status = 200, body = User)))]
 async fn me(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<User>> {
+    caller.authorize(&state.db, Op::UsersMe, Target::NONE).await?;
     let id = caller.actor_id().ok_or(ApiError::NotFound("user"))?;
     Ok(Json(load(&state, id).await?))
 }
@@ -166,11 +169,13 @@ async fn me(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<Use
 #[utoipa::path(get, path = "/api/v1/users/{id}", tag = "users", params(("id" = Uuid, Path)),
     responses((status = 200, body = User)))]
 async fn fetch(State(state): State<AppState>, caller: Caller, Path(id): Path<Uuid>) -> ApiResult<Json<User>> {
-    caller.ensure_sees(id, "user")?;
+    caller.authorize(&state.db, Op::UsersGet, Target::user(id)).await?;
     Ok(Json(load(&state, id).await?))
 }
 
-/// Update a user's name, roles, status or limits (administrators only).
+/// Update a user's name, roles, status or limits (administrators only). Taking a role granted in
+/// Tollgate away is a PATCH of `roles`; a role from the identity provider is taken away there;
+/// `status: suspended` refuses the user at once, whatever their token says.
 #[utoipa::path(patch, path = "/api/v1/users/{id}", tag = "users", params(("id" = Uuid, Path)),
     request_body = UpdateUser, responses((status = 200, body = User)))]
 async fn update(
@@ -179,8 +184,8 @@ async fn update(
     Path(id): Path<Uuid>,
     Json(body): Json<UpdateUser>,
 ) -> ApiResult<Json<User>> {
-    caller.ensure_sees(id, "user")?;
-    caller.require_admin()?;
+    caller.authorize(&state.db, Op::UsersUpdate, Target::user(id)).await?;
+    let before = load(&state, id).await?;
     let name = body.name.as_deref().map(|n| validate::text("name", n, 200)).transpose()?;
     let roles = body.roles.map(|r| roles_vec(Some(r))).transpose()?;
     let limits = body.limits.map(|l| validate_limits("limits", Some(l))).transpose()?;
@@ -198,7 +203,7 @@ async fn update(
     .fetch_optional(&mut *tx)
     .await?
     .ok_or(ApiError::NotFound("user"))?;
-    let change = Change::new("user.update", "user", id, json!({"status": user.status, "roles": user.roles}));
+    let change = Change::new("user.update", "user", id, json!({"changes": diff(&before, &user)}));
     tx.commit(change, [Invalidation::new(InvalidationKind::User, id)]).await?;
     Ok(Json(user))
 }

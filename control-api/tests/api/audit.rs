@@ -17,7 +17,9 @@ async fn audit_rows_carry_actor_target_request_id_and_address(db: PgPool) {
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::CREATED);
-    assert_eq!(resp.headers()["x-request-id"], "req-audit-1");
+    // The answer carries the server's own request id, never the client's.
+    let server_id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert_ne!(server_id, "req-audit-1");
     let team: serde_json::Value = resp.json().await.unwrap();
 
     // A pending subscription approved by an admin is audited too.
@@ -39,7 +41,8 @@ async fn audit_rows_carry_actor_target_request_id_and_address(db: PgPool) {
     assert_eq!(rows.len(), 1);
     let row = &rows[0];
     assert_eq!(row["action"], "team.create");
-    assert_eq!(row["request_id"], "req-audit-1");
+    assert_eq!(row["request_id"], server_id.as_str());
+    assert_eq!(row["client_request_id"], "req-audit-1");
     assert_eq!(row["ip"], "127.0.0.1");
     assert!(row["actor"].as_str().unwrap().starts_with("admin-key:"));
     assert!(row["actor_id"].is_null());

@@ -46,6 +46,11 @@ async fn serve_router(router: Router) -> SocketAddr {
 
 impl TestApp {
     pub async fn spawn(db: PgPool) -> Self {
+        Self::spawn_with(db, |_| {}).await
+    }
+
+    /// [`TestApp::spawn`] with the configuration changed by `configure` first.
+    pub async fn spawn_with(db: PgPool, configure: impl FnOnce(&mut ControlApiConfig)) -> Self {
         // The LiteLLM stand-in checks the credential the control API presents.
         let model_info: ModelInfoReply = Arc::new(Mutex::new((200, serde_json::from_str(MODEL_INFO).unwrap())));
         let litellm = Router::new()
@@ -69,7 +74,7 @@ impl TestApp {
 
         let admin_key = tollgate_core::keys::generate_key();
         let defaults = ControlApiConfig::default();
-        let config = ControlApiConfig {
+        let mut config = ControlApiConfig {
             redis_url: redis_url(),
             admin_api_keys: vec![admin_key.clone()],
             jwt: JwtConfig {
@@ -84,6 +89,7 @@ impl TestApp {
             },
             ..defaults
         };
+        configure(&mut config);
         let state = AppState::new(&config, db.clone()).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -209,9 +215,10 @@ pub fn rs256_token(kid: &str, claims: Value) -> String {
     jsonwebtoken::encode(&header, &claims, &jsonwebtoken::EncodingKey::from_rsa_pem(RS256_PEM).unwrap()).unwrap()
 }
 
-/// A valid token for `sub` with the given roles claim.
+/// A valid token for `sub` with the given roles claim and an email the issuer verified (so that it
+/// links to a user an administrator created with that email).
 pub fn user_token(sub: &str, email: &str, roles: &[&str]) -> String {
-    hs256_token(json!({"sub": sub, "email": email, "roles": roles, "exp": now() + 600}))
+    hs256_token(json!({"sub": sub, "email": email, "email_verified": true, "roles": roles, "exp": now() + 600}))
 }
 
 pub fn id(v: &Value) -> String {

@@ -94,7 +94,9 @@ async fn every_list_filter_narrows(db: PgPool) {
         .await
         .unwrap();
     assert!(sent.status().is_success());
-    assert_eq!(column(&list("/api/v1/audit?request_id=req-lists-1".into()).await, "action"), ["team.create"]);
+    assert_eq!(column(&list("/api/v1/audit?client_request_id=req-lists-1".into()).await, "action"), ["team.create"]);
+    let server_id = sent.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(column(&list(format!("/api/v1/audit?request_id={server_id}")).await, "action"), ["team.create"]);
     let first = list("/api/v1/audit?action=key.create&limit=2".into()).await;
     let second = list("/api/v1/audit?action=key.create&limit=2&offset=2".into()).await;
     assert_eq!((first["has_more"].as_bool(), second["has_more"].as_bool()), (Some(true), Some(false)));

@@ -9,12 +9,15 @@ mod common;
 
 mod audit;
 mod auth;
+mod authorization;
 mod bad_input;
 mod invalidation;
+mod jwt;
 mod keys;
 mod lists;
 mod models;
 mod rbac;
+mod rbac_table;
 mod service;
 mod subscriptions;
 mod teams;
