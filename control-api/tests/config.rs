@@ -21,6 +21,14 @@ fn example_config_loads() {
     assert_eq!(config.listen.to_string(), "127.0.0.1:8081");
     assert_eq!(config.jwt.group_roles.get("litemaas-admins"), Some(&Role::Admin));
     assert_eq!(config.litellm.timeout_seconds, 10);
+    assert_eq!(config.jwt.leeway_seconds, 60);
+    assert!(config.trusted_proxies.is_empty());
+}
+
+#[test]
+fn trusted_proxies_are_cidr_ranges() {
+    let config = with("trusted_proxies", "10.0.0.0/8, 192.168.1.7").unwrap();
+    assert_eq!(config.trusted_proxy_ranges().unwrap().len(), 2);
 }
 
 #[test]
@@ -35,6 +43,8 @@ fn bad_addresses_and_urls_fail_naming_the_setting() {
         ("jwt.jwks_url", "ftp://sso.example.com/certs"),
         ("litellm.url", "litellm:4000"),
         ("litellm.url", "http://"),
+        ("trusted_proxies", "10.0.0.0/33"),
+        ("trusted_proxies", "ingress"),
     ] {
         let err = with(key, value).expect_err(&format!("{key}={value:?} was accepted"));
         assert!(err.contains(key), "{key}={value:?} gave: {err}");
