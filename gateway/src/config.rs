@@ -65,6 +65,13 @@ pub struct GatewayConfig {
     /// After SIGTERM: how long in-flight requests may take to finish.
     pub grace_period_seconds: u64,
     pub graceful_shutdown_timeout_seconds: u64,
+    /// A client must send a whole request header within this long of its first byte (the first
+    /// request's: of connecting); otherwise its connection is closed (408).
+    pub header_read_timeout_ms: u64,
+    /// How long a client connection may sit idle between requests; 0: no keep-alive.
+    pub keepalive_idle_seconds: u64,
+    /// Most client connections open at once (per process); beyond it new ones get 503 and are closed.
+    pub max_connections: usize,
     /// Bounded queue between requests and the usage writer.
     pub usage_queue_capacity: usize,
     pub usage_batch_size: usize,
@@ -110,6 +117,9 @@ impl Default for GatewayConfig {
             threads: 2,
             grace_period_seconds: 10,
             graceful_shutdown_timeout_seconds: 10,
+            header_read_timeout_ms: 10_000,
+            keepalive_idle_seconds: 60,
+            max_connections: 10_000,
             usage_queue_capacity: 100_000,
             usage_batch_size: 2000,
             usage_flush_interval_ms: 200,
@@ -145,6 +155,9 @@ pub const SPEC: ConfigSpec<'static> = ConfigSpec {
         ("THREADS", "threads"),
         ("GRACE_PERIOD_SECONDS", "grace_period_seconds"),
         ("GRACEFUL_SHUTDOWN_TIMEOUT_SECONDS", "graceful_shutdown_timeout_seconds"),
+        ("HEADER_READ_TIMEOUT_MS", "header_read_timeout_ms"),
+        ("KEEPALIVE_IDLE_SECONDS", "keepalive_idle_seconds"),
+        ("MAX_CONNECTIONS", "max_connections"),
         ("SPOOL_DIR", "spool_dir"),
         ("REDIS_TIMEOUT_MS", "redis_timeout_ms"),
         ("RESERVATION_LEASE_SECONDS", "reservation_lease_seconds"),
@@ -260,6 +273,12 @@ impl GatewayConfig {
         SPEC.redis_url("redis_url", &config.redis_url)?;
         SPEC.url("upstream_url", config.upstream_url.as_str(), &["http", "https"])?;
         config.trusted_proxy_ranges()?;
+        if config.header_read_timeout_ms == 0 {
+            return Err(SPEC.invalid("header_read_timeout_ms", "must be at least 1"));
+        }
+        if config.max_connections == 0 {
+            return Err(SPEC.invalid("max_connections", "must be at least 1"));
+        }
         if let Some(name) = config.forward_request_headers.iter().find(|h| !forwardable(h)) {
             return Err(SPEC.invalid("forward_request_headers", format!("`{name}` may not be forwarded")));
         }

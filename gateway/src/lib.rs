@@ -12,6 +12,7 @@ pub mod auth;
 pub mod catalog;
 pub mod config;
 pub mod context;
+pub mod downstream;
 pub mod error;
 pub mod invalidation;
 pub mod key_cache;
@@ -28,8 +29,9 @@ pub mod usage;
 use std::{sync::Arc, time::Duration};
 
 use pingora::{
-    proxy::http_proxy_service,
+    proxy::http_proxy,
     server::{configuration::ServerConf, RunArgs, Server},
+    services::listening::Service,
 };
 use sqlx::postgres::PgPoolOptions;
 
@@ -160,7 +162,10 @@ pub fn run(config: GatewayConfig) -> anyhow::Result<()> {
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
-    let mut service = http_proxy_service(&server.configuration, proxy::Gateway { state });
+    // Client connections: capped, with header and keep-alive deadlines (downstream.rs).
+    let limits = downstream::Limits::new(&config, &state.metrics);
+    let proxy = http_proxy(&server.configuration, proxy::Gateway { state });
+    let mut service = Service::new("tollgate gateway".into(), downstream::Guarded::new(proxy, limits));
     service.add_tcp(&config.listen.to_string());
     server.add_service(service);
     tracing::info!(listen = %config.listen, admin = %config.admin_listen, "gateway listening");

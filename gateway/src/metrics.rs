@@ -42,6 +42,10 @@ pub struct Metrics {
     pub reservation_overruns: IntCounter,
     /// Requests admitted over a soft or monitor limit, by reason and scope type.
     pub limit_warnings: IntCounterVec,
+    /// Client connections open now.
+    pub downstream_connections: IntGauge,
+    /// Client connections the gateway closed, by reason (max_connections, header_timeout).
+    pub downstream_rejections: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -137,6 +141,12 @@ impl Metrics {
                 "limit_warnings_total",
                 "Requests admitted over a soft or monitor limit",
                 &["reason", "scope"],
+            ),
+            downstream_connections: gauge("downstream_connections", "Client connections open now"),
+            downstream_rejections: counter_vec(
+                "downstream_rejected_total",
+                "Client connections closed by the gateway, by reason (max_connections, header_timeout)",
+                &["reason"],
             ),
             registry,
         }
