@@ -25,7 +25,11 @@ use tollgate_core::{
 };
 use uuid::Uuid;
 
-use crate::{error::GatewayError, key_cache::Lookup, state::GatewayState};
+use crate::{
+    error::GatewayError,
+    key_cache::{Joined, Lookup},
+    state::GatewayState,
+};
 
 /// Everything the gateway needs to decide about a key, loaded in one query.
 #[derive(Debug, Clone)]
@@ -278,28 +282,50 @@ pub async fn authenticate(
         // Every lookup counts as a failure until it finds a key: an address past its failures
         // may still use keys already cached, but reaches PostgreSQL no more, so a flood of
         // made-up keys costs at most its allowance of lookups, however concurrent.
-        Lookup::Miss if !state.auth_failures.begin_lookup(ip) => return Err(GatewayError::TooManyFailures),
         Lookup::Miss => {
-            state.metrics.key_cache_misses.inc();
             let db = state.db.clone();
-            let loaded = state.support.spawn(async move { load_key(&db, hash).await }).await;
-            if !matches!(loaded, Ok(Ok(None))) {
-                state.auth_failures.forgive(ip);
+            let support = state.support.clone();
+            let joined = state.key_loads.join_or_start(
+                hash,
+                || state.auth_failures.begin_lookup(ip),
+                || {
+                    Box::pin(async move {
+                        match support.spawn(async move { load_key(&db, hash).await }).await {
+                            Ok(loaded) => loaded.map_err(|e| e.to_string()),
+                            Err(e) => Err(e.to_string()),
+                        }
+                    })
+                },
+            );
+            let (load, started) = match joined {
+                None => return Err(GatewayError::TooManyFailures),
+                Some(Joined::Started(load, entry)) => (load, Some(entry)),
+                Some(Joined::Joined(load)) => (load, None),
+            };
+            let loaded = load.await;
+            if started.is_some() {
+                state.metrics.key_cache_misses.inc();
+                if !matches!(loaded, Ok(None)) {
+                    state.auth_failures.forgive(ip);
+                }
             }
-            match loaded {
-                Ok(Ok(Some(ctx))) => state.keys.insert(hash, Some(ctx)).ok_or(GatewayError::Internal)?,
-                Ok(Ok(None)) => {
+            let ctx = match loaded {
+                Ok(Some(ctx)) => state.keys.insert(hash, Some(ctx)).ok_or(GatewayError::Internal)?,
+                Ok(None) => {
                     state.keys.insert(hash, None);
                     return Err(GatewayError::InvalidKey);
                 }
-                Ok(Err(e)) => {
+                Err(e) => {
                     tracing::warn!(error = %e, "key lookup failed");
                     // PostgreSQL is away: a key seen before keeps working; an unknown one
                     // cannot be judged, which is not the client's fault (503, never 401).
                     state.keys.get_stale(&hash).ok_or(GatewayError::AuthUnavailable)?
                 }
-                Err(_) => return Err(GatewayError::Internal),
-            }
+            };
+            // Cached before the lookup's entry ends: a later miss finds the cache, not a stale
+            // answer.
+            drop(started);
+            ctx
         }
     };
     ctx.check_usable(Utc::now()).map_err(|e| match e {

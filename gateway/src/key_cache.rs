@@ -6,15 +6,16 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, RwLock},
+    sync::{Arc, Mutex, RwLock},
     time::{Duration, Instant},
 };
 
+use futures::future::{BoxFuture, Shared};
 use prometheus::IntCounter;
 use tollgate_core::{
     invalidation::{Invalidation, InvalidationKind},
     keys::KeyHash,
-    sync::{read, write},
+    sync::{lock, read, write},
 };
 use uuid::Uuid;
 
@@ -127,6 +128,55 @@ impl KeyCache {
         for s in &self.shards {
             write(s).retain(|_, e| !e.ctx.as_deref().is_some_and(concerns));
         }
+    }
+}
+
+/// One key's PostgreSQL lookup, awaited by every request that missed the cache meanwhile.
+pub type KeyLoad = Shared<BoxFuture<'static, Result<Option<AuthContext>, String>>>;
+
+/// Key lookups under way. Concurrent misses of one key share one query, and so one place in the
+/// failed-authentication allowance: a replica starting cold under load does not throttle a valid
+/// key for the many requests that missed at once.
+#[derive(Default)]
+pub struct KeyLoads(Mutex<HashMap<KeyHash, KeyLoad>>);
+
+/// A lookup this request joined, or started (then it ends the lookup's entry when dropped, even if
+/// the request is abandoned, so no later miss waits on a finished, stale answer).
+pub enum Joined<'a> {
+    Started(KeyLoad, LoadEntry<'a>),
+    Joined(KeyLoad),
+}
+
+pub struct LoadEntry<'a> {
+    loads: &'a KeyLoads,
+    hash: KeyHash,
+}
+
+impl Drop for LoadEntry<'_> {
+    fn drop(&mut self) {
+        lock(&self.loads.0).remove(&self.hash);
+    }
+}
+
+impl KeyLoads {
+    /// Joins the lookup of `hash` under way, or starts one with `start` when `may_start` allows
+    /// it; `None` when it does not.
+    pub fn join_or_start(
+        &self,
+        hash: KeyHash,
+        may_start: impl FnOnce() -> bool,
+        start: impl FnOnce() -> BoxFuture<'static, Result<Option<AuthContext>, String>>,
+    ) -> Option<Joined<'_>> {
+        let mut loads = lock(&self.0);
+        if let Some(load) = loads.get(&hash) {
+            return Some(Joined::Joined(load.clone()));
+        }
+        if !may_start() {
+            return None;
+        }
+        let load = futures::FutureExt::shared(start());
+        loads.insert(hash, load.clone());
+        Some(Joined::Started(load, LoadEntry { loads: self, hash }))
     }
 }
 

@@ -7,14 +7,23 @@ use sqlx::PgPool;
 use tollgate_core::net::Cidr;
 
 use crate::{
-    auth::FailedAuthThrottle, catalog::ModelCatalog, config::GatewayConfig, key_cache::KeyCache, limits::LimiterHandle,
-    metrics::Metrics, request::BodyPolicy, upstream::Upstream, usage::UsageSink,
+    auth::FailedAuthThrottle,
+    catalog::ModelCatalog,
+    config::GatewayConfig,
+    key_cache::{KeyCache, KeyLoads},
+    limits::LimiterHandle,
+    metrics::Metrics,
+    request::BodyPolicy,
+    upstream::Upstream,
+    usage::UsageSink,
 };
 
 pub struct GatewayState {
     pub config: GatewayConfig,
     pub upstream: Upstream,
     pub keys: Arc<KeyCache>,
+    /// Key lookups under way, shared by concurrent misses of one key.
+    pub key_loads: KeyLoads,
     pub catalog: Arc<ModelCatalog>,
     pub db: PgPool,
     /// The runtime that owns the database and Redis connections.

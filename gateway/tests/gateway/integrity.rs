@@ -445,3 +445,17 @@ async fn reservations_bound_every_choice_against_a_budget_that_fits_one_honest_r
     let resp = stack.chat(&key, honest).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK, "the honest request fits exactly");
 }
+
+#[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
+async fn many_concurrent_first_uses_of_a_valid_key_are_not_throttled(db: PgPool) {
+    let stack = Stack::start_with(db, vec![("TOLLGATE_FAILED_AUTH_PER_MINUTE", "2")]).await;
+    stack.model("m").await;
+    // Not cached yet: every request below misses the cache at once.
+    let (key, _, _) = stack.key_for("cold@example.com", &["m"]).await;
+    let body = json!({"model": "m", "messages": user_msg("hi")});
+    let sends: Vec<_> = (0..40).map(|_| stack.chat(&key, body.clone()).send()).collect();
+    let statuses: Vec<u16> =
+        futures::future::join_all(sends).await.into_iter().map(|r| r.unwrap().status().as_u16()).collect();
+    assert!(statuses.iter().all(|s| *s != 429), "a valid key was throttled: {statuses:?}");
+    assert!(metric(&stack, "key_cache_misses_total").await <= 2.0, "concurrent misses share one lookup");
+}
