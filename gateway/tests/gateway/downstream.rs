@@ -83,11 +83,6 @@ async fn until_closed(conn: &mut TcpStream, limit: Duration) -> (Vec<u8>, Durati
     }
 }
 
-async fn metric(stack: &Stack, series: &str) -> Option<f64> {
-    let text = stack.http.get(format!("{}/metrics", stack.gateway.admin)).send().await.unwrap().text().await.unwrap();
-    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
 #[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
 async fn a_header_sent_byte_by_byte_is_cut_off_at_its_deadline(db: PgPool) {
     let stack = Stack::start_with(db, vec![("TOLLGATE_HEADER_READ_TIMEOUT_MS", "1000")]).await;
@@ -129,10 +124,7 @@ async fn a_header_sent_byte_by_byte_is_cut_off_at_its_deadline(db: PgPool) {
     // The 408 arrives unless the client's next byte turned the close into a reset first.
     let got = String::from_utf8_lossy(&got);
     assert!(got.is_empty() || got.starts_with("HTTP/1.1 408"), "{got}");
-    assert_eq!(
-        metric(&stack, r#"tollgate_gateway_downstream_rejected_total{reason="header_timeout"}"#).await,
-        Some(1.0)
-    );
+    assert_eq!(stack.metric(r#"tollgate_gateway_downstream_rejected_total{reason="header_timeout"}"#).await, Some(1.0));
 
     // A header that arrives in time, then a body slower than the header deadline: served, as the
     // deadline covers the header only.
@@ -169,7 +161,7 @@ async fn connections_beyond_the_cap_are_refused_until_one_closes(db: PgPool) {
             }
         }
     }
-    assert_eq!(metric(&stack, "tollgate_gateway_downstream_connections").await, Some(3.0));
+    assert_eq!(stack.metric("tollgate_gateway_downstream_connections").await, Some(3.0));
 
     // A fourth, idle: 503 with connection: close, then closed, at once.
     let mut fourth = connect(&stack).await;
@@ -184,7 +176,7 @@ async fn connections_beyond_the_cap_are_refused_until_one_closes(db: PgPool) {
     let (status, _, _) = read_response(&mut fifth).await.expect("an answer");
     assert_eq!(status, 503);
     assert_eq!(
-        metric(&stack, r#"tollgate_gateway_downstream_rejected_total{reason="max_connections"}"#).await,
+        stack.metric(r#"tollgate_gateway_downstream_rejected_total{reason="max_connections"}"#).await,
         Some(2.0)
     );
 
@@ -231,10 +223,7 @@ async fn idle_keep_alive_connections_are_closed(db: PgPool) {
     assert!(got.is_empty(), "{}", String::from_utf8_lossy(&got));
     assert!(after >= Duration::from_millis(900) && after < Duration::from_secs(6), "closed after {after:?}");
     // Idling out is not a rejection.
-    assert_eq!(
-        metric(&stack, r#"tollgate_gateway_downstream_rejected_total{reason="header_timeout"}"#).await,
-        Some(0.0)
-    );
+    assert_eq!(stack.metric(r#"tollgate_gateway_downstream_rejected_total{reason="header_timeout"}"#).await, Some(0.0));
 
     // keepalive_idle_seconds = 0: every answer closes its connection.
     let replica = stack.replica(vec![("TOLLGATE_KEEPALIVE_IDLE_SECONDS", "0")]).await;

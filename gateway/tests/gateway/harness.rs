@@ -299,6 +299,19 @@ impl Stack {
     }
 }
 
+/// A header of a request the mock recorded.
+pub fn recorded_header<'a>(recorded: &'a Value, name: &str) -> Option<&'a str> {
+    recorded["headers"].as_array()?.iter().find(|h| h[0] == name).and_then(|h| h[1].as_str())
+}
+
+impl Stack {
+    /// One series of the gateway's /metrics (its full name, labels included), if present.
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        let text = self.http.get(format!("{}/metrics", self.gateway.admin)).send().await.unwrap().text().await.unwrap();
+        text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+    }
+}
+
 /// The OpenAI-shaped error of a response: `(status, code)`.
 pub async fn error_of(resp: reqwest::Response) -> (StatusCode, String) {
     let status = resp.status();

@@ -13,10 +13,6 @@ async fn last_recorded(stack: &Stack) -> Value {
     stack.recorded().await.pop().expect("the upstream saw a request")
 }
 
-fn header<'a>(recorded: &'a Value, name: &str) -> Option<&'a str> {
-    recorded["headers"].as_array()?.iter().find(|h| h[0] == name).and_then(|h| h[1].as_str())
-}
-
 #[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
 async fn the_query_string_never_reaches_the_upstream(db: PgPool) {
     let stack = Stack::start(db).await;
@@ -70,9 +66,9 @@ async fn only_allowlisted_client_headers_reach_the_upstream(db: PgPool) {
         ];
         assert!(allowed.contains(name), "client header `{name}` reached the upstream: {names:?}");
     }
-    assert_eq!(header(&seen, "authorization"), Some("Bearer sk-upstream-credential"));
-    assert_eq!(header(&seen, "x-tollgate-key-id"), Some(key_id.as_str()));
-    assert_eq!(header(&seen, "user-agent"), Some("OpenAI/Python 1.0"));
+    assert_eq!(recorded_header(&seen, "authorization"), Some("Bearer sk-upstream-credential"));
+    assert_eq!(recorded_header(&seen, "x-tollgate-key-id"), Some(key_id.as_str()));
+    assert_eq!(recorded_header(&seen, "user-agent"), Some("OpenAI/Python 1.0"));
 }
 
 #[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
@@ -244,13 +240,9 @@ async fn a_cheap_models_budget_adds_up_exactly(db: PgPool) {
     }
 }
 
-/// A counter or gauge from the gateway's /metrics.
+/// A counter or gauge of the gateway, by its name without the `tollgate_gateway_` prefix.
 async fn metric(stack: &Stack, name: &str) -> f64 {
-    let text = stack.http.get(format!("{}/metrics", stack.gateway.admin)).send().await.unwrap().text().await.unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("tollgate_gateway_{name} ")))
-        .map(|v| v.trim().parse().unwrap())
-        .unwrap_or_else(|| panic!("no metric {name}"))
+    stack.metric(&format!("tollgate_gateway_{name}")).await.unwrap_or_else(|| panic!("no metric {name}"))
 }
 
 #[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
