@@ -33,15 +33,15 @@ pub struct Admitted {
     pub reservation: Option<Reservation>,
 }
 
-/// Judges a whole body sent by `caller` to `endpoint`: the admitted request and the body to send
-/// upstream.
+/// Judges a whole body sent by `caller` to `endpoint`: the admitted request and, when the upstream
+/// must get another body than the client's, that body.
 pub fn admit(
     state: &GatewayState,
     caller: &Arc<AuthContext>,
     endpoint: &str,
-    body: Bytes,
-) -> Result<(Admitted, Bytes), GatewayError> {
-    let (facts, layout) = request::parse(&body, &state.body_policy)?;
+    body: &[u8],
+) -> Result<(Admitted, Option<Bytes>), GatewayError> {
+    let (facts, layout) = request::parse(body, &state.body_policy)?;
     let model = state
         .catalog
         .get(&facts.model)

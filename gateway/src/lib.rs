@@ -132,11 +132,11 @@ pub fn run(config: GatewayConfig) -> anyhow::Result<()> {
             metrics.auth_throttle_evictions.clone(),
         ),
         trusted_proxies: config.trusted_proxy_ranges()?,
-        body_policy: request::BodyPolicy {
-            denied_fields: config.denied_body_fields.clone(),
-            image_tokens: config.image_input_tokens,
-            audio_tokens: config.audio_input_tokens,
-        },
+        body_policy: request::BodyPolicy::new(
+            &config.denied_body_fields,
+            config.image_input_tokens,
+            config.audio_input_tokens,
+        ),
         upstream,
         keys,
         key_loads: KeyLoads::default(),

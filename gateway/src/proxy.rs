@@ -96,8 +96,12 @@ impl Gateway {
     }
 
     /// Steps 3 and 4, shared by both body paths: judge the whole body, then reserve its limits.
-    /// Returns the body the upstream gets.
-    async fn admit_and_reserve(&self, ctx: &mut RequestCtx, body: Bytes) -> std::result::Result<Bytes, GatewayError> {
+    /// Returns the body the upstream gets instead of the client's, if any.
+    async fn admit_and_reserve(
+        &self,
+        ctx: &mut RequestCtx,
+        body: &[u8],
+    ) -> std::result::Result<Option<Bytes>, GatewayError> {
         let caller = ctx.caller.as_ref().ok_or(GatewayError::Internal)?;
         let (admitted, out) = admission::admit(&self.state, caller, &ctx.endpoint, body)?;
         ctx.meter = Meter::for_request(&admitted.facts);
@@ -152,12 +156,9 @@ impl ProxyHttp for Gateway {
                     Ok(body) => body,
                     Err(e) => return self.refuse(session, ctx, e).await,
                 };
-                let original = body.clone();
-                match self.admit_and_reserve(ctx, body).await {
-                    Ok(out) => {
-                        // A rewrite may keep the length (`null` -> `true`): compare the buffers.
-                        let rewritten = out.as_ptr() != original.as_ptr() || out.len() != original.len();
-                        ctx.body = BodyMode::Judged(rewritten.then_some(out));
+                match self.admit_and_reserve(ctx, &body).await {
+                    Ok(rewritten) => {
+                        ctx.body = BodyMode::Judged(rewritten);
                         Ok(false)
                     }
                     Err(e) => self.refuse(session, ctx, e).await,
@@ -198,8 +199,8 @@ impl ProxyHttp for Gateway {
                 }
                 let whole = std::mem::take(buf).freeze();
                 ctx.body = BodyMode::None;
-                match self.admit_and_reserve(ctx, whole).await {
-                    Ok(out) => *body = Some(out),
+                match self.admit_and_reserve(ctx, &whole).await {
+                    Ok(rewritten) => *body = Some(rewritten.unwrap_or(whole)),
                     Err(e) => return self.refuse_mid_body(ctx, e),
                 }
             }

@@ -10,7 +10,7 @@
 //! itself: `model` replaced by the model's upstream name when it differs, and, on streams, one
 //! `stream_options` with `include_usage: true` whatever the client sent.
 
-use std::{borrow::Cow, fmt, ops::Range};
+use std::{borrow::Cow, collections::HashSet, fmt, ops::Range};
 
 use bytes::{Bytes, BytesMut};
 use pingora::{http::RequestHeader, proxy::Session};
@@ -43,22 +43,32 @@ pub struct RequestFacts {
 }
 
 /// What the operator allows in a body, and how media inputs are counted.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct BodyPolicy {
-    /// Denied fields: a top-level name, `metadata.<name>`, or a prefix ending in `*`.
-    pub denied_fields: Vec<String>,
+    /// Denied names (`name` or `metadata.<name>`), looked up per field on every request.
+    denied: HashSet<String>,
+    /// Denied prefixes (entries ending in `*`), without the `*`.
+    denied_prefixes: Vec<String>,
     /// Tokens reserved for each image input.
-    pub image_tokens: u64,
+    image_tokens: u64,
     /// Tokens reserved for each audio input.
-    pub audio_tokens: u64,
+    audio_tokens: u64,
 }
 
 impl BodyPolicy {
+    /// `denied_fields`: a top-level name, `metadata.<name>`, or a prefix ending in `*`.
+    pub fn new(denied_fields: &[String], image_tokens: u64, audio_tokens: u64) -> Self {
+        let (prefixes, names): (Vec<&String>, Vec<&String>) = denied_fields.iter().partition(|d| d.ends_with('*'));
+        Self {
+            denied: names.into_iter().cloned().collect(),
+            denied_prefixes: prefixes.into_iter().map(|p| p.trim_end_matches('*').to_string()).collect(),
+            image_tokens,
+            audio_tokens,
+        }
+    }
+
     fn denies(&self, path: &str) -> bool {
-        self.denied_fields.iter().any(|d| match d.strip_suffix('*') {
-            Some(prefix) => path.starts_with(prefix),
-            None => d == path,
-        })
+        self.denied.contains(path) || self.denied_prefixes.iter().any(|p| path.starts_with(p.as_str()))
     }
 }
 
@@ -248,7 +258,9 @@ pub fn parse(body: &[u8], policy: &BodyPolicy) -> Result<(RequestFacts, Layout),
 /// Text at four bytes a token; an image or audio input counts its allowance instead of its bytes
 /// (a URL is a few bytes, inline data far more than the model counts).
 fn estimate_prompt(body_len: usize, messages: Option<&RawValue>, policy: &BodyPolicy) -> Result<u64, GatewayError> {
-    let Some(messages) = messages.filter(|m| m.get().starts_with('[')) else {
+    // Most prompts carry no media: then the messages need no second parse.
+    let has_media = |m: &&RawValue| m.get().contains("\"image_url\"") || m.get().contains("\"input_audio\"");
+    let Some(messages) = messages.filter(|m| m.get().starts_with('[')).filter(has_media) else {
         return Ok(estimate_tokens(body_len));
     };
     let messages: Vec<Message> =
@@ -271,9 +283,10 @@ fn estimate_prompt(body_len: usize, messages: Option<&RawValue>, policy: &BodyPo
     Ok(estimate_tokens(body_len.saturating_sub(media_bytes)) + allowance)
 }
 
-/// The body the upstream receives: the client's, with `model` set to `upstream_model` and, on a
-/// stream, exactly one `stream_options` that asks for usage.
-pub fn upstream_body(body: Bytes, facts: &RequestFacts, layout: &Layout, upstream_model: &str) -> Bytes {
+/// The body the upstream receives, when it is not the client's own: `model` set to
+/// `upstream_model` and, on a stream, exactly one `stream_options` that asks for usage. `None`:
+/// the client's body goes as it is.
+pub fn upstream_body(body: &[u8], facts: &RequestFacts, layout: &Layout, upstream_model: &str) -> Option<Bytes> {
     let mut splices: Vec<(Range<usize>, Vec<u8>)> = Vec::new();
     if upstream_model != facts.model {
         splices.push((layout.model.clone(), serde_json::Value::from(upstream_model).to_string().into_bytes()));
@@ -298,7 +311,7 @@ pub fn upstream_body(body: Bytes, facts: &RequestFacts, layout: &Layout, upstrea
         }
     }
     if splices.is_empty() {
-        return body;
+        return None;
     }
     splices.sort_by_key(|(r, _)| r.start);
     let mut out = BytesMut::with_capacity(body.len() + 64);
@@ -309,7 +322,7 @@ pub fn upstream_body(body: Bytes, facts: &RequestFacts, layout: &Layout, upstrea
         at = range.end;
     }
     out.extend_from_slice(&body[at..]);
-    out.freeze()
+    Some(out.freeze())
 }
 
 #[cfg(test)]
@@ -318,11 +331,12 @@ mod tests {
     use serde_json::Value;
 
     fn policy() -> BodyPolicy {
-        BodyPolicy {
-            denied_fields: vec!["fallbacks".into(), "mock_*".into(), "metadata.tags".into()],
-            image_tokens: 1000,
-            audio_tokens: 2000,
-        }
+        BodyPolicy::new(&["fallbacks".into(), "mock_*".into(), "metadata.tags".into()], 1000, 2000)
+    }
+
+    /// What the upstream receives for `body`.
+    fn forwarded(body: &[u8], f: &RequestFacts, layout: &Layout, upstream_model: &str) -> Vec<u8> {
+        upstream_body(body, f, layout, upstream_model).map_or_else(|| body.to_vec(), |b| b.to_vec())
     }
 
     fn facts(body: &[u8]) -> RequestFacts {
@@ -331,8 +345,7 @@ mod tests {
 
     fn sent(body: &str, upstream_model: &str) -> Value {
         let (f, layout) = parse(body.as_bytes(), &policy()).unwrap();
-        serde_json::from_slice(&upstream_body(Bytes::copy_from_slice(body.as_bytes()), &f, &layout, upstream_model))
-            .unwrap()
+        serde_json::from_slice(&forwarded(body.as_bytes(), &f, &layout, upstream_model)).unwrap()
     }
 
     #[test]
@@ -407,7 +420,7 @@ mod tests {
             r#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#,
         ] {
             let (f, layout) = parse(body.as_bytes(), &policy()).unwrap();
-            let out = upstream_body(Bytes::copy_from_slice(body.as_bytes()), &f, &layout, "m");
+            let out = forwarded(body.as_bytes(), &f, &layout, "m");
             let text = String::from_utf8(out.to_vec()).unwrap();
             assert_eq!(text.matches("stream_options").count(), 1, "{text}");
             let v: Value = serde_json::from_str(&text).unwrap();
@@ -425,7 +438,6 @@ mod tests {
         assert_eq!(v["model"], "provider/cheap-2024");
         assert_eq!(v["messages"][0]["content"], "hi");
         let (f, layout) = parse(body.as_bytes(), &policy()).unwrap();
-        let same = upstream_body(Bytes::from_static(body.as_bytes()), &f, &layout, "cheap");
-        assert_eq!(same, body.as_bytes(), "nothing to change: byte for byte");
+        assert_eq!(upstream_body(body.as_bytes(), &f, &layout, "cheap"), None, "nothing to change: byte for byte");
     }
 }
