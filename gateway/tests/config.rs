@@ -33,6 +33,11 @@ fn bad_addresses_and_urls_fail_naming_the_setting() {
         ("upstream_url", "ftp://litellm:4000"),
         ("database_url", "mysql://db/tollgate"),
         ("redis_url", "127.0.0.1:6379"),
+        ("trusted_proxies", "10.0.0.0/33"),
+        ("forward_request_headers", "x-litellm-api-key"),
+        ("forward_request_headers", "authorization"),
+        ("forward_request_headers", "x-tollgate-key-id"),
+        ("forward_request_headers", "X-Upper"),
     ] {
         let flags = Figment::from(Serialized::default(key, value));
         let err = GatewayConfig::load(None, flags).unwrap_err().to_string();
