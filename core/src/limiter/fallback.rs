@@ -159,14 +159,18 @@ impl Limiter for FallbackLimiter {
             } else {
                 None
             };
-            if let Some(rpm) = s.limits.rpm {
-                standing.limit_requests = Some(rpm as u64);
-                standing.remaining_requests = Some((share(rpm, replicas) - requests).max(0) as u64);
-            }
+            // This replica's share stands in for the limit; its uses leave within the window.
+            let rpm_share = s.limits.rpm.map(|l| share(l, replicas));
+            let tpm_share = s.limits.tpm.map(|l| share(l, replicas));
+            standing.tighten(Reason::Rpm, rpm_share, requests, 1);
+            standing.tighten(Reason::Tpm, tpm_share, tokens, 1);
             match (over, s.limits.enforcement) {
-                (Some(reason), Enforcement::Hard) => {
-                    refusal.get_or_insert(Refusal { scope: s.kind, reason, retry_after: 1 });
+                (Some(reason), Enforcement::Hard) if refusal.is_none() => {
+                    let (limit, used) = if reason == Reason::Tpm { (tpm_share, tokens) } else { (rpm_share, requests) };
+                    standing.refused(reason, limit, used, 1);
+                    refusal = Some(Refusal { scope: s.kind, reason, retry_after: 1 });
                 }
+                (Some(_), Enforcement::Hard) => {}
                 (Some(reason), _) => warnings.push((s.kind, reason)),
                 (None, _) => {}
             }

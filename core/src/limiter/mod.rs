@@ -100,6 +100,38 @@ pub struct Standing {
     pub reset_tokens_secs: u64,
 }
 
+impl Standing {
+    /// Takes in one scope's window: it becomes the standing of its dimension when it is tighter
+    /// (fewer remaining) than what is there. `reset`: seconds until the oldest use in the window
+    /// leaves it, i.e. until `remaining` next grows.
+    pub fn tighten(&mut self, reason: Reason, limit: Option<i64>, used: i64, reset: i64) {
+        let Some(limit) = limit else { return };
+        let remaining = (limit - used).max(0) as u64;
+        let (l, r, secs) = self.figures(reason);
+        if r.is_none_or(|r| remaining < r) {
+            (*l, *r, *secs) = (Some(limit as u64), Some(remaining), reset.max(0) as u64);
+        }
+    }
+
+    /// A refusal on RPM or TPM: its dimension reports the refusing scope, reset when a retry
+    /// may succeed, so that `x-ratelimit-reset-*`, `retry-after` and the message say one thing.
+    pub fn refused(&mut self, reason: Reason, limit: Option<i64>, used: i64, retry_after: u64) {
+        let Some(limit) = limit else { return };
+        if reason == Reason::Budget {
+            return;
+        }
+        let (l, r, secs) = self.figures(reason);
+        (*l, *r, *secs) = (Some(limit as u64), Some((limit - used).max(0) as u64), retry_after);
+    }
+
+    fn figures(&mut self, reason: Reason) -> (&mut Option<u64>, &mut Option<u64>, &mut u64) {
+        match reason {
+            Reason::Tpm => (&mut self.limit_tokens, &mut self.remaining_tokens, &mut self.reset_tokens_secs),
+            _ => (&mut self.limit_requests, &mut self.remaining_requests, &mut self.reset_requests_secs),
+        }
+    }
+}
+
 /// One scope's part of a reservation, enough to settle or refund it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Held {

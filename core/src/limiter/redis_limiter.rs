@@ -259,16 +259,6 @@ impl RedisLimiter {
 
 /// Keeps, of the headers' window figures `(limit, remaining, reset)`, the tighter of what they
 /// hold and this scope's window (`limit`, `used`, `reset`).
-fn tighten(figures: (&mut Option<u64>, &mut Option<u64>, &mut u64), limit: Option<i64>, used: i64, reset: i64) {
-    let Some(limit) = limit else { return };
-    let remaining = (limit - used).max(0) as u64;
-    if figures.1.is_none_or(|r| remaining < r) {
-        *figures.0 = Some(limit as u64);
-        *figures.1 = Some(remaining);
-        *figures.2 = reset.max(0) as u64;
-    }
-}
-
 async fn bounded<T>(
     timeout: Duration,
     f: impl std::future::Future<Output = RedisResult<T>>,
@@ -449,27 +439,18 @@ impl Limiter for RedisLimiter {
                 3 => Some(Reason::Budget),
                 _ => None,
             };
-            let st = &mut standing;
-            tighten(
-                (&mut st.limit_requests, &mut st.remaining_requests, &mut st.reset_requests_secs),
-                scope.limits.rpm,
-                rpm_used,
-                rpm_reset,
-            );
-            tighten(
-                (&mut st.limit_tokens, &mut st.remaining_tokens, &mut st.reset_tokens_secs),
-                scope.limits.tpm,
-                tpm_used,
-                tpm_reset,
-            );
+            standing.tighten(Reason::Rpm, scope.limits.rpm, rpm_used, rpm_reset);
+            standing.tighten(Reason::Tpm, scope.limits.tpm, tpm_used, tpm_reset);
             match status {
                 0 => {
                     if refusal.is_none() {
-                        refusal = Some(Refusal {
-                            scope: scope.kind,
-                            reason: reason.unwrap_or(Reason::Rpm),
-                            retry_after: retry.max(0) as u64,
-                        });
+                        let (reason, retry_after) = (reason.unwrap_or(Reason::Rpm), retry.max(0) as u64);
+                        let (limit, used) = match reason {
+                            Reason::Tpm => (scope.limits.tpm, tpm_used),
+                            _ => (scope.limits.rpm, rpm_used),
+                        };
+                        standing.refused(reason, limit, used, retry_after);
+                        refusal = Some(Refusal { scope: scope.kind, reason, retry_after });
                     }
                 }
                 1 | 2 => {

@@ -76,8 +76,19 @@ local function period_of(kind, sec)
   return 'all', 0
 end
 
+-- Seconds until the oldest bucket still in the window leaves it (when `remaining` next grows).
+-- Under steady traffic the first second looked at has a bucket; a sparse window costs at most
+-- one HGET per second of it.
+local function oldest_leaves(key, swept)
+  for sec = math.max(swept, now - WINDOW) + 1, now do
+    local v = redis.call('HGET', key, sec)
+    if v and tonumber(v) > 0 then return sec + WINDOW - now end
+  end
+  return 0
+end
+
 -- A window's total, after taking out the buckets that left it, and the seconds until the oldest
--- bucket that may still count leaves.
+-- bucket that still counts leaves.
 local function window_use(key)
   local st = redis.call('HMGET', key, 't', 's')
   local total = tonumber(st[1] or '0')
@@ -101,7 +112,7 @@ local function window_use(key)
     -- Once a second is enough: an idle window disappears two windows after its last use.
     redis.call('EXPIRE', key, WINDOW * 2)
   end
-  return total, (total > 0) and (swept + 1 + WINDOW - now) or 0, swept
+  return total, (total > 0) and oldest_leaves(key, swept) or 0, swept
 end
 
 -- Adds n to the bucket of second `sec` if it still counts (`swept`: the window's 's', if known).
@@ -231,10 +242,13 @@ local function apply(r, s, reply)
   if s.rpm >= 0 then
     window_add(s.rpm_key, now, 1, s.rpm_swept)
     reply[5] = reply[5] + 1
+    -- This request may be the window's only use: it leaves a window from now.
+    if reply[6] == 0 then reply[6] = WINDOW end
   end
   if s.tpm >= 0 then
     window_add(s.tpm_key, now, r.tokens, s.tpm_swept)
     reply[7] = reply[7] + r.tokens
+    if reply[8] == 0 and r.tokens > 0 then reply[8] = WINDOW end
   end
   if s.budget >= 0 then
     redis.call('HSET', s.res_key, r.id, r.cost)

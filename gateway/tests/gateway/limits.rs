@@ -235,3 +235,49 @@ async fn soft_limits_warn_and_monitor_limits_only_count(db: PgPool) {
     assert!(metrics.contains(r#"tollgate_gateway_limit_warnings_total{reason="rpm",scope="key"} 1"#), "{metrics}");
     assert!(metrics.contains(r#"tollgate_gateway_limit_warnings_total{reason="tpm",scope="user"} 2"#), "{metrics}");
 }
+
+/// Seconds of an `x-ratelimit-reset-*` value (`"42s"`).
+fn reset_secs(headers: &reqwest::header::HeaderMap, name: &str) -> u64 {
+    let v = headers[name].to_str().unwrap();
+    v.strip_suffix('s').and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{name}: {v}"))
+}
+
+#[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
+async fn rate_limit_headers_retry_after_and_message_agree(db: PgPool) {
+    let stack = Stack::start(db).await;
+    let (key, key_id, _) = stack.ready_key("headers@example.com", &["m"]).await;
+    stack.admin(reqwest::Method::PATCH, &format!("/keys/{key_id}"), json!({"limits": {"rpm": 3, "tpm": 1000}})).await;
+    let body = |max_tokens: u64| json!({"model": "m", "max_tokens": max_tokens, "messages": user_msg("hi")});
+
+    // Admitted: the window's oldest request leaves it a minute after it was made, not in a second.
+    for _ in 0..2 {
+        let resp = stack.chat(&key, body(10)).send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert!((55..=60).contains(&reset_secs(resp.headers(), "x-ratelimit-reset-requests")), "{:?}", resp.headers());
+        assert!((55..=60).contains(&reset_secs(resp.headers(), "x-ratelimit-reset-tokens")), "{:?}", resp.headers());
+    }
+
+    // Refused on tokens: the tokens' reset is the retry-after, and the message says the same.
+    let resp = stack.chat(&key, body(990)).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    let headers = resp.headers().clone();
+    let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((55..=60).contains(&retry), "{headers:?}");
+    assert_eq!(reset_secs(&headers, "x-ratelimit-reset-tokens"), retry);
+    assert_eq!(headers["x-ratelimit-limit-tokens"], "1000");
+    let v: Value = resp.json().await.unwrap();
+    assert!(v["error"]["message"].as_str().unwrap().contains(&format!("tpm on this key; retry after {retry}s")), "{v}");
+
+    // Refused on requests: the same for the requests' headers.
+    assert_eq!(stack.chat(&key, body(10)).send().await.unwrap().status(), StatusCode::OK);
+    let resp = stack.chat(&key, body(10)).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    let headers = resp.headers().clone();
+    let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((55..=60).contains(&retry), "{headers:?}");
+    assert_eq!(reset_secs(&headers, "x-ratelimit-reset-requests"), retry);
+    assert_eq!(headers["x-ratelimit-remaining-requests"], "0");
+    assert_eq!(headers["x-ratelimit-limit-requests"], "3");
+    let v: Value = resp.json().await.unwrap();
+    assert!(v["error"]["message"].as_str().unwrap().contains(&format!("rpm on this key; retry after {retry}s")), "{v}");
+}
