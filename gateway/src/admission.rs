@@ -42,11 +42,10 @@ pub fn admit(
     body: &[u8],
 ) -> Result<(Admitted, Option<Bytes>), GatewayError> {
     let (facts, layout) = request::parse(body, &state.body_policy)?;
-    let model = state
-        .catalog
-        .get(&facts.model)
-        .filter(|m| m.usable())
-        .ok_or_else(|| GatewayError::ModelNotAllowed(facts.model.clone()))?;
+    let model = state.catalog.get(&facts.model).ok_or_else(|| GatewayError::ModelNotFound(facts.model.clone()))?;
+    if !model.usable() {
+        return Err(GatewayError::ModelNotAllowed(facts.model.clone()));
+    }
     let subscription = caller.entitlement(&facts.model)?.clone();
     let out = request::upstream_body(body, &facts, &layout, model.upstream_name());
     let default_max_tokens = state.config.default_max_tokens;

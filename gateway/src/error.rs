@@ -22,6 +22,8 @@ pub enum GatewayError {
     AuthUnavailable,
     #[error("model `{0}` is not available to this key")]
     ModelNotAllowed(String),
+    #[error("the model `{0}` does not exist")]
+    ModelNotFound(String),
     #[error("no active subscription for model `{0}`")]
     NoSubscription(String),
     #[error("{0}")]
@@ -32,6 +34,8 @@ pub enum GatewayError {
     TooLarge(usize),
     #[error("unknown path {0}")]
     NotFound(String),
+    #[error("{path} accepts only {allow}")]
+    MethodNotAllowed { path: String, allow: &'static str },
     #[error("rate limit reached for {reason} on this {scope}; retry after {retry_after}s")]
     RateLimited { scope: &'static str, reason: &'static str, retry_after: u64 },
     #[error("budget exhausted for this {scope}")]
@@ -58,7 +62,8 @@ impl GatewayError {
             InvalidRequest(_) => 400,
             UnsupportedContentType => 400,
             TooLarge(_) => 413,
-            NotFound(_) => 404,
+            NotFound(_) | ModelNotFound(_) => 404,
+            MethodNotAllowed { .. } => 405,
             UpstreamUnreachable => 502,
             UpstreamTimeout => 504,
             Internal => 500,
@@ -85,6 +90,8 @@ impl GatewayError {
             UnsupportedContentType => ("invalid_request_error", "unsupported_content_type"),
             TooLarge(_) => ("invalid_request_error", "request_too_large"),
             NotFound(_) => ("invalid_request_error", "unknown_url"),
+            MethodNotAllowed { .. } => ("invalid_request_error", "method_not_allowed"),
+            ModelNotFound(_) => ("invalid_request_error", "model_not_found"),
             UpstreamUnreachable => ("server_error", "upstream_unreachable"),
             UpstreamTimeout => ("server_error", "upstream_timeout"),
             Internal => ("server_error", "internal_error"),
@@ -101,6 +108,19 @@ impl GatewayError {
             GatewayError::LimitsUnavailable => Some(1),
             _ => None,
         }
+    }
+
+    /// The headers an answer with this error carries besides its body: `retry-after` when a
+    /// retry may succeed later, `allow` for a method the path does not take.
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
+        let mut h = Vec::new();
+        if let Some(secs) = self.retry_after() {
+            h.push(("retry-after", secs.to_string()));
+        }
+        if let GatewayError::MethodNotAllowed { allow, .. } = self {
+            h.push(("allow", (*allow).to_string()));
+        }
+        h
     }
 
     /// A short label for metrics and usage rows.

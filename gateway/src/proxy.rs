@@ -53,17 +53,14 @@ impl Gateway {
         ctx: &mut RequestCtx,
         status: u16,
         body: Bytes,
-        retry_after: Option<u64>,
+        headers: Vec<(&'static str, String)>,
     ) -> Result<()> {
         ctx.status = status;
         let mut resp = ResponseHeader::build(status, Some(8))?;
         resp.insert_header("content-type", "application/json")?;
         resp.insert_header("content-length", body.len().to_string())?;
         resp.insert_header("x-request-id", ctx.request_id.as_str())?;
-        if let Some(secs) = retry_after {
-            resp.insert_header("retry-after", secs.to_string())?;
-        }
-        for (name, value) in ctx.rate.headers() {
+        for (name, value) in headers.into_iter().chain(ctx.rate.headers()) {
             resp.insert_header(name, value)?;
         }
         session.set_keepalive(None);
@@ -76,7 +73,7 @@ impl Gateway {
     async fn refuse(&self, session: &mut Session, ctx: &mut RequestCtx, e: GatewayError) -> Result<bool> {
         self.count_refusal(&e);
         ctx.error_kind = Some(ErrorKind::Answered { code: e.label() });
-        self.respond(session, ctx, e.status(), e.body(), e.retry_after()).await?;
+        self.respond(session, ctx, e.status(), e.body(), e.headers()).await?;
         Ok(true)
     }
 
@@ -122,28 +119,33 @@ impl ProxyHttp for Gateway {
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let req = session.req_header();
         let path = req.uri.path().to_string();
-        let models_call = req.method == "GET" && (path == "/v1/models" || path == "/models");
-        let metered_call = req.method == "POST" && self.state.metered_paths.contains(&path);
+        let route = if path == "/v1/models" || path == "/models" {
+            Some("GET")
+        } else if self.state.metered_paths.contains(&path) {
+            Some("POST")
+        } else {
+            None
+        };
         ctx.endpoint = path.clone();
-        if !models_call && !metered_call {
-            return self.refuse(session, ctx, GatewayError::NotFound(path)).await;
-        }
-        let caller = match auth::authenticate(
-            &self.state,
-            session.req_header(),
-            auth::client_ip(session, &self.state.trusted_proxies),
-        )
-        .await
-        {
+        let models_call = match route {
+            None => return self.refuse(session, ctx, GatewayError::NotFound(path)).await,
+            Some(allow) if req.method != allow => {
+                return self.refuse(session, ctx, GatewayError::MethodNotAllowed { path, allow }).await
+            }
+            Some(allow) => allow == "GET",
+        };
+        let client = auth::client_ip(session, &self.state.trusted_proxies);
+        ctx.client = Some(client);
+        let caller = match auth::authenticate(&self.state, session.req_header(), client).await {
             Ok(caller) => caller,
             Err(e) => return self.refuse(session, ctx, e).await,
         };
+        ctx.caller = Some(caller.clone());
         if models_call {
             let body = self.state.catalog.list_for(&caller);
-            self.respond(session, ctx, 200, body, None).await?;
+            self.respond(session, ctx, 200, body, Vec::new()).await?;
             return Ok(true);
         }
-        ctx.caller = Some(caller);
         if !request::is_json(session.req_header()) {
             return self.refuse(session, ctx, GatewayError::UnsupportedContentType).await;
         }
@@ -284,7 +286,7 @@ impl ProxyHttp for Gateway {
         ctx.error_kind = Some(ErrorKind::Answered { code: error.label() });
         let code = error.status();
         if session.response_written().is_none() {
-            if let Err(err) = self.respond(session, ctx, code, error.body(), error.retry_after()).await {
+            if let Err(err) = self.respond(session, ctx, code, error.body(), error.headers()).await {
                 tracing::debug!(error = %err, "could not answer the client");
             }
         } else {
@@ -313,6 +315,7 @@ impl ProxyHttp for Gateway {
             upstream_time,
             row.as_ref(),
         );
+        s.access_log.record(ctx, outcome, upstream_time, row.as_ref());
         if let Some(reservation) = ctx.admitted.as_mut().and_then(|a| a.reservation.take()) {
             // `None`: the upstream never answered, everything goes back.
             let used = row

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use reqwest::StatusCode;
-use serde_json::json;
+use serde_json::{json, Value};
 use sqlx::PgPool;
 
 use crate::harness::*;
@@ -74,7 +74,12 @@ async fn authorization_errors_are_403(db: PgPool) {
     stack.wait_model(&key, "mine").await;
     let chat = |model: &str| stack.chat(&key, json!({"model": model, "messages": user_msg("hi")})).send();
     assert_eq!(error_of(chat("other").await.unwrap()).await, (StatusCode::FORBIDDEN, "model_not_allowed".into()));
-    assert_eq!(error_of(chat("does-not-exist").await.unwrap()).await.0, StatusCode::FORBIDDEN);
+    // A model the catalogue does not know is OpenAI's 404 model_not_found, naming the model.
+    let resp = chat("does-not-exist").await.unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "model_not_found");
+    assert!(v["error"]["message"].as_str().unwrap().contains("`does-not-exist` does not exist"), "{v}");
 
     // A key for all the user's subscriptions, and a subscription suspended after the fact.
     let all = stack.post_admin("/keys", json!({"user_id": uid, "name": "all"})).await;
@@ -150,6 +155,24 @@ async fn bad_requests_are_400_413_and_404(db: PgPool) {
 
     let resp = stack.http.get(format!("{gw}/v1/nothing")).bearer_auth(&key).send().await.unwrap();
     assert_eq!(error_of(resp).await, (StatusCode::NOT_FOUND, "unknown_url".into()));
+
+    // A known path with the wrong method: 405 naming the method it takes, with or without a key.
+    for (method, path, allow) in [
+        (reqwest::Method::GET, "/v1/chat/completions", "POST"),
+        (reqwest::Method::PUT, "/v1/embeddings", "POST"),
+        (reqwest::Method::DELETE, "/v1/completions", "POST"),
+        (reqwest::Method::POST, "/v1/models", "GET"),
+    ] {
+        for auth in [true, false] {
+            let mut req = stack.http.request(method.clone(), format!("{gw}{path}"));
+            if auth {
+                req = req.bearer_auth(&key);
+            }
+            let resp = req.send().await.unwrap();
+            assert_eq!(resp.headers().get("allow").map(|v| v.to_str().unwrap()), Some(allow), "{method} {path}");
+            assert_eq!(error_of(resp).await, (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed".into()));
+        }
+    }
     assert!(stack.recorded().await.is_empty(), "nothing reached the upstream");
 }
 
