@@ -35,6 +35,8 @@ use crate::{
 #[derive(Debug, Clone)]
 pub struct AuthContext {
     pub key_id: Uuid,
+    /// The key's public prefix (`sk-tg-AbCdEf...WxYz`), for logs: never the key itself.
+    pub key_prefix: String,
     pub user_id: Uuid,
     pub team_id: Uuid,
     /// Empty: every model of the user's active subscriptions.
@@ -96,6 +98,7 @@ impl AuthContext {
 #[derive(FromRow)]
 struct KeyRow {
     key_id: Uuid,
+    key_prefix: String,
     user_id: Uuid,
     team_id: Uuid,
     key_models: Vec<String>,
@@ -111,7 +114,7 @@ struct KeyRow {
 }
 
 const KEY_QUERY: &str = "
-SELECT k.id AS key_id, k.user_id, k.team_id, k.models AS key_models, k.limits AS key_limits,
+SELECT k.id AS key_id, k.key_prefix, k.user_id, k.team_id, k.models AS key_models, k.limits AS key_limits,
        k.expires_at, k.revoked_at IS NOT NULL AS revoked,
        u.status = 'active' AS user_active, u.limits AS user_limits,
        t.allowed_models AS team_models, t.limits AS team_limits,
@@ -126,6 +129,7 @@ pub async fn load_key(db: &PgPool, hash: KeyHash) -> Result<Option<AuthContext>,
     let row: Option<KeyRow> = sqlx::query_as(KEY_QUERY).bind(&hash[..]).fetch_optional(db).await?;
     Ok(row.map(|r| AuthContext {
         key_id: r.key_id,
+        key_prefix: r.key_prefix,
         user_id: r.user_id,
         team_id: r.team_id,
         key_models: r.key_models,
@@ -342,6 +346,7 @@ pub(crate) mod tests {
     pub(crate) fn context(key: u128, user: u128) -> AuthContext {
         AuthContext {
             key_id: Uuid::from_u128(key),
+            key_prefix: "sk-tg-test...".into(),
             user_id: Uuid::from_u128(user),
             team_id: Uuid::from_u128(9),
             key_models: vec![],

@@ -86,8 +86,11 @@ pub struct GatewayConfig {
     pub default_max_tokens: u64,
     /// true: while limits cannot be checked, answer 503 instead of admitting.
     pub fail_closed: bool,
-    /// Shifts the limiter's clock (Redis TIME); for testing period boundaries only.
-    pub limiter_clock_offset_seconds: i64,
+    /// One log line per request (target `tollgate::access`, level info).
+    pub access_log: bool,
+    /// The share of successful requests that get an access-log line (0 to 1); every request that
+    /// ends in an error status or error kind gets one regardless.
+    pub access_log_sample_rate: f64,
 }
 
 impl Default for GatewayConfig {
@@ -128,7 +131,8 @@ impl Default for GatewayConfig {
             reservation_lease_seconds: 600,
             default_max_tokens: 4096,
             fail_closed: false,
-            limiter_clock_offset_seconds: 0,
+            access_log: true,
+            access_log_sample_rate: 1.0,
         }
     }
 }
@@ -163,7 +167,8 @@ pub const SPEC: ConfigSpec<'static> = ConfigSpec {
         ("RESERVATION_LEASE_SECONDS", "reservation_lease_seconds"),
         ("DEFAULT_MAX_TOKENS", "default_max_tokens"),
         ("FAIL_CLOSED", "fail_closed"),
-        ("LIMITER_CLOCK_OFFSET_SECONDS", "limiter_clock_offset_seconds"),
+        ("ACCESS_LOG", "access_log"),
+        ("ACCESS_LOG_SAMPLE_RATE", "access_log_sample_rate"),
     ],
     secrets: &["upstream_api_key"],
 };
@@ -321,6 +326,9 @@ impl GatewayConfig {
         config.trusted_proxy_ranges()?;
         if config.header_read_timeout_ms == 0 {
             return Err(SPEC.invalid("header_read_timeout_ms", "must be at least 1"));
+        }
+        if !(0.0..=1.0).contains(&config.access_log_sample_rate) {
+            return Err(SPEC.invalid("access_log_sample_rate", "must be between 0 and 1"));
         }
         if config.max_connections == 0 {
             return Err(SPEC.invalid("max_connections", "must be at least 1"));

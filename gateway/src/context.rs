@@ -2,7 +2,7 @@
 //! set once, when they become known: the caller after authentication, [`Admitted`] when the body
 //! has been judged and the request authorized; later phases read them, never re-derive them.
 
-use std::{sync::Arc, time::Instant};
+use std::{net::IpAddr, sync::Arc, time::Instant};
 
 use bytes::{Bytes, BytesMut};
 use chrono::{DateTime, Utc};
@@ -29,6 +29,8 @@ pub struct RequestCtx {
     pub started: Instant,
     pub started_at: DateTime<Utc>,
     pub endpoint: String,
+    /// The client's address (`X-Forwarded-For` only from a trusted proxy).
+    pub client: Option<IpAddr>,
     /// The authenticated caller (known before the body is judged).
     pub caller: Option<Arc<AuthContext>>,
     /// Set once, when the request has been admitted.
@@ -52,6 +54,7 @@ impl RequestCtx {
             started: Instant::now(),
             started_at: Utc::now(),
             endpoint: String::new(),
+            client: None,
             caller: None,
             admitted: None,
             body: BodyMode::None,

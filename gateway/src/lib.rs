@@ -6,6 +6,7 @@
 //! runtime owns the PostgreSQL pool, the Redis subscription, the usage writer and the admin
 //! listener. Requests reach the database only on a key-cache miss, through that runtime.
 
+pub mod access_log;
 pub mod admin;
 pub mod admission;
 pub mod auth;
@@ -36,6 +37,7 @@ use pingora::{
 use sqlx::postgres::PgPoolOptions;
 
 use crate::{
+    access_log::AccessLog,
     auth::FailedAuthThrottle,
     catalog::ModelCatalog,
     config::GatewayConfig,
@@ -125,6 +127,7 @@ pub fn run(config: GatewayConfig) -> anyhow::Result<()> {
     let limiter = limits::LimiterHandle::start(&config, db.clone(), &support);
     let state = Arc::new(GatewayState {
         limiter,
+        access_log: AccessLog::new(config.access_log, config.access_log_sample_rate),
         metered_paths: metered_paths(&config),
         auth_failures: FailedAuthThrottle::new(
             config.failed_auth_per_minute,

@@ -204,13 +204,13 @@ impl LimiterHandle {
         let limiter =
             Arc::new(ResilientLimiter::new(live.clone(), observations.clone(), spend.clone(), config.fail_closed));
         let (url, timeout) = (config.redis_url.clone(), Duration::from_millis(config.redis_timeout_ms.max(1)));
-        let (lease, offset) = (config.reservation_lease_seconds, config.limiter_clock_offset_seconds);
+        let lease = config.reservation_lease_seconds;
         let connect = move || {
             let (url, spend, observations) = (url.clone(), spend.clone(), observations.clone());
             async move {
                 // Connecting may take longer than a request's Redis budget.
                 let conn = RedisConn::connect(&url, Duration::from_secs(2)).await.map_err(|e| e.to_string())?;
-                let redis = RedisLimiter::new(conn, timeout, lease, offset, spend).with_observations(observations);
+                let redis = RedisLimiter::new(conn, timeout, lease, 0, spend).with_observations(observations);
                 match tokio::time::timeout(Duration::from_secs(2), redis.load_script()).await {
                     Ok(Ok(())) => Ok(Arc::new(redis)),
                     Ok(Err(e)) => Err(e.to_string()),

@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
 };
 
 use crate::{outcome::Outcome, usage::UsageRow};
@@ -18,8 +19,8 @@ pub struct Metrics {
     pub ttfb: Histogram,
     pub prompt_tokens: IntCounterVec,
     pub completion_tokens: IntCounterVec,
-    /// Micro-USD, by model.
-    pub spend_micros: IntCounterVec,
+    /// USD, by model: the sum of the usage rows' costs, unrounded.
+    pub spend_usd: CounterVec,
     /// reason, scope type.
     pub rejections: IntCounterVec,
     pub key_cache_hits: IntCounter,
@@ -108,7 +109,12 @@ impl Metrics {
             ttfb: histogram("time_to_first_byte_seconds", "Time from request to the first response byte"),
             prompt_tokens: counter_vec("prompt_tokens_total", "Prompt tokens by model", &["model"]),
             completion_tokens: counter_vec("completion_tokens_total", "Completion tokens by model", &["model"]),
-            spend_micros: counter_vec("spend_micro_usd_total", "Spend in micro-USD by model", &["model"]),
+            spend_usd: {
+                let c = CounterVec::new(Opts::new("spend_usd_total", "Spend in USD by model, as billed"), &["model"])
+                    .expect("metric");
+                registry.register(Box::new(c.clone())).expect("register");
+                c
+            },
             rejections: counter_vec(
                 "rejections_total",
                 "Requests refused, by reason and scope type",
@@ -178,8 +184,9 @@ impl Metrics {
         if let Some(row) = row {
             self.prompt_tokens.with_label_values(&[model]).inc_by(row.prompt_tokens as u64);
             self.completion_tokens.with_label_values(&[model]).inc_by(row.completion_tokens as u64);
-            let micros = (row.cost * rust_decimal::Decimal::from(1_000_000)).trunc();
-            self.spend_micros.with_label_values(&[model]).inc_by(micros.try_into().unwrap_or(0u64));
+            // The row's own figure, unrounded, so that the counter and usage_logs agree.
+            let usd = rust_decimal::prelude::ToPrimitive::to_f64(&row.cost).unwrap_or(0.0);
+            self.spend_usd.with_label_values(&[model]).inc_by(usd.max(0.0));
         }
     }
 }

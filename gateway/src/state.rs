@@ -7,6 +7,7 @@ use sqlx::PgPool;
 use tollgate_core::net::Cidr;
 
 use crate::{
+    access_log::AccessLog,
     auth::FailedAuthThrottle,
     catalog::ModelCatalog,
     config::GatewayConfig,
@@ -38,6 +39,7 @@ pub struct GatewayState {
     /// Paths proxied with authentication and metering.
     pub metered_paths: Vec<String>,
     pub limiter: Arc<LimiterHandle>,
+    pub access_log: AccessLog,
 }
 
 pub fn metered_paths(config: &GatewayConfig) -> Vec<String> {
