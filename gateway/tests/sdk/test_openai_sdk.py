@@ -106,6 +106,13 @@ def test_unsubscribed_model_is_permission_denied(setup):
     assert err.value.code == "model_not_allowed"
 
 
+def test_unknown_model_is_not_found(setup):
+    with pytest.raises(openai.NotFoundError) as err:
+        setup["client"].chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hi"}])
+    assert err.value.code == "model_not_found"
+    assert "no-such-model" in err.value.message
+
+
 def test_bad_request(setup):
     with pytest.raises(openai.BadRequestError) as err:
         setup["client"].chat.completions.create(model="", messages=[{"role": "user", "content": "hi"}])
