@@ -3,7 +3,7 @@
 # API, a mock upstream and a gateway (scripts/up, scripts/test's schemathesis
 # and sdk stages, bench/run).
 #
-# Provides: random_hex, new_admin_key, tollgate_bin_dir, build_binaries,
+# Provides: random_hex, new_admin_key, tollgate_bin_dir, build_binaries, ensure_cargo,
 # control_api_env, migrate_control_api, stack_up, stack_down.
 # Needs: lib/log.sh, lib/proc.sh, lib/postgres.sh (create_db,
 # TOLLGATE_PG_BASE), lib/redis.sh (TOLLGATE_REDIS_URL), TOLLGATE_ROOT,
@@ -41,8 +41,58 @@ build_binaries() {
       *) die "build_binaries: unknown part: $part" ;;
     esac
   done
-  log "cargo build ${release[*]}${release[*]:+ }${bins[*]}"
-  (cd "$TOLLGATE_ROOT" && cargo build "${release[@]}" "${bins[@]}")
+  ensure_cargo
+  if [ "${TOLLGATE_VERBOSE:-0}" = 1 ]; then
+    log "cargo build ${release[*]}${release[*]:+ }${bins[*]}"
+    (cd "$TOLLGATE_ROOT" && cargo build "${release[@]}" "${bins[@]}")
+    return
+  fi
+  # Quiet: a progress line, the whole output in a log (a first build compiles
+  # ~370 crates, about 4 minutes on 2 cores).
+  local logf="$TOLLGATE_STATE_DIR/build.log"
+  mkdir -p "$TOLLGATE_STATE_DIR"
+  log "cargo build ${release[*]}${release[*]:+ }${bins[*]}  (output: $(rel "$logf"); TOLLGATE_VERBOSE=1 shows it)"
+  if ! (cd "$TOLLGATE_ROOT" && cargo build "${release[@]}" "${bins[@]}" 2>&1) | _build_progress "$logf"; then
+    tail -n 40 "$logf" >&2 || true
+    die "cargo build failed; the whole output is in $(rel "$logf")"
+  fi
+}
+
+# _build_progress LOG: copies cargo's output on stdin to LOG and counts the
+# crates it compiles: one line rewritten in place on a terminal, a line per 50
+# crates otherwise.
+_build_progress() {
+  local line n=0 tty=0
+  if [ -t 2 ]; then tty=1; fi
+  : >"$1"
+  while IFS= read -r line; do
+    printf '%s\n' "$line" >>"$1"
+    case "$line" in
+      *Compiling*)
+        n=$((n + 1))
+        if [ "$tty" = 1 ]; then
+          printf '\r    compiled %d crates' "$n" >&2
+        elif [ $((n % 50)) = 0 ]; then
+          printf '    compiled %d crates\n' "$n" >&2
+        fi
+        ;;
+    esac
+  done
+  if [ "$tty" = 1 ] && [ "$n" -gt 0 ]; then printf '\n' >&2; fi
+}
+
+# ensure_cargo: dies with what to install when there is no Rust toolchain.
+ensure_cargo() {
+  if ! command -v cargo >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/cargo" ]; then
+    PATH="$HOME/.cargo/bin:$PATH"
+  fi
+  command -v cargo >/dev/null 2>&1 ||
+    die "cargo not found: Tollgate needs a Rust toolchain, $(_rust_version) or newer (https://rustup.rs: curl --proto '=https' -sSf https://sh.rustup.rs | sh)"
+}
+
+# _rust_version: the workspace's rust-version (the oldest Rust it builds with).
+_rust_version() {
+  sed -n 's/^rust-version *= *"\(.*\)"/Rust \1/p' "$TOLLGATE_ROOT/Cargo.toml"
 }
 
 # control_api_env DB_URL LISTEN ADMIN_KEY: the control API's settings, one
