@@ -43,6 +43,11 @@ fn bad_addresses_and_urls_fail_naming_the_setting() {
         let err = GatewayConfig::load(None, flags).unwrap_err().to_string();
         assert!(err.contains(key), "{key}={value:?} gave: {err}");
     }
+    for rate in [-0.1, 1.5] {
+        let flags = Figment::from(Serialized::default("access_log_sample_rate", rate));
+        let err = GatewayConfig::load(None, flags).unwrap_err().to_string();
+        assert!(err.contains("access_log_sample_rate") && err.contains("between 0 and 1"), "{rate}: {err}");
+    }
 }
 
 /// `TOLLGATE_*` variable -> who reads it ("gateway", "control API" or "both"), from the README's
