@@ -289,8 +289,10 @@ pub async fn authenticate(
         Lookup::Miss => {
             let db = state.db.clone();
             let support = state.support.clone();
+            let generation = state.keys.generation();
             let joined = state.key_loads.join_or_start(
                 hash,
+                generation,
                 || state.auth_failures.begin_lookup(ip),
                 || {
                     Box::pin(async move {
@@ -314,9 +316,9 @@ pub async fn authenticate(
                 }
             }
             let ctx = match loaded {
-                Ok(Some(ctx)) => state.keys.insert(hash, Some(ctx)).ok_or(GatewayError::Internal)?,
+                Ok(Some(ctx)) => state.keys.insert(hash, Some(ctx), generation).ok_or(GatewayError::Internal)?,
                 Ok(None) => {
-                    state.keys.insert(hash, None);
+                    state.keys.insert(hash, None, generation);
                     return Err(GatewayError::InvalidKey);
                 }
                 Err(e) => {

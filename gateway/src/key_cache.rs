@@ -6,7 +6,10 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex, RwLock},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, RwLock,
+    },
     time::{Duration, Instant},
 };
 
@@ -35,6 +38,10 @@ pub struct KeyCache {
     negative_ttl: Duration,
     shard_capacity: usize,
     evictions: IntCounter,
+    /// Counts invalidations (and clears). A lookup notes it before reading PostgreSQL and caches
+    /// its answer only if no invalidation came meanwhile: a lookup that read a key just before
+    /// its revocation committed must not put the key back after the invalidation dropped it.
+    generation: AtomicU64,
 }
 
 pub enum Lookup {
@@ -51,7 +58,13 @@ impl KeyCache {
             negative_ttl,
             shard_capacity: max_entries.div_ceil(SHARDS).max(1),
             evictions,
+            generation: AtomicU64::new(0),
         }
+    }
+
+    /// The invalidation generation; note it before reading PostgreSQL, for [`KeyCache::insert`].
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     fn shard(&self, hash: &KeyHash) -> &RwLock<HashMap<KeyHash, Entry>> {
@@ -73,11 +86,18 @@ impl KeyCache {
         read(self.shard(hash)).get(hash).and_then(|e| e.ctx.clone())
     }
 
-    /// Caches what PostgreSQL said of `hash` and returns the cached context.
-    pub fn insert(&self, hash: KeyHash, ctx: Option<AuthContext>) -> Option<Arc<AuthContext>> {
+    /// Caches what PostgreSQL said of `hash`, as read at invalidation generation `read_at`, and
+    /// returns the context. An answer read before the latest invalidation is returned but not
+    /// cached: it may predate a revocation (the next request reads PostgreSQL again).
+    pub fn insert(&self, hash: KeyHash, ctx: Option<AuthContext>, read_at: u64) -> Option<Arc<AuthContext>> {
         let ttl = if ctx.is_some() { self.ttl } else { self.negative_ttl };
         let ctx = ctx.map(Arc::new);
         let mut shard = write(self.shard(&hash));
+        // Checked under the shard's lock, which `invalidate` takes after counting: either the
+        // invalidation is counted and this answer is dropped, or it sweeps this entry out.
+        if self.generation() != read_at {
+            return ctx;
+        }
         if !shard.contains_key(&hash) && shard.len() >= self.shard_capacity {
             self.make_room(&mut shard);
         }
@@ -110,6 +130,7 @@ impl KeyCache {
     }
 
     pub fn clear(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
         for s in &self.shards {
             write(s).clear();
         }
@@ -125,6 +146,7 @@ impl KeyCache {
             InvalidationKind::Subscription => ctx.subscriptions.iter().any(|s| s.id == id),
             InvalidationKind::Model => false,
         };
+        self.generation.fetch_add(1, Ordering::AcqRel);
         for s in &self.shards {
             write(s).retain(|_, e| !e.ctx.as_deref().is_some_and(concerns));
         }
@@ -136,9 +158,11 @@ pub type KeyLoad = Shared<BoxFuture<'static, Result<Option<AuthContext>, String>
 
 /// Key lookups under way. Concurrent misses of one key share one query, and so one place in the
 /// failed-authentication allowance: a replica starting cold under load does not throttle a valid
-/// key for the many requests that missed at once.
+/// key for the many requests that missed at once. A lookup belongs to the invalidation generation
+/// it started in; a miss in a later generation starts its own rather than join an answer that
+/// may predate a revocation.
 #[derive(Default)]
-pub struct KeyLoads(Mutex<HashMap<KeyHash, KeyLoad>>);
+pub struct KeyLoads(Mutex<HashMap<KeyHash, (u64, KeyLoad)>>);
 
 /// A lookup this request joined, or started (then it ends the lookup's entry when dropped, even if
 /// the request is abandoned, so no later miss waits on a finished, stale answer).
@@ -150,33 +174,39 @@ pub enum Joined<'a> {
 pub struct LoadEntry<'a> {
     loads: &'a KeyLoads,
     hash: KeyHash,
+    generation: u64,
 }
 
 impl Drop for LoadEntry<'_> {
     fn drop(&mut self) {
-        lock(&self.loads.0).remove(&self.hash);
+        let mut loads = lock(&self.loads.0);
+        // A newer generation's lookup of the same key may have taken the place.
+        if loads.get(&self.hash).is_some_and(|(g, _)| *g == self.generation) {
+            loads.remove(&self.hash);
+        }
     }
 }
 
 impl KeyLoads {
-    /// Joins the lookup of `hash` under way, or starts one with `start` when `may_start` allows
-    /// it; `None` when it does not.
+    /// Joins the lookup of `hash` under way in invalidation generation `generation`, or starts
+    /// one with `start` when `may_start` allows it; `None` when it does not.
     pub fn join_or_start(
         &self,
         hash: KeyHash,
+        generation: u64,
         may_start: impl FnOnce() -> bool,
         start: impl FnOnce() -> BoxFuture<'static, Result<Option<AuthContext>, String>>,
     ) -> Option<Joined<'_>> {
         let mut loads = lock(&self.0);
-        if let Some(load) = loads.get(&hash) {
+        if let Some((_, load)) = loads.get(&hash).filter(|(g, _)| *g == generation) {
             return Some(Joined::Joined(load.clone()));
         }
         if !may_start() {
             return None;
         }
         let load = futures::FutureExt::shared(start());
-        loads.insert(hash, load.clone());
-        Some(Joined::Started(load, LoadEntry { loads: self, hash }))
+        loads.insert(hash, (generation, load.clone()));
+        Some(Joined::Started(load, LoadEntry { loads: self, hash, generation }))
     }
 }
 
@@ -194,9 +224,9 @@ mod tests {
     #[test]
     fn unknown_keys_cannot_grow_the_cache_without_bound() {
         let cache = cache(64);
-        cache.insert(hash_key("known"), Some(context(1, 1)));
+        cache.insert(hash_key("known"), Some(context(1, 1)), 0);
         for i in 0..10_000 {
-            cache.insert(hash_key(&format!("unknown-{i}")), None);
+            cache.insert(hash_key(&format!("unknown-{i}")), None, 0);
         }
         assert!(cache.len() <= 64, "{} entries", cache.len());
         assert!(cache.evictions.get() >= 10_000 - 64);
@@ -206,14 +236,51 @@ mod tests {
     #[test]
     fn invalidation_drops_matching_entries_only() {
         let cache = cache(1000);
-        cache.insert(hash_key("a"), Some(context(1, 10)));
-        cache.insert(hash_key("b"), Some(context(2, 20)));
-        cache.insert(hash_key("c"), None);
+        cache.insert(hash_key("a"), Some(context(1, 10)), 0);
+        cache.insert(hash_key("b"), Some(context(2, 20)), 0);
+        cache.insert(hash_key("c"), None, 0);
         cache.invalidate(&Invalidation::new(InvalidationKind::Key, Uuid::from_u128(1)));
         assert!(matches!(cache.get(&hash_key("a")), Lookup::Miss));
         assert!(matches!(cache.get(&hash_key("b")), Lookup::Hit(_)));
         assert!(matches!(cache.get(&hash_key("c")), Lookup::Unknown));
         cache.invalidate(&Invalidation::new(InvalidationKind::Subscription, Uuid::from_u128(50)));
         assert!(matches!(cache.get(&hash_key("b")), Lookup::Miss));
+    }
+
+    #[test]
+    fn a_lookup_that_read_before_an_invalidation_is_not_cached() {
+        let cache = cache(1000);
+        // A lookup notes the generation, reads the key (not yet revoked)...
+        let read_at = cache.generation();
+        let stale = context(1, 10);
+        // ...the revocation commits and its invalidation runs before the lookup inserts.
+        cache.invalidate(&Invalidation::new(InvalidationKind::Key, Uuid::from_u128(1)));
+        let answered = cache.insert(hash_key("a"), Some(stale), read_at);
+        assert!(answered.is_some(), "the request that looked it up still gets its answer");
+        assert!(matches!(cache.get(&hash_key("a")), Lookup::Miss), "the stale answer was cached");
+        // A lookup after the invalidation is cached as usual.
+        cache.insert(hash_key("a"), Some(context(1, 10)), cache.generation());
+        assert!(matches!(cache.get(&hash_key("a")), Lookup::Hit(_)));
+        // So is one across a clear (a reconnected invalidation listener).
+        let read_at = cache.generation();
+        cache.clear();
+        cache.insert(hash_key("b"), Some(context(2, 20)), read_at);
+        assert!(matches!(cache.get(&hash_key("b")), Lookup::Miss));
+    }
+
+    #[test]
+    fn a_miss_after_an_invalidation_does_not_join_an_older_lookup() {
+        let loads = KeyLoads::default();
+        let hash = hash_key("a");
+        let never =
+            || -> BoxFuture<'static, Result<Option<AuthContext>, String>> { Box::pin(futures::future::pending()) };
+        let first = loads.join_or_start(hash, 0, || true, never);
+        assert!(matches!(first, Some(Joined::Started(..))));
+        assert!(matches!(loads.join_or_start(hash, 0, || true, never), Some(Joined::Joined(_))));
+        let newer = loads.join_or_start(hash, 1, || true, never);
+        assert!(matches!(newer, Some(Joined::Started(..))), "joined a lookup from before the invalidation");
+        // The older lookup ending does not remove the newer one's place.
+        drop(first);
+        assert!(matches!(loads.join_or_start(hash, 1, || true, never), Some(Joined::Joined(_))));
     }
 }
