@@ -40,6 +40,8 @@ pub struct RequestCtx {
     pub refusal: Option<GatewayError>,
     pub meter: Meter,
     pub upstream_sent: Option<Instant>,
+    /// Times the upstream request was sent again (a stale pooled connection).
+    pub upstream_retries: u8,
     pub ttfb_ms: Option<i32>,
     pub status: u16,
     pub error_kind: Option<ErrorKind>,
@@ -61,6 +63,7 @@ impl RequestCtx {
             refusal: None,
             meter: Meter::Off,
             upstream_sent: None,
+            upstream_retries: 0,
             ttfb_ms: None,
             status: 0,
             error_kind: None,

@@ -20,7 +20,7 @@ use pingora::{
     http::{RequestHeader, ResponseHeader},
     prelude::HttpPeer,
     proxy::{FailToProxy, ProxyHttp, Session},
-    Error, ErrorType, Result,
+    Error, ErrorType, Result, RetryType,
 };
 
 use tollgate_core::limiter::nanos_round;
@@ -182,9 +182,10 @@ impl ProxyHttp for Gateway {
     ) -> Result<()> {
         match &mut ctx.body {
             BodyMode::Judged(rewritten) => {
-                // The replay buffer arrives here whole; swap in the rewritten body if any.
-                if let Some(out) = rewritten.take() {
-                    *body = Some(out);
+                // The replay buffer arrives here whole, on the first attempt and again on a
+                // retry: each gets the rewritten body, if any.
+                if let (Some(out), true) = (rewritten.as_ref(), body.as_ref().is_some_and(|b| !b.is_empty())) {
+                    *body = Some(out.clone());
                 }
             }
             BodyMode::Collecting(buf) => {
@@ -273,6 +274,30 @@ impl ProxyHttp for Gateway {
     ) -> Result<Option<std::time::Duration>> {
         ctx.meter.feed(body, end_of_stream);
         Ok(None)
+    }
+
+    /// pingora never retries a POST. One case is safe and common: the upstream closed a pooled
+    /// connection as it was reused, before any byte of an answer (`ReusedOnly`). A body judged
+    /// whole in `request_filter` is in memory and replays rewritten, so that request is retried,
+    /// once; anything else is not.
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        let stale_pooled = client_reused && matches!(e.retry, RetryType::ReusedOnly);
+        let replayable = matches!(ctx.body, BodyMode::Judged(_)) && !session.as_ref().retry_buffer_truncated();
+        if stale_pooled && replayable && ctx.upstream_retries == 0 && ctx.ttfb_ms.is_none() {
+            ctx.upstream_retries += 1;
+            e.set_retry(true);
+        } else {
+            e.set_retry(false);
+        }
+        e
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {

@@ -6,6 +6,7 @@ mod harness;
 
 mod downstream;
 mod errors;
+mod faults;
 mod integrity;
 mod limits;
 mod load;
