@@ -41,10 +41,12 @@ pub fn hash_key(key: &str) -> KeyHash {
 
 /// What a user sees of a key after creation: the first 12 and last 4 characters.
 pub fn display_prefix(key: &str) -> String {
-    if key.len() <= 16 {
-        return "*".repeat(key.len());
+    let chars: Vec<char> = key.chars().collect();
+    if chars.len() <= 16 {
+        return "*".repeat(chars.len());
     }
-    format!("{}...{}", &key[..12], &key[key.len() - 4..])
+    let (head, tail): (String, String) = (chars[..12].iter().collect(), chars[chars.len() - 4..].iter().collect());
+    format!("{head}...{tail}")
 }
 
 /// Constant-time equality of two hashes (or any byte strings of equal length).
@@ -91,5 +93,17 @@ mod tests {
         assert!(hashes_equal(&h, &hash_key("x")));
         assert!(!hashes_equal(&h, &hash_key("y")));
         assert!(!hashes_equal(&h, &h[..31]));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_string_is_judged_and_shown_without_panicking(s in "\\PC{0,64}") {
+            let well_formed = is_well_formed(&s);
+            proptest::prop_assert!(!well_formed || s.starts_with(KEY_PREFIX));
+            let shown = display_prefix(&s);
+            // Never more than the 16 characters it shows of the key itself.
+            let revealed = shown.chars().filter(|c| *c != '*' && *c != '.').count();
+            proptest::prop_assert!(revealed <= 16);
+        }
     }
 }

@@ -210,12 +210,19 @@ impl SseMeter {
     }
 }
 
-/// The end (exclusive) of the first complete event: after a blank line.
+/// The end (exclusive) of the first complete event: after the first blank line, i.e. a line
+/// ending (`\n` or `\r\n`) right after another, whichever endings a server mixes. A `\r` at the
+/// end of `buf` is not a line ending yet, so where a chunk boundary falls changes nothing.
 fn find_event_end(buf: &[u8]) -> Option<usize> {
-    buf.windows(2)
-        .position(|w| w == b"\n\n")
-        .map(|i| i + 2)
-        .or_else(|| buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4))
+    let mut previous_end = None;
+    for (i, _) in buf.iter().enumerate().filter(|(_, b)| **b == b'\n') {
+        let start = if i > 0 && buf[i - 1] == b'\r' { i - 1 } else { i };
+        if previous_end == Some(start) {
+            return Some(i + 1);
+        }
+        previous_end = Some(i + 1);
+    }
+    None
 }
 
 /// The `data:` payload of an event (single-line data, as OpenAI-compatible servers send).
@@ -272,6 +279,22 @@ mod tests {
             assert!(out.ends_with("data: [DONE]\n\n"));
             assert_eq!(out.matches("data: ").count(), WITH_USAGE.matches("data: ").count() - 1);
         }
+    }
+
+    #[test]
+    fn events_end_at_the_first_blank_line_whatever_the_line_endings() {
+        // A `\r\n` event before a `\n` one: both are read, the usage of the second too.
+        let input = "data: {\"choices\":[{\"delta\":{\"content\":\"ab\"}}]}\r\n\r\n\
+                     data: {\"choices\":[],\"usage\":{\"prompt_tokens\":4,\"completion_tokens\":2}}\n\n\
+                     data: [DONE]\n\n";
+        for size in [1, 3, 1000] {
+            let mut m = Meter::sse(true);
+            let out = run(&mut m, input, size);
+            assert_eq!(m.reported(), Some(Usage { prompt_tokens: 4, completion_tokens: 2 }), "chunks of {size}");
+            assert!(!out.contains("usage") && out.ends_with("data: [DONE]\n\n"), "{out}");
+        }
+        assert_eq!(find_event_end(b"a\n\r\nb"), Some(4));
+        assert_eq!(find_event_end(b"a\r\n\r"), None, "a trailing \\r may be half of a \\r\\n");
     }
 
     #[test]
