@@ -86,6 +86,11 @@ pub struct GatewayConfig {
     pub default_max_tokens: u64,
     /// true: while limits cannot be checked, answer 503 instead of admitting.
     pub fail_closed: bool,
+    /// Most settlements kept while Redis does not take them (then the oldest are given up).
+    pub settlement_queue_capacity: usize,
+    /// How often budgets in Redis are compared with PostgreSQL's rollups and raised where they
+    /// missed spend; 0: never.
+    pub budget_reconcile_seconds: u64,
     /// One log line per request (target `tollgate::access`, level info).
     pub access_log: bool,
     /// The share of successful requests that get an access-log line (0 to 1); every request that
@@ -131,6 +136,8 @@ impl Default for GatewayConfig {
             reservation_lease_seconds: 600,
             default_max_tokens: 4096,
             fail_closed: false,
+            settlement_queue_capacity: 100_000,
+            budget_reconcile_seconds: 60,
             access_log: true,
             access_log_sample_rate: 1.0,
         }
@@ -167,6 +174,7 @@ pub const SPEC: ConfigSpec<'static> = ConfigSpec {
         ("RESERVATION_LEASE_SECONDS", "reservation_lease_seconds"),
         ("DEFAULT_MAX_TOKENS", "default_max_tokens"),
         ("FAIL_CLOSED", "fail_closed"),
+        ("BUDGET_RECONCILE_SECONDS", "budget_reconcile_seconds"),
         ("ACCESS_LOG", "access_log"),
         ("ACCESS_LOG_SAMPLE_RATE", "access_log_sample_rate"),
     ],

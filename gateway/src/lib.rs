@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod outcome;
 pub mod proxy;
 pub mod request;
+pub mod settlement;
 pub mod state;
 pub mod upstream;
 pub mod usage;
@@ -124,7 +125,7 @@ pub fn run(config: GatewayConfig) -> anyhow::Result<()> {
         }
     });
 
-    let limiter = limits::LimiterHandle::start(&config, db.clone(), &support);
+    let limiter = limits::LimiterHandle::start(&config, db.clone(), &support, metrics.clone());
     let state = Arc::new(GatewayState {
         limiter,
         access_log: AccessLog::new(config.access_log, config.access_log_sample_rate),
@@ -168,6 +169,7 @@ pub fn run(config: GatewayConfig) -> anyhow::Result<()> {
     server.bootstrap();
     // Client connections: capped, with header and keep-alive deadlines (downstream.rs).
     let limits = downstream::Limits::new(&config, &state.metrics);
+    let limiter = state.limiter.clone();
     let proxy = http_proxy(&server.configuration, proxy::Gateway { state });
     let mut service = Service::new("tollgate gateway".into(), downstream::Guarded::new(proxy, limits));
     service.add_tcp(&config.listen.to_string());
@@ -176,7 +178,9 @@ pub fn run(config: GatewayConfig) -> anyhow::Result<()> {
     server.run(RunArgs::default());
 
     // Every in-flight request has finished and queued its row: flush them all before exiting.
-    tracing::info!("draining usage rows");
+    // Settlements Redis has not taken are sent once more, then kept for the next start.
+    tracing::info!("draining settlements and usage rows");
+    support.block_on(limiter.shut_down(&config.spool_dir));
     support.block_on(async {
         sink.flush().await;
         drop(sink);

@@ -4,6 +4,7 @@
 //! unreachable).
 
 use std::{
+    path::Path,
     sync::{
         atomic::{AtomicU32, Ordering},
         Arc,
@@ -28,6 +29,8 @@ use crate::{
     auth::{ActiveSubscription, AuthContext},
     config::GatewayConfig,
     error::GatewayError,
+    metrics::Metrics,
+    settlement::{BudgetScopes, Unsettled, UnsettledQueue},
     state::GatewayState,
 };
 
@@ -103,6 +106,7 @@ pub async fn reserve(
     if scopes.is_empty() {
         return Ok(None);
     }
+    state.limiter.budget_scopes.note(&scopes);
     let demand = demand(request_id, admitted);
     let metrics = &state.metrics;
     let limiter = &state.limiter.limiter;
@@ -146,14 +150,18 @@ pub fn settle(state: &GatewayState, reservation: Reservation, used: Option<(u64,
         // Charged in full: a budget can end over its limit by this one request's excess.
         state.metrics.reservation_overruns.inc();
     }
-    let limiter = state.limiter.limiter.clone();
+    let handle = state.limiter.clone();
     state.support.spawn(async move {
+        let _settling = handle.unsettled.begin();
         let result = match used {
-            Some((tokens, cost)) => limiter.settle(&reservation, tokens, cost).await,
-            None => limiter.release(&reservation).await,
+            Some((tokens, cost)) => handle.limiter.settle(&reservation, tokens, cost).await,
+            None => handle.limiter.release(&reservation).await,
         };
         if let Err(e) = result {
-            tracing::warn!(error = %e, "settlement failed; the reservation's lease will return it");
+            // Kept and sent again until Redis takes it (once): see settlement.rs.
+            tracing::warn!(error = %e, "settlement failed; kept to be sent again");
+            let item = Unsettled { reservation, cost_nanos: used.map(|(_, cost)| cost), failed_at: chrono::Utc::now() };
+            handle.unsettled.push(item, &handle.metrics);
         }
     });
 }
@@ -190,14 +198,26 @@ impl SpendSource for PgSpend {
 /// until it answers) and a heartbeat every second that counts the live replicas for the fallback.
 pub struct LimiterHandle {
     pub limiter: Arc<ResilientLimiter>,
+    /// Settlements Redis did not take, sent again every second.
+    pub unsettled: Arc<UnsettledQueue>,
+    /// Budgets served lately, reconciled with PostgreSQL every `budget_reconcile_seconds`.
+    pub budget_scopes: Arc<BudgetScopes>,
+    metrics: Arc<Metrics>,
 }
 
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+/// How often kept settlements are sent again.
+const RETRY_EVERY: Duration = Duration::from_secs(1);
 /// A replica not heard from for this long no longer counts as live.
 const HEARTBEAT_WINDOW: Duration = Duration::from_secs(5);
 
 impl LimiterHandle {
-    pub fn start(config: &GatewayConfig, db: PgPool, support: &tokio::runtime::Runtime) -> Arc<Self> {
+    pub fn start(
+        config: &GatewayConfig,
+        db: PgPool,
+        support: &tokio::runtime::Runtime,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
         let live = Arc::new(AtomicU32::new(1));
         let observations = Arc::new(Observations::default());
         let spend: Arc<dyn SpendSource> = Arc::new(PgSpend { db, support: support.handle().clone() });
@@ -205,6 +225,7 @@ impl LimiterHandle {
             Arc::new(ResilientLimiter::new(live.clone(), observations.clone(), spend.clone(), config.fail_closed));
         let (url, timeout) = (config.redis_url.clone(), Duration::from_millis(config.redis_timeout_ms.max(1)));
         let lease = config.reservation_lease_seconds;
+        let reconcile_spend = spend.clone();
         let connect = move || {
             let (url, spend, observations) = (url.clone(), spend.clone(), observations.clone());
             async move {
@@ -224,6 +245,30 @@ impl LimiterHandle {
                 tracing::info!("limiter connected to redis");
             }
             Err(e) => tracing::warn!(error = %e, "limiter cannot reach redis at start; limiting locally until it can"),
+        }
+        let unsettled = Arc::new(UnsettledQueue::new(config.settlement_queue_capacity, lease));
+        unsettled.load(Path::new(&config.spool_dir), &metrics);
+        let budget_scopes = Arc::new(BudgetScopes::default());
+        let (l, queue, m) = (limiter.clone(), unsettled.clone(), metrics.clone());
+        support.spawn(async move {
+            loop {
+                tokio::time::sleep(RETRY_EVERY).await;
+                if !queue.is_empty() {
+                    queue.retry(&l, &m).await;
+                }
+            }
+        });
+        if config.budget_reconcile_seconds > 0 {
+            let every = Duration::from_secs(config.budget_reconcile_seconds);
+            let (l, budgets, m) = (limiter.clone(), budget_scopes.clone(), metrics.clone());
+            support.spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    if let Some(redis) = l.primary().filter(|_| !l.fallback_active()) {
+                        budgets.reconcile(redis, reconcile_spend.as_ref(), &m).await;
+                    }
+                }
+            });
         }
         let replica = uuid::Uuid::new_v4().to_string();
         let l = limiter.clone();
@@ -245,6 +290,25 @@ impl LimiterHandle {
                 tokio::time::sleep(HEARTBEAT_EVERY).await;
             }
         });
-        Arc::new(Self { limiter })
+        Arc::new(Self { limiter, unsettled, budget_scopes, metrics })
+    }
+
+    /// At shutdown: waits for settlements under way, sends the kept ones once more, and saves
+    /// what Redis still did not take in `spool_dir` for the next start.
+    pub async fn shut_down(&self, spool_dir: &str) {
+        self.unsettled.drain_in_flight(Duration::from_secs(2)).await;
+        if self.unsettled.is_empty() {
+            return;
+        }
+        self.unsettled.retry(&self.limiter, &self.metrics).await;
+        match self.unsettled.save(Path::new(spool_dir)) {
+            Ok(Some(path)) => {
+                tracing::warn!(file = %path.display(), settlements = self.unsettled.len(), "unsettled settlements saved for the next start")
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(error = %e, settlements = self.unsettled.len(), "could not save unsettled settlements; the budget reconcile will restore their spend")
+            }
+        }
     }
 }

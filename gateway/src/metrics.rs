@@ -43,6 +43,17 @@ pub struct Metrics {
     pub reservation_overruns: IntCounter,
     /// Requests admitted over a soft or monitor limit, by reason and scope type.
     pub limit_warnings: IntCounterVec,
+    /// Settlements kept because Redis did not take them, waiting to be sent again.
+    pub settlements_pending: IntGauge,
+    /// Kept settlements Redis has since taken.
+    pub settlements_retried: IntCounter,
+    /// Kept settlements given up (queue full, or older than a reservation's lease): their spend
+    /// comes back through the budget reconcile.
+    pub settlements_dropped: IntCounter,
+    /// Nano-USD the budget reconcile added to Redis budgets that had missed spend.
+    pub budget_reconciled_nanos: IntCounter,
+    /// Budgets the reconcile found short.
+    pub budget_reconcile_corrections: IntCounter,
     /// Client connections open now.
     pub downstream_connections: IntGauge,
     /// Client connections the gateway closed, by reason (max_connections, header_timeout).
@@ -147,6 +158,20 @@ impl Metrics {
                 "limit_warnings_total",
                 "Requests admitted over a soft or monitor limit",
                 &["reason", "scope"],
+            ),
+            settlements_pending: gauge("settlements_pending", "Settlements waiting for Redis to take them"),
+            settlements_retried: counter("settlements_retried_total", "Settlements Redis took when sent again"),
+            settlements_dropped: counter(
+                "settlements_dropped_total",
+                "Settlements given up (the budget reconcile restores their spend)",
+            ),
+            budget_reconciled_nanos: counter(
+                "budget_reconciled_nano_usd_total",
+                "Spend the budget reconcile added to Redis from PostgreSQL's rollups",
+            ),
+            budget_reconcile_corrections: counter(
+                "budget_reconcile_corrections_total",
+                "Budgets the reconcile found holding less than PostgreSQL's rollups",
             ),
             downstream_connections: gauge("downstream_connections", "Client connections open now"),
             downstream_rejections: counter_vec(

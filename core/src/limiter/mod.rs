@@ -12,7 +12,8 @@ mod redis_limiter;
 mod resilient;
 
 use async_trait::async_trait;
-use chrono::NaiveDate;
+use chrono::{DateTime, Datelike, Duration as Days, NaiveDate, Utc};
+use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::limits::{BudgetPeriod, Enforcement, Limits};
@@ -21,7 +22,8 @@ pub use fallback::{FallbackLimiter, LastKnown, Observations};
 pub use redis_limiter::{RedisConn, RedisLimiter, SCOPE_SCRIPT};
 pub use resilient::ResilientLimiter;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ScopeKind {
     Key,
     User,
@@ -40,7 +42,7 @@ impl ScopeKind {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Scope {
     pub kind: ScopeKind,
     pub id: Uuid,
@@ -55,7 +57,7 @@ impl Scope {
 }
 
 /// What one request asks of every scope.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Demand {
     pub request_id: String,
     /// Prompt estimate plus the completion allowance.
@@ -133,7 +135,7 @@ impl Standing {
 }
 
 /// One scope's part of a reservation, enough to settle or refund it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Held {
     pub scope: Scope,
     /// The (Redis) second the reservation was made in.
@@ -142,7 +144,7 @@ pub struct Held {
     pub period: String,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Reservation {
     pub demand: Demand,
     pub held: Vec<Held>,
@@ -202,6 +204,21 @@ pub fn period_start(period: &str) -> Option<NaiveDate> {
     }
 }
 
+/// The budget period `at` falls in, named as the limiter script names it (`d20261122`,
+/// `w20261116` for the ISO week starting that Monday, `m202611`, `all`).
+pub fn period_id(period: BudgetPeriod, at: DateTime<Utc>) -> String {
+    let day = at.date_naive();
+    match period {
+        BudgetPeriod::None => "all".to_string(),
+        BudgetPeriod::Daily => day.format("d%Y%m%d").to_string(),
+        BudgetPeriod::Weekly => {
+            let monday = day - Days::days(day.weekday().num_days_from_monday().into());
+            monday.format("w%Y%m%d").to_string()
+        }
+        BudgetPeriod::Monthly => format!("m{:04}{:02}", day.year(), day.month()),
+    }
+}
+
 /// Nano-USD in one USD. Money is counted in integer nano-USD: a cheap model's request costs a few
 /// micro-USD, and rounding each to whole micro-USD would let many of them spend nothing.
 pub const NANOS_PER_USD: i64 = 1_000_000_000;
@@ -238,6 +255,19 @@ pub(crate) fn enforcement_arg(e: Enforcement) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn period_ids_name_the_period_an_instant_is_in() {
+        let at = |s: &str| s.parse::<DateTime<Utc>>().unwrap();
+        assert_eq!(period_id(BudgetPeriod::Daily, at("2026-11-22T23:59:59Z")), "d20261122");
+        assert_eq!(period_id(BudgetPeriod::Weekly, at("2026-11-22T12:00:00Z")), "w20261116");
+        assert_eq!(period_id(BudgetPeriod::Weekly, at("2026-11-23T00:00:00Z")), "w20261123");
+        assert_eq!(period_id(BudgetPeriod::Monthly, at("2026-12-31T23:59:59Z")), "m202612");
+        assert_eq!(period_id(BudgetPeriod::None, at("2026-12-31T23:59:59Z")), "all");
+        for p in [BudgetPeriod::Daily, BudgetPeriod::Weekly, BudgetPeriod::Monthly, BudgetPeriod::None] {
+            assert!(period_start(&period_id(p, at("2026-02-28T10:00:00Z"))).is_some());
+        }
+    }
 
     #[test]
     fn period_names_map_to_their_first_day() {

@@ -164,6 +164,29 @@ impl RedisLimiter {
         Ok(())
     }
 
+    /// Sends again a settlement (`Some(cost)`) or release (`None`) whose first call failed: it
+    /// counts once, however many of its calls reached Redis (see `resettle` in scope.lua).
+    pub async fn resettle(&self, reservation: &Reservation, cost_nanos: Option<i64>) -> Result<(), LimiterError> {
+        let d = &reservation.demand;
+        self.undo("resettle", &reservation.held, d, 0, cost_nanos.unwrap_or(0)).await
+    }
+
+    /// Raises `scope`'s spend in budget period `period` (e.g. `m202611`) to `spent_nanos`, less
+    /// what is still reserved, when Redis holds less: a settlement that never arrived. Returns
+    /// the nano-USD added (0 when Redis agrees, is ahead, or is in another period).
+    pub async fn reconcile(&self, scope: &Scope, period: &str, spent_nanos: i64) -> Result<i64, LimiterError> {
+        let call = Call {
+            request_id: String::new(),
+            tokens: 0,
+            cost: spent_nanos,
+            entries: vec![(scope.clone(), period.to_string(), String::new(), String::new())],
+        };
+        let inv = invocation("reconcile", std::slice::from_ref(&call), self.lease_secs, self.clock_offset_secs);
+        let value: Value = run(&self.conn, self.timeout, &inv).await?;
+        let added: Vec<i64> = redis::from_redis_value(&value).map_err(LimiterError::Redis)?;
+        Ok(added.first().copied().unwrap_or(0))
+    }
+
     /// Marks `replica` alive and returns how many replicas were alive in the last `window`.
     pub async fn heartbeat(&self, replica: &str, window: Duration) -> Result<u32, LimiterError> {
         let mut conn = self.conn.clone();
@@ -236,10 +259,15 @@ impl RedisLimiter {
         tokens: u64,
         cost: i64,
     ) -> Result<(), LimiterError> {
-        // A settlement changes only tokens and spend: scopes with neither need no call.
+        // A settlement changes only tokens and spend, a repeated one only spend: scopes with
+        // neither need no call.
         let held: Vec<&Held> = held
             .iter()
-            .filter(|h| op != "settle" || h.scope.limits.tpm.is_some() || h.scope.limits.max_budget.is_some())
+            .filter(|h| match op {
+                "settle" => h.scope.limits.tpm.is_some() || h.scope.limits.max_budget.is_some(),
+                "resettle" => h.scope.limits.max_budget.is_some(),
+                _ => true,
+            })
             .collect();
         if held.is_empty() {
             return Ok(());
@@ -257,8 +285,6 @@ impl RedisLimiter {
     }
 }
 
-/// Keeps, of the headers' window figures `(limit, remaining, reset)`, the tighter of what they
-/// hold and this scope's window (`limit`, `used`, `reset`).
 async fn bounded<T>(
     timeout: Duration,
     f: impl std::future::Future<Output = RedisResult<T>>,
@@ -356,7 +382,7 @@ impl Coalescer {
                     Err(_) => break,
                 }
             }
-            for op in ["reserve", "settle", "refund", "spend"] {
+            for op in ["reserve", "settle", "refund", "spend", "resettle"] {
                 let (group, rest): (Vec<Pending>, Vec<Pending>) = batch.into_iter().partition(|p| p.op == op);
                 batch = rest;
                 if group.is_empty() {

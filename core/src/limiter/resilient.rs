@@ -142,3 +142,13 @@ impl Limiter for ResilientLimiter {
         }
     }
 }
+
+impl ResilientLimiter {
+    /// Sends again a Redis settlement (`Some(cost)`) or release (`None`) whose call failed.
+    pub async fn resettle(&self, reservation: &Reservation, cost_nanos: Option<i64>) -> Result<(), LimiterError> {
+        match self.usable_primary() {
+            Some(p) => p.resettle(reservation, cost_nanos).await,
+            None => Err(LimiterError::Timeout),
+        }
+    }
+}

@@ -2,7 +2,7 @@
 -- Every key a scope uses starts with its prefix in KEYS (e.g. "tg:{key:<uuid>}"), whose braces
 -- make it one Redis Cluster slot; on a cluster a call carries one scope of one request.
 --
--- ARGV[1] op: "reserve" | "refund" | "settle" | "spend"
+-- ARGV[1] op: "reserve" | "refund" | "settle" | "spend" | "resettle" | "reconcile"
 -- ARGV[2] lease seconds (reserve)      ARGV[3] clock offset seconds (added to Redis TIME; 0 outside tests)
 -- ARGV[4] number of requests, then per request:
 --   request id, tokens, cost (nano-USD), number of scopes, then per scope 9 fields:
@@ -10,8 +10,17 @@
 --   (none | daily | weekly | monthly), enforcement (hard | soft | monitor), and
 --   a: reserve: spend so far this period to seed a missing budget with ("" if unknown);
 --      refund/settle: the second the reservation was made in; spend: when it was settled
---   b: refund/settle: tokens reserved        c: settle: the budget period reserved in
--- For settle and spend, tokens and cost are what was really used.
+--   b: refund/settle: tokens reserved        c: settle/resettle: the budget period reserved in
+--   a: reconcile: the period the spend in `cost` was summed over (PostgreSQL's rollups)
+-- For settle, resettle and spend, tokens and cost are what was really used.
+--
+-- resettle: a settlement (cost > 0) or refund (cost 0) sent again after a call that failed, and
+-- may or may not have reached Redis: applied to budgets only, and only while the request still
+-- holds its reservation, whose removal is the mark that a settlement was applied (windows are
+-- left as they are: a missed correction there only errs towards refusing, for a minute).
+-- reconcile: raises a scope's spend in the current period to what PostgreSQL recorded, when it
+-- is lower than that less what is still reserved (a settlement that never arrived); returns,
+-- per request, the nano-USD added.
 --
 -- Windows (RPM, TPM): a hash of per-second buckets plus 't' (the total of the buckets inside the
 -- window) and 's' (the last second already taken out of 't'). Budget: "<prefix>:nb:<period>"
@@ -280,9 +289,39 @@ if op == 'reserve' then
   return out
 end
 
+-- Spend reconcile may add per scope at most this far from PostgreSQL's figure: rollups round
+-- each request's cost on their own, and a few nano-USD apart is agreement.
+local RECONCILE_SLACK = 1000
+local raised = {}
+
 for _, r in ipairs(requests) do
   for _, s in ipairs(r.scopes) do
-    if op == 'refund' then
+    if op == 'resettle' then
+      if s.budget >= 0 and redis.call('HEXISTS', s.res_key, r.id) == 1 then
+        release(s.res_key, s.lease_key, r.id)
+        local budget_key = s.prefix .. ':nb:' .. s.c
+        if r.cost > 0 and redis.call('EXISTS', budget_key) == 1 then
+          redis.call('INCRBY', budget_key, r.cost)
+        end
+      end
+    elseif op == 'reconcile' then
+      local added = 0
+      if s.budget >= 0 then
+        sweep(s.res_key, s.lease_key)
+        local budget_key = s.prefix .. ':nb:' .. period_of(s.period_kind, now)
+        local spent = redis.call('GET', budget_key)
+        -- Only the period the figure was summed over, and only one Redis holds already.
+        if spent and period_of(s.period_kind, now) == s.a then
+          local reserved = tonumber(redis.call('HGET', s.res_key, '__total') or '0')
+          local missing = r.cost - tonumber(spent) - reserved
+          if missing > RECONCILE_SLACK then
+            redis.call('INCRBY', budget_key, missing)
+            added = missing
+          end
+        end
+      end
+      table.insert(raised, added)
+    elseif op == 'refund' then
       local made_at, reserved_tokens = tonumber(s.a), tonumber(s.b)
       if s.rpm >= 0 then window_add(s.rpm_key, made_at, -1) end
       if s.tpm >= 0 then window_add(s.tpm_key, made_at, -reserved_tokens) end
@@ -316,4 +355,5 @@ for _, r in ipairs(requests) do
     end
   end
 end
+if op == 'reconcile' then return raised end
 return 1

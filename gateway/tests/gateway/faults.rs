@@ -120,3 +120,260 @@ async fn a_stale_pooled_connection_is_retried_once_with_the_rewritten_body(db: P
         sqlx::query_as("SELECT status, prompt_tokens, completion_tokens FROM usage_logs").fetch_all(&db).await.unwrap();
     assert_eq!(rows, vec![(200, 3, 2), (200, 3, 2)]);
 }
+
+/// A budget of $1 for the whole time (`budget_period: none`) on a key for model `b` ($0.01 per
+/// completion token), over a Redis of the test's own: `(stack, key, key id)`.
+async fn budget_stack(db: PgPool, redis: &RedisServer, env: Vec<(&str, &str)>) -> (Stack, String, String) {
+    let url = redis.url();
+    let mut env = env;
+    env.extend([("TOLLGATE_REDIS_URL", url.as_str()), ("TOLLGATE_REDIS_TIMEOUT_MS", "300")]);
+    let stack = Stack::start_with(db, env).await;
+    stack.post_admin("/models", json!({"id": "b", "input_cost_per_token": 0, "output_cost_per_token": 0.01})).await;
+    let (key, key_id, _) = stack.key_for("budget@example.com", &["b"]).await;
+    stack
+        .admin(
+            reqwest::Method::PATCH,
+            &format!("/keys/{key_id}"),
+            json!({"limits": {"max_budget": 1, "budget_period": "none"}}),
+        )
+        .await;
+    stack.wait_model(&key, "b").await;
+    (stack, key, key_id)
+}
+
+/// The key's settled spend in Redis (nano-USD) and its usage rows' cost in PostgreSQL (nano-USD).
+async fn spend_both_sides(stack: &Stack, redis: &RedisServer, key_id: &str) -> (i64, i64) {
+    let mut conn = redis::Client::open(redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let in_redis: Option<i64> =
+        redis::cmd("GET").arg(format!("tg:{{key:{key_id}}}:nb:all")).query_async(&mut conn).await.unwrap();
+    let in_pg: rust_decimal::Decimal =
+        sqlx::query_scalar("SELECT coalesce(sum(cost), 0) FROM usage_logs WHERE key_id = $1::uuid")
+            .bind(key_id)
+            .fetch_one(&stack.db)
+            .await
+            .unwrap();
+    (in_redis.unwrap_or(0), tollgate_core::limiter::nanos_round(in_pg))
+}
+
+/// Polls `metric` on `stack`'s gateway until `done` holds (10 s at most).
+async fn wait_metric(stack: &Stack, metric: &str, done: impl Fn(f64) -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let v = stack.metric(metric).await.unwrap_or(0.0);
+        if done(v) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{metric} stayed at {v}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
+async fn a_settlement_redis_missed_is_kept_and_applied_once(db: PgPool) {
+    let redis = RedisServer::start().await;
+    // Reconcile off: only the kept settlement may restore the spend.
+    let (stack, key, key_id) = budget_stack(db, &redis, vec![("TOLLGATE_BUDGET_RECONCILE_SECONDS", "0")]).await;
+    let body = json!({"model": "b", "max_tokens": 3, "messages": user_msg("hi")});
+    assert_eq!(stack.chat(&key, body.clone()).send().await.unwrap().status(), StatusCode::OK);
+
+    // A slow request is admitted, then Redis hangs while it finishes: its settlement fails.
+    let slow = tokio::spawn(stack.chat(&key, body.clone()).header("x-mock-ttfb-ms", "1500").send());
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    redis.pause(true);
+    assert_eq!(slow.await.unwrap().unwrap().status(), StatusCode::OK);
+    wait_metric(&stack, "tollgate_gateway_settlements_pending", |v| v >= 1.0).await;
+    redis.pause(false);
+    wait_metric(&stack, "tollgate_gateway_settlements_pending", |v| v == 0.0).await;
+    stack.wait_usage_rows(2).await;
+
+    // Both requests' spend is in the budget, once: the settlement that timed out still reached
+    // Redis when it woke, and its repeat found it applied.
+    let (in_redis, in_pg) = spend_both_sides(&stack, &redis, &key_id).await;
+    assert!(in_pg > 0);
+    assert_eq!(in_redis, in_pg, "Redis budget vs usage rows (nano-USD)");
+    assert_eq!(stack.metric("tollgate_gateway_settlements_dropped_total").await, Some(0.0));
+}
+
+/// A TCP relay to `target` that can cut every connection through it and refuse new ones until
+/// healed: a network partition, where a call in flight never arrives.
+struct Partition {
+    url: String,
+    cut: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Partition {
+    async fn start(target: u16) -> Partition {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("redis://{}", listener.local_addr().unwrap());
+        // Even: healed; odd: cut. A connection lives while the generation it opened in lasts.
+        let cut = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let generation = cut.clone();
+        tokio::spawn(async move {
+            loop {
+                let (client, _) = listener.accept().await.unwrap();
+                let opened = generation.load(std::sync::atomic::Ordering::SeqCst);
+                if opened % 2 == 1 {
+                    continue; // refused: dropped at once
+                }
+                let generation = generation.clone();
+                tokio::spawn(async move {
+                    let Ok(server) = TcpStream::connect(("127.0.0.1", target)).await else { return };
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    let relay = async {
+                        tokio::select! {
+                            _ = tokio::io::copy(&mut cr, &mut sw) => {}
+                            _ = tokio::io::copy(&mut sr, &mut cw) => {}
+                        }
+                    };
+                    let severed = async {
+                        while generation.load(std::sync::atomic::Ordering::SeqCst) == opened {
+                            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                        }
+                    };
+                    tokio::select! {
+                        _ = relay => {}
+                        _ = severed => {}
+                    }
+                });
+            }
+        });
+        Partition { url, cut }
+    }
+
+    fn set(&self, cut: bool) {
+        let now = self.cut.load(std::sync::atomic::Ordering::SeqCst);
+        if (now % 2 == 1) != cut {
+            self.cut.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
+#[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
+async fn a_settlement_lost_in_a_partition_is_sent_again_when_redis_is_back(db: PgPool) {
+    let redis = RedisServer::start().await;
+    let partition = Partition::start(redis.port).await;
+    let stack = Stack::start_with(
+        db,
+        vec![
+            ("TOLLGATE_REDIS_URL", partition.url.as_str()),
+            ("TOLLGATE_REDIS_TIMEOUT_MS", "300"),
+            ("TOLLGATE_BUDGET_RECONCILE_SECONDS", "0"),
+        ],
+    )
+    .await;
+    stack.post_admin("/models", json!({"id": "b", "input_cost_per_token": 0, "output_cost_per_token": 0.01})).await;
+    let (key, key_id, _) = stack.key_for("partition@example.com", &["b"]).await;
+    stack
+        .admin(
+            reqwest::Method::PATCH,
+            &format!("/keys/{key_id}"),
+            json!({"limits": {"max_budget": 1, "budget_period": "none"}}),
+        )
+        .await;
+    stack.wait_model(&key, "b").await;
+    let body = json!({"model": "b", "max_tokens": 3, "messages": user_msg("hi")});
+    assert_eq!(stack.chat(&key, body.clone()).send().await.unwrap().status(), StatusCode::OK);
+
+    // Admitted through Redis, then the network to Redis is cut while the answer comes.
+    let slow = tokio::spawn(stack.chat(&key, body.clone()).header("x-mock-ttfb-ms", "1500").send());
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    partition.set(true);
+    assert_eq!(slow.await.unwrap().unwrap().status(), StatusCode::OK);
+    wait_metric(&stack, "tollgate_gateway_settlements_pending", |v| v >= 1.0).await;
+    stack.wait_usage_rows(2).await;
+    let (in_redis, in_pg) = spend_both_sides(&stack, &redis, &key_id).await;
+    assert!(in_redis < in_pg, "the settlement cannot have arrived yet");
+
+    partition.set(false);
+    wait_metric(&stack, "tollgate_gateway_settlements_retried_total", |v| v >= 1.0).await;
+    wait_metric(&stack, "tollgate_gateway_settlements_pending", |v| v == 0.0).await;
+    let (in_redis, in_pg) = spend_both_sides(&stack, &redis, &key_id).await;
+    assert_eq!(in_redis, in_pg, "Redis budget vs usage rows (nano-USD)");
+}
+
+#[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
+async fn a_budget_that_missed_spend_is_raised_to_the_rollups(db: PgPool) {
+    let redis = RedisServer::start().await;
+    let (stack, key, key_id) = budget_stack(db, &redis, vec![("TOLLGATE_BUDGET_RECONCILE_SECONDS", "1")]).await;
+    let body = json!({"model": "b", "max_tokens": 3, "messages": user_msg("hi")});
+    for _ in 0..3 {
+        assert_eq!(stack.chat(&key, body.clone()).send().await.unwrap().status(), StatusCode::OK);
+    }
+    stack.wait_usage_rows(3).await;
+    let (before, in_pg) = spend_both_sides(&stack, &redis, &key_id).await;
+    assert_eq!(before, in_pg);
+    // A settlement lost for good (e.g. given up after its lease): Redis holds one request less.
+    let one = in_pg / 3;
+    let mut conn = redis::Client::open(redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let _: i64 =
+        redis::cmd("DECRBY").arg(format!("tg:{{key:{key_id}}}:nb:all")).arg(one).query_async(&mut conn).await.unwrap();
+    wait_metric(&stack, "tollgate_gateway_budget_reconcile_corrections_total", |v| v >= 1.0).await;
+    let (after, in_pg) = spend_both_sides(&stack, &redis, &key_id).await;
+    assert_eq!(after, in_pg, "the reconcile restored the missing spend exactly");
+    assert_eq!(stack.metric("tollgate_gateway_budget_reconciled_nano_usd_total").await, Some(one as f64));
+    // In agreement, later rounds change nothing.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    assert_eq!(spend_both_sides(&stack, &redis, &key_id).await.0, after);
+}
+
+#[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
+async fn settlements_unsent_at_shutdown_are_taken_up_by_the_next_start(db: PgPool) {
+    let redis = RedisServer::start().await;
+    let partition = Partition::start(redis.port).await;
+    let spool = TempDir::new();
+    let spool_dir = spool.0.to_str().unwrap().to_string();
+    let mut stack = Stack::start_with(
+        db,
+        vec![
+            ("TOLLGATE_REDIS_URL", partition.url.as_str()),
+            ("TOLLGATE_REDIS_TIMEOUT_MS", "300"),
+            ("TOLLGATE_BUDGET_RECONCILE_SECONDS", "0"),
+            ("TOLLGATE_SPOOL_DIR", spool_dir.as_str()),
+        ],
+    )
+    .await;
+    stack.post_admin("/models", json!({"id": "b", "input_cost_per_token": 0, "output_cost_per_token": 0.01})).await;
+    let (key, key_id, _) = stack.key_for("shutdown@example.com", &["b"]).await;
+    stack
+        .admin(
+            reqwest::Method::PATCH,
+            &format!("/keys/{key_id}"),
+            json!({"limits": {"max_budget": 1, "budget_period": "none"}}),
+        )
+        .await;
+    stack.wait_model(&key, "b").await;
+    let body = json!({"model": "b", "max_tokens": 3, "messages": user_msg("hi")});
+    assert_eq!(stack.chat(&key, body.clone()).send().await.unwrap().status(), StatusCode::OK);
+    let slow = tokio::spawn(stack.chat(&key, body.clone()).header("x-mock-ttfb-ms", "1500").send());
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    partition.set(true);
+    assert_eq!(slow.await.unwrap().unwrap().status(), StatusCode::OK);
+    wait_metric(&stack, "tollgate_gateway_settlements_pending", |v| v >= 1.0).await;
+
+    // Stopped while Redis is still cut off: the settlement is saved beside the spool.
+    assert!(stack.gateway.terminate().await.success());
+    let saved: Vec<String> = std::fs::read_dir(&spool.0)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("settlements-"))
+        .collect();
+    assert_eq!(saved.len(), 1, "{saved:?}");
+    let (in_redis, in_pg) = spend_both_sides(&stack, &redis, &key_id).await;
+    assert!(in_redis < in_pg);
+
+    // The next gateway on that directory, with Redis reachable, applies it and removes the file.
+    partition.set(false);
+    let next = stack.replica(vec![("TOLLGATE_SPOOL_DIR", spool_dir.as_str())]).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while spend_both_sides(&stack, &redis, &key_id).await.0 < in_pg {
+        assert!(std::time::Instant::now() < deadline, "the saved settlement was never applied");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(spend_both_sides(&stack, &redis, &key_id).await, (in_pg, in_pg));
+    let left = std::fs::read_dir(&spool.0)
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("settlements-"));
+    assert_eq!(left.count(), 0, "the settlements file was not removed");
+    drop(next);
+}

@@ -368,6 +368,13 @@ impl RedisServer {
         }
     }
 
+    /// SIGSTOP (`true`) or SIGCONT (`false`): a server that hangs, then comes back as it was.
+    pub fn pause(&self, paused: bool) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let signal = if paused { "-STOP" } else { "-CONT" };
+        assert!(Command::new("kill").args([signal, &pid]).status().unwrap().success());
+    }
+
     /// A new, empty server on the same port.
     pub async fn restart(mut self) -> RedisServer {
         self.kill();
