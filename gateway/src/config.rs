@@ -86,6 +86,10 @@ pub struct GatewayConfig {
     pub default_max_tokens: u64,
     /// true: while limits cannot be checked, answer 503 instead of admitting.
     pub fail_closed: bool,
+    /// The most gateway replicas that run at once (e.g. the autoscaler's maximum). While Redis is
+    /// away each replica admits limit / replicas, counting at least this many, so that replicas
+    /// that never saw the others (started during an outage) do not each take the whole limit.
+    pub expected_replicas: u32,
     /// Most settlements kept while Redis does not take them (then the oldest are given up).
     pub settlement_queue_capacity: usize,
     /// How often budgets in Redis are compared with PostgreSQL's rollups and raised where they
@@ -136,6 +140,7 @@ impl Default for GatewayConfig {
             reservation_lease_seconds: 600,
             default_max_tokens: 4096,
             fail_closed: false,
+            expected_replicas: 1,
             settlement_queue_capacity: 100_000,
             budget_reconcile_seconds: 60,
             access_log: true,
@@ -174,6 +179,7 @@ pub const SPEC: ConfigSpec<'static> = ConfigSpec {
         ("RESERVATION_LEASE_SECONDS", "reservation_lease_seconds"),
         ("DEFAULT_MAX_TOKENS", "default_max_tokens"),
         ("FAIL_CLOSED", "fail_closed"),
+        ("EXPECTED_REPLICAS", "expected_replicas"),
         ("BUDGET_RECONCILE_SECONDS", "budget_reconcile_seconds"),
         ("ACCESS_LOG", "access_log"),
         ("ACCESS_LOG_SAMPLE_RATE", "access_log_sample_rate"),
@@ -337,6 +343,9 @@ impl GatewayConfig {
         }
         if !(0.0..=1.0).contains(&config.access_log_sample_rate) {
             return Err(SPEC.invalid("access_log_sample_rate", "must be between 0 and 1"));
+        }
+        if config.expected_replicas == 0 {
+            return Err(SPEC.invalid("expected_replicas", "must be at least 1"));
         }
         if config.max_connections == 0 {
             return Err(SPEC.invalid("max_connections", "must be at least 1"));

@@ -116,7 +116,7 @@ pub async fn reserve(
     metrics.fallback_active.set(limiter.fallback_active() as i64);
     metrics.redis_errors.inc_by(limiter.take_failures());
     let admission = result.map_err(|e| {
-        // Only under fail_closed: otherwise the fallback answers.
+        // Under fail_closed, or when PostgreSQL cannot seed a budget: otherwise the fallback answers.
         tracing::warn!(error = %e, "limits could not be checked");
         GatewayError::LimitsUnavailable
     })?;
@@ -218,11 +218,17 @@ impl LimiterHandle {
         support: &tokio::runtime::Runtime,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
-        let live = Arc::new(AtomicU32::new(1));
+        // 0: the heartbeat has not been seen yet (the expected count stands in).
+        let live = Arc::new(AtomicU32::new(0));
         let observations = Arc::new(Observations::default());
         let spend: Arc<dyn SpendSource> = Arc::new(PgSpend { db, support: support.handle().clone() });
-        let limiter =
-            Arc::new(ResilientLimiter::new(live.clone(), observations.clone(), spend.clone(), config.fail_closed));
+        let limiter = Arc::new(ResilientLimiter::new(
+            live.clone(),
+            config.expected_replicas,
+            observations.clone(),
+            spend.clone(),
+            config.fail_closed,
+        ));
         let (url, timeout) = (config.redis_url.clone(), Duration::from_millis(config.redis_timeout_ms.max(1)));
         let lease = config.reservation_lease_seconds;
         let reconcile_spend = spend.clone();
@@ -283,7 +289,11 @@ impl LimiterHandle {
                         Err(e) => tracing::warn!(error = %e, "limiter cannot reach redis; retrying"),
                     },
                     Some(redis) => match redis.heartbeat(&replica, HEARTBEAT_WINDOW).await {
-                        Ok(n) => live.store(n, Ordering::Relaxed),
+                        Ok(n) => {
+                            live.store(n, Ordering::Relaxed);
+                            // What the fallback admitted reaches Redis here, off the request path.
+                            l.sync_fallback().await;
+                        }
                         Err(e) => tracing::debug!(error = %e, "heartbeat failed; keeping the last replica count"),
                     },
                 }

@@ -1,13 +1,20 @@
 //! What limits mean while Redis is unreachable: each replica enforces its share of every limit
-//! (limit / live replicas, the count last seen through the heartbeat set in Redis), starting from
-//! the usage last seen in Redis; a budget gets the replica's share of its last known remaining
-//! (or, for a scope not seen yet, of what PostgreSQL says is left). Shares are rounded down, so
-//! the replicas together never admit more than the limit.
+//! (limit / replicas: the count last seen through the heartbeat set in Redis, or the configured
+//! expected count if that is more, so a replica that starts during an outage does not think it
+//! is alone), starting from the usage last seen in Redis; a budget gets the replica's share of
+//! its last known remaining (or, for a scope not seen yet, of what PostgreSQL says is left).
+//! Shares are rounded down, so the replicas together never admit more than the limit.
+//!
+//! What the fallback admitted is kept per scope, aggregated (requests and tokens by second, spend
+//! in all), and given to Redis when it answers again ([`FallbackLimiter::take_sync`]), so that
+//! Redis counts it too. Local counts outlive a recovery: each outage starts from the larger of
+//! what this replica admitted in the window and its part of what Redis last reported, so a
+//! flapping Redis never hands out a fresh share.
 
 use std::{
     collections::{HashMap, VecDeque},
     sync::{
-        atomic::{AtomicU32, Ordering},
+        atomic::{AtomicU32, AtomicU64, Ordering},
         Arc, Mutex,
     },
     time::{SystemTime, UNIX_EPOCH},
@@ -50,6 +57,21 @@ struct LocalScope {
     buckets: VecDeque<(i64, i64, i64)>,
     /// This replica's budget share left, once known.
     budget_left: Option<i64>,
+    /// The outage this scope's figures were last brought up to date for.
+    outage: u64,
+}
+
+/// What the fallback admitted in one scope that Redis has not been told about: requests and
+/// tokens by second (those still in a window), and spend, with when it was first settled.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScopeSync {
+    pub scope: Scope,
+    /// Names this sync for Redis, which applies a sync once, however often it is sent.
+    pub id: String,
+    pub windows: Vec<(i64, i64, i64)>,
+    pub spend_nanos: i64,
+    /// The first settlement's second: a budget seeded after it already counts (some of) it.
+    pub settled_from: i64,
 }
 
 impl LocalScope {
@@ -73,12 +95,17 @@ impl LocalScope {
 }
 
 pub struct FallbackLimiter {
-    /// Spend settled here that Redis has not been told about yet.
-    unsynced: Mutex<Vec<(Scope, i64, i64)>>,
+    /// What was admitted here that Redis has not been told about yet, by scope prefix.
+    unsynced: Mutex<HashMap<String, ScopeSync>>,
+    /// Replicas last seen through the heartbeat (0: never seen).
     live_replicas: Arc<AtomicU32>,
+    /// The most replicas that run at once, as configured: the floor of the count.
+    expected_replicas: u32,
     observations: Arc<Observations>,
     seed: Arc<dyn SpendSource>,
     scopes: Mutex<HashMap<String, LocalScope>>,
+    /// Counts outages; a scope's local figures are brought up to date once per outage.
+    outage: AtomicU64,
 }
 
 fn now_secs() -> i64 {
@@ -90,8 +117,31 @@ fn share(limit: i64, replicas: i64) -> i64 {
 }
 
 impl FallbackLimiter {
-    pub fn new(live_replicas: Arc<AtomicU32>, observations: Arc<Observations>, seed: Arc<dyn SpendSource>) -> Self {
-        Self { unsynced: Mutex::new(Vec::new()), live_replicas, observations, seed, scopes: Mutex::new(HashMap::new()) }
+    pub fn new(
+        live_replicas: Arc<AtomicU32>,
+        expected_replicas: u32,
+        observations: Arc<Observations>,
+        seed: Arc<dyn SpendSource>,
+    ) -> Self {
+        Self {
+            unsynced: Mutex::new(HashMap::new()),
+            live_replicas,
+            expected_replicas: expected_replicas.max(1),
+            observations,
+            seed,
+            scopes: Mutex::new(HashMap::new()),
+            outage: AtomicU64::new(0),
+        }
+    }
+
+    /// The replicas a share is counted for.
+    fn replicas(&self) -> i64 {
+        self.live_replicas.load(Ordering::Relaxed).max(self.expected_replicas).max(1) as i64
+    }
+
+    /// A new outage begins: every scope's figures are brought up to date on its next request.
+    pub fn begin_outage(&self) {
+        self.outage.fetch_add(1, Ordering::AcqRel);
     }
 
     /// A budget share for a scope seen for the first time during the outage.
@@ -120,12 +170,15 @@ impl FallbackLimiter {
 #[async_trait]
 impl Limiter for FallbackLimiter {
     async fn reserve(&self, scopes: &[Scope], demand: &Demand) -> Result<Admission, LimiterError> {
-        let replicas = self.live_replicas.load(Ordering::Relaxed).max(1) as i64;
+        let replicas = self.replicas();
         let now = now_secs();
+        let outage = self.outage.load(Ordering::Acquire);
         // Budgets not yet known locally are looked up before taking the lock.
         let mut initial = HashMap::new();
         for s in scopes.iter().filter(|s| s.limits.max_budget.is_some()) {
-            let known = crate::sync::lock(&self.scopes).get(&s.redis_prefix()).is_some_and(|l| l.budget_left.is_some());
+            let known = crate::sync::lock(&self.scopes)
+                .get(&s.redis_prefix())
+                .is_some_and(|l| l.budget_left.is_some() && l.outage == outage);
             if !known {
                 let budget = s.limits.max_budget_nanos().unwrap_or(0);
                 initial.insert(s.redis_prefix(), self.initial_budget(s, budget, replicas).await);
@@ -137,17 +190,20 @@ impl Limiter for FallbackLimiter {
         let mut standing = Standing::default();
         for s in scopes.iter().filter(|s| !s.limits.is_empty()) {
             let prefix = s.redis_prefix();
-            let fresh = !local.contains_key(&prefix);
             let entry = local.entry(prefix.clone()).or_default();
-            if fresh {
-                // Start from this replica's part of what Redis last counted in the window.
+            if entry.outage != outage {
+                entry.outage = outage;
+                // This replica's part of what Redis last counted in the window, unless what it
+                // admitted itself in earlier outages is more.
                 if let Some(o) = self.observations.get(&prefix).filter(|o| o.at > now - 60) {
                     let part = |used: i64| (used + replicas - 1) / replicas;
-                    entry.add(o.at, part(o.rpm_used), part(o.tpm_used));
+                    let (requests, tokens) = entry.used(now);
+                    entry.add(o.at, (part(o.rpm_used) - requests).max(0), (part(o.tpm_used) - tokens).max(0));
                 }
             }
             if let Some(v) = initial.get(&prefix) {
-                entry.budget_left = Some(*v);
+                // Never more than the share left from an earlier outage.
+                entry.budget_left = Some(entry.budget_left.map_or(*v, |left| left.min(*v)));
             }
             let (requests, tokens) = entry.used(now);
             let over = if s.limits.rpm.is_some_and(|l| requests + 1 > share(l, replicas)) {
@@ -201,10 +257,9 @@ impl Limiter for FallbackLimiter {
     }
 
     async fn settle(&self, reservation: &Reservation, tokens: u64, cost_nanos: i64) -> Result<(), LimiterError> {
-        crate::sync::lock(&self.unsynced)
-            .extend(reservation.held.iter().map(|h| (h.scope.clone(), cost_nanos, now_secs())));
-        let mut local = crate::sync::lock(&self.scopes);
         let d = &reservation.demand;
+        self.unsync(reservation, 1, tokens as i64, cost_nanos);
+        let mut local = crate::sync::lock(&self.scopes);
         for h in &reservation.held {
             if let Some(entry) = local.get_mut(&h.scope.redis_prefix()) {
                 entry.add(h.made_at, 0, tokens as i64 - d.tokens as i64);
@@ -232,17 +287,50 @@ impl Limiter for FallbackLimiter {
 }
 
 impl FallbackLimiter {
-    /// Forgets local state once Redis is back (Redis is the truth again).
-    pub fn reset(&self) {
-        crate::sync::lock(&self.scopes).clear();
+    /// Adds what a settled request used to what Redis must be told, per scope.
+    fn unsync(&self, reservation: &Reservation, requests: i64, tokens: i64, cost_nanos: i64) {
+        let now = now_secs();
+        let mut unsynced = crate::sync::lock(&self.unsynced);
+        for h in &reservation.held {
+            let pending = unsynced.entry(h.scope.redis_prefix()).or_insert_with(|| ScopeSync {
+                scope: h.scope.clone(),
+                id: uuid::Uuid::new_v4().to_string(),
+                windows: Vec::new(),
+                spend_nanos: 0,
+                settled_from: now,
+            });
+            match pending.windows.iter_mut().find(|w| w.0 == h.made_at) {
+                Some(w) => (w.1, w.2) = (w.1 + requests, w.2 + tokens),
+                None => pending.windows.push((h.made_at, requests, tokens)),
+            }
+            // Seconds out of every window no longer matter to Redis.
+            pending.windows.retain(|w| w.0 > now - 60);
+            pending.spend_nanos += cost_nanos.max(0);
+        }
     }
 
-    /// Spend settled here since the last call, for Redis to add.
-    pub fn take_unsynced(&self) -> Vec<(Scope, i64, i64)> {
-        std::mem::take(&mut *crate::sync::lock(&self.unsynced))
+    /// What was admitted here since the last call, one entry per scope, for Redis to add.
+    pub fn take_sync(&self) -> Vec<ScopeSync> {
+        std::mem::take(&mut *crate::sync::lock(&self.unsynced)).into_values().collect()
     }
 
-    pub fn put_back_unsynced(&self, spends: Vec<(Scope, i64, i64)>) {
-        crate::sync::lock(&self.unsynced).extend(spends);
+    /// Syncs Redis did not take, kept under their ids (a repeat of one that did arrive is
+    /// skipped there); a scope with newer entries meanwhile gets a second sync of its own.
+    pub fn put_back_sync(&self, syncs: Vec<ScopeSync>) {
+        let mut unsynced = crate::sync::lock(&self.unsynced);
+        for sync in syncs {
+            let prefix = sync.scope.redis_prefix();
+            match unsynced.remove(&prefix) {
+                None => {
+                    unsynced.insert(prefix, sync);
+                }
+                Some(newer) => {
+                    // Only one entry a scope: the failed one goes back, the newer waits for the
+                    // next round under a key of its own.
+                    unsynced.insert(prefix.clone(), sync);
+                    unsynced.insert(format!("{prefix}#{}", newer.id), newer);
+                }
+            }
+        }
     }
 }

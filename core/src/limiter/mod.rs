@@ -18,7 +18,7 @@ use uuid::Uuid;
 
 use crate::limits::{BudgetPeriod, Enforcement, Limits};
 
-pub use fallback::{FallbackLimiter, LastKnown, Observations};
+pub use fallback::{FallbackLimiter, LastKnown, Observations, ScopeSync};
 pub use redis_limiter::{RedisConn, RedisLimiter, SCOPE_SCRIPT};
 pub use resilient::ResilientLimiter;
 

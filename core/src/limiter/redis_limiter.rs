@@ -145,23 +145,20 @@ impl RedisLimiter {
         self
     }
 
-    /// Adds spend admitted elsewhere (by the fallback; `(scope, nano-USD, settled at)`) to each
-    /// scope's current budget period, unless the period was seeded after it was settled.
-    pub async fn add_spend(&self, spends: &[(Scope, i64, i64)]) -> Result<(), LimiterError> {
-        let calls: Vec<Call> = spends
-            .iter()
-            .filter(|(s, cost, _)| s.limits.max_budget.is_some() && *cost > 0)
-            .map(|(scope, cost, at)| Call {
-                request_id: String::new(),
-                tokens: 0,
-                cost: *cost,
-                entries: vec![(scope.clone(), at.to_string(), String::new(), String::new())],
-            })
-            .collect();
-        for call in calls {
-            self.call("spend", call).await?;
-        }
-        Ok(())
+    /// Tells Redis what a replica's fallback admitted in one scope while Redis was away: its
+    /// requests and tokens go into the windows (seconds still in them), its spend into the
+    /// current budget period unless that period was seeded after the spend was settled. A sync is
+    /// applied once under its id, however often it is sent.
+    pub async fn sync(&self, sync: &ScopeSync) -> Result<(), LimiterError> {
+        let windows: Vec<String> = sync.windows.iter().map(|(s, r, t)| format!("{s}:{r}:{t}")).collect();
+        let call = Call {
+            request_id: sync.id.clone(),
+            tokens: 0,
+            cost: sync.spend_nanos,
+            entries: vec![(sync.scope.clone(), sync.settled_from.to_string(), windows.join(","), String::new())],
+        };
+        let inv = invocation("sync", std::slice::from_ref(&call), self.lease_secs, self.clock_offset_secs);
+        run(&self.conn, self.timeout, &inv).await.map(|_: Value| ())
     }
 
     /// Sends again a settlement (`Some(cost)`) or release (`None`) whose first call failed: it
@@ -382,7 +379,7 @@ impl Coalescer {
                     Err(_) => break,
                 }
             }
-            for op in ["reserve", "settle", "refund", "spend", "resettle"] {
+            for op in ["reserve", "settle", "refund", "resettle"] {
                 let (group, rest): (Vec<Pending>, Vec<Pending>) = batch.into_iter().partition(|p| p.op == op);
                 batch = rest;
                 if group.is_empty() {

@@ -27,15 +27,18 @@ pub struct ResilientLimiter {
 }
 
 impl ResilientLimiter {
+    /// `live_replicas`: the heartbeat's count (0 until seen); `expected_replicas`: the floor of
+    /// the count a fallback share is taken for.
     pub fn new(
         live_replicas: Arc<AtomicU32>,
+        expected_replicas: u32,
         observations: Arc<Observations>,
         seed: Arc<dyn SpendSource>,
         fail_closed: bool,
     ) -> Self {
         Self {
             primary: OnceLock::new(),
-            fallback: FallbackLimiter::new(live_replicas, observations, seed),
+            fallback: FallbackLimiter::new(live_replicas, expected_replicas, observations, seed),
             down_until: Mutex::new(None),
             in_fallback: AtomicBool::new(false),
             failures: AtomicU64::new(0),
@@ -71,26 +74,38 @@ impl ResilientLimiter {
         }
     }
 
-    /// Tells Redis what the fallback spent, once Redis answers again.
-    async fn sync_fallback_spend(&self) {
-        let Some(primary) = self.usable_primary() else { return };
-        let spends = self.fallback.take_unsynced();
-        if spends.is_empty() {
-            return;
+    /// Tells Redis what the fallback admitted, one call per scope, off the request path (the
+    /// gateway calls it every second). Returns how many scopes were synced.
+    pub async fn sync_fallback(&self) -> usize {
+        let Some(primary) = self.usable_primary() else { return 0 };
+        let syncs = self.fallback.take_sync();
+        let mut failed = Vec::new();
+        let mut synced = 0;
+        for sync in syncs {
+            if !failed.is_empty() {
+                failed.push(sync);
+                continue;
+            }
+            match primary.sync(&sync).await {
+                Ok(()) => synced += 1,
+                Err(e) => {
+                    tracing::debug!(error = %e, "fallback sync failed; kept for the next round");
+                    failed.push(sync);
+                }
+            }
         }
-        if primary.add_spend(&spends).await.is_err() {
-            self.fallback.put_back_unsynced(spends);
+        if !failed.is_empty() {
+            self.fallback.put_back_sync(failed);
         }
+        synced
     }
 
     fn mark(&self, up: bool) {
         let was_fallback = self.in_fallback.swap(!up, std::sync::atomic::Ordering::Relaxed);
-        if up {
-            if was_fallback {
-                // Redis is the truth again; local shares are stale from now on.
-                self.fallback.reset();
+        if !up {
+            if !was_fallback {
+                self.fallback.begin_outage();
             }
-        } else {
             *crate::sync::lock(&self.down_until) = Some(Instant::now() + SKIP_AFTER_FAILURE);
         }
     }
@@ -103,9 +118,11 @@ impl Limiter for ResilientLimiter {
             match primary.reserve(scopes, demand).await {
                 Ok(a) => {
                     self.mark(true);
-                    self.sync_fallback_spend().await;
                     return Ok(a);
                 }
+                // PostgreSQL could not seed a budget: Redis is fine, and the fallback could not
+                // tell this budget's remaining either.
+                Err(e @ LimiterError::Seed(_)) => return Err(e),
                 Err(e) => {
                     tracing::warn!(error = %e, "redis limiter failed; limiting locally");
                     self.failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -116,7 +133,9 @@ impl Limiter for ResilientLimiter {
                 }
             }
         } else {
-            self.in_fallback.store(true, std::sync::atomic::Ordering::Relaxed);
+            if !self.in_fallback.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                self.fallback.begin_outage();
+            }
             if self.fail_closed {
                 return Err(LimiterError::Timeout);
             }
@@ -127,11 +146,7 @@ impl Limiter for ResilientLimiter {
     async fn settle(&self, reservation: &Reservation, tokens: u64, cost_nanos: i64) -> Result<(), LimiterError> {
         match (reservation.local, self.primary.get()) {
             (false, Some(p)) => p.settle(reservation, tokens, cost_nanos).await,
-            _ => {
-                self.fallback.settle(reservation, tokens, cost_nanos).await?;
-                self.sync_fallback_spend().await;
-                Ok(())
-            }
+            _ => self.fallback.settle(reservation, tokens, cost_nanos).await,
         }
     }
 

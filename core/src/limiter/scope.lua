@@ -2,17 +2,20 @@
 -- Every key a scope uses starts with its prefix in KEYS (e.g. "tg:{key:<uuid>}"), whose braces
 -- make it one Redis Cluster slot; on a cluster a call carries one scope of one request.
 --
--- ARGV[1] op: "reserve" | "refund" | "settle" | "spend" | "resettle" | "reconcile"
+-- ARGV[1] op: "reserve" | "refund" | "settle" | "sync" | "resettle" | "reconcile"
 -- ARGV[2] lease seconds (reserve)      ARGV[3] clock offset seconds (added to Redis TIME; 0 outside tests)
 -- ARGV[4] number of requests, then per request:
 --   request id, tokens, cost (nano-USD), number of scopes, then per scope 9 fields:
 --   KEYS index, rpm (-1: none), tpm (-1), budget nano-USD (-1), budget period
 --   (none | daily | weekly | monthly), enforcement (hard | soft | monitor), and
 --   a: reserve: spend so far this period to seed a missing budget with ("" if unknown);
---      refund/settle: the second the reservation was made in; spend: when it was settled
+--      refund/settle: the second the reservation was made in; sync: when its spend was first
+--      settled
+--   b: sync: what the fallback admitted by second, "<sec>:<requests>:<tokens>,..."
 --   b: refund/settle: tokens reserved        c: settle/resettle: the budget period reserved in
 --   a: reconcile: the period the spend in `cost` was summed over (PostgreSQL's rollups)
--- For settle, resettle and spend, tokens and cost are what was really used.
+-- For settle and resettle, tokens and cost are what was really used; for sync, cost is the
+-- spend and the request id names the sync (applied once: "<prefix>:sync:<id>" marks it).
 --
 -- resettle: a settlement (cost > 0) or refund (cost 0) sent again after a call that failed, and
 -- may or may not have reached Redis: applied to budgets only, and only while the request still
@@ -340,14 +343,21 @@ for _, r in ipairs(requests) do
           redis.call('INCRBY', budget_key, r.cost)
         end
       end
-    elseif op == 'spend' then
-      -- Spend admitted by a replica's fallback while Redis was away; a budget seeded after it
-      -- was settled counts it already.
-      if s.budget >= 0 and r.cost > 0 then
-        local budget_key = s.prefix .. ':nb:' .. period_of(s.period_kind, now)
-        local seeded = tonumber(redis.call('GET', budget_key .. ':seeded') or '0')
-        if redis.call('EXISTS', budget_key) == 1 and seeded < tonumber(s.a) then
-          redis.call('INCRBY', budget_key, r.cost)
+    elseif op == 'sync' then
+      -- What a replica's fallback admitted while Redis was away, once per sync id.
+      if redis.call('SET', s.prefix .. ':sync:' .. r.id, 1, 'NX', 'EX', 3600) then
+        for sec, n, tokens in string.gmatch(s.b, '(%-?%d+):(%-?%d+):(%-?%d+)') do
+          sec, n, tokens = tonumber(sec), tonumber(n), tonumber(tokens)
+          if s.rpm >= 0 and n ~= 0 then window_add(s.rpm_key, sec, n) end
+          if s.tpm >= 0 and tokens ~= 0 then window_add(s.tpm_key, sec, tokens) end
+        end
+        -- A budget seeded after the spend was settled counts it already.
+        if s.budget >= 0 and r.cost > 0 then
+          local budget_key = s.prefix .. ':nb:' .. period_of(s.period_kind, now)
+          local seeded = tonumber(redis.call('GET', budget_key .. ':seeded') or '0')
+          if redis.call('EXISTS', budget_key) == 1 and seeded < tonumber(s.a) then
+            redis.call('INCRBY', budget_key, r.cost)
+          end
         end
       end
     else

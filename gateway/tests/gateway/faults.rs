@@ -377,3 +377,93 @@ async fn settlements_unsent_at_shutdown_are_taken_up_by_the_next_start(db: PgPoo
     assert_eq!(left.count(), 0, "the settlements file was not removed");
     drop(next);
 }
+
+/// Sends `n` chat requests one after another, round-robin over `bases`; returns how many were
+/// admitted (200). Any other answer must be a 429.
+async fn admitted(stack: &Stack, bases: &[&str], key: &str, n: usize) -> usize {
+    let mut ok = 0;
+    for i in 0..n {
+        let resp = stack
+            .http
+            .post(format!("{}/v1/chat/completions", bases[i % bases.len()]))
+            .bearer_auth(key)
+            .json(&json!({"model": "m", "max_tokens": 1, "messages": user_msg("hi")}))
+            .send()
+            .await
+            .unwrap();
+        match resp.status() {
+            StatusCode::OK => ok += 1,
+            StatusCode::TOO_MANY_REQUESTS => {}
+            other => panic!("unexpected {other}: {}", resp.text().await.unwrap()),
+        }
+    }
+    ok
+}
+
+#[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
+async fn a_flapping_redis_never_hands_out_a_fresh_share(db: PgPool) {
+    let redis = RedisServer::start().await;
+    let url = redis.url();
+    let env = vec![("TOLLGATE_REDIS_URL", url.as_str()), ("TOLLGATE_REDIS_TIMEOUT_MS", "200")];
+    let stack = Stack::start_with(db, env.clone()).await;
+    let (key, key_id, _) = stack.ready_key("flap@example.com", &["m"]).await;
+    stack.admin(reqwest::Method::PATCH, &format!("/keys/{key_id}"), json!({"limits": {"rpm": 20}})).await;
+    let other = stack.replica(env).await;
+    let bases = [stack.gateway.base.as_str(), other.base.as_str()];
+    // Both replicas in the heartbeat set, and the new limit seen by both.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+
+    // All within one minute: Redis up, down, up, down.
+    let mut total = admitted(&stack, &bases, &key, 8).await;
+    assert_eq!(total, 8);
+    redis.pause(true);
+    total += admitted(&stack, &bases, &key, 24).await;
+    redis.pause(false);
+    // Heartbeats bring what each replica admitted alone into Redis.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    total += admitted(&stack, &bases, &key, 24).await;
+    redis.pause(true);
+    total += admitted(&stack, &bases, &key, 24).await;
+    redis.pause(false);
+    assert!(total <= 20, "{total} admitted in one minute under an RPM of 20");
+    assert!(total >= 16, "only {total} admitted: the outage should still admit each replica's share");
+}
+
+#[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
+async fn replicas_that_start_during_an_outage_count_the_expected_replicas(db: PgPool) {
+    let mut redis = RedisServer::start().await;
+    let url = redis.url();
+    let stack = Stack::start_with(db, vec![("TOLLGATE_REDIS_URL", url.as_str())]).await;
+    let (key, key_id, _) = stack.ready_key("cold@example.com", &["m"]).await;
+    stack.admin(reqwest::Method::PATCH, &format!("/keys/{key_id}"), json!({"limits": {"rpm": 10}})).await;
+    redis.kill();
+    // Two replicas that never see each other: each counts the two it was told to expect.
+    let env = vec![("TOLLGATE_EXPECTED_REPLICAS", "2"), ("TOLLGATE_REDIS_TIMEOUT_MS", "200")];
+    let (a, b) = (stack.replica(env.clone()).await, stack.replica(env).await);
+    let total = admitted(&stack, &[a.base.as_str(), b.base.as_str()], &key, 30).await;
+    assert_eq!(total, 10, "each replica admits its half of the limit");
+}
+
+#[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
+async fn a_budget_postgres_cannot_seed_is_not_a_redis_outage(db: PgPool) {
+    let redis = RedisServer::start().await;
+    let url = redis.url();
+    let stack = Stack::start_with(db.clone(), vec![("TOLLGATE_REDIS_URL", url.as_str())]).await;
+    let (key, key_id, _) = stack.ready_key("seed@example.com", &["m"]).await;
+    let (plain, _, _) = stack.key_for("plain@example.com", &["m"]).await;
+    stack
+        .admin(reqwest::Method::PATCH, &format!("/keys/{key_id}"), json!({"limits": {"max_budget": 5, "rpm": 100}}))
+        .await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // The rollups a budget is seeded from cannot be read.
+    sqlx::query("ALTER TABLE usage_daily RENAME TO usage_daily_away").execute(&db).await.unwrap();
+    let body = json!({"model": "m", "messages": user_msg("hi")});
+    let resp = stack.chat(&key, body.clone()).send().await.unwrap();
+    assert_eq!(error_of(resp).await, (StatusCode::SERVICE_UNAVAILABLE, "limits_unavailable".into()));
+    // Redis is fine: the replica is not limiting on its own, and other keys go through Redis.
+    assert_eq!(stack.metric("tollgate_gateway_limiter_fallback_active").await, Some(0.0));
+    assert_eq!(stack.chat(&plain, body.clone()).send().await.unwrap().status(), StatusCode::OK);
+    sqlx::query("ALTER TABLE usage_daily_away RENAME TO usage_daily").execute(&db).await.unwrap();
+    assert_eq!(stack.chat(&key, body).send().await.unwrap().status(), StatusCode::OK);
+    assert_eq!(stack.metric("tollgate_gateway_limiter_fallback_active").await, Some(0.0));
+}
