@@ -76,8 +76,10 @@ pub struct GatewayConfig {
     pub usage_queue_capacity: usize,
     pub usage_batch_size: usize,
     pub usage_flush_interval_ms: u64,
-    /// Where usage rows wait while PostgreSQL is unreachable.
+    /// Where usage rows wait while PostgreSQL is unreachable (replicas may share it).
     pub spool_dir: String,
+    /// Most bytes of spool segments on disk; beyond it rows wait in memory (bounded, counted).
+    pub spool_max_bytes: u64,
     /// Longest wait for any Redis call on the request path.
     pub redis_timeout_ms: u64,
     /// How long a reservation holds budget if its request is never settled (crashed replica).
@@ -136,6 +138,7 @@ impl Default for GatewayConfig {
             usage_batch_size: 2000,
             usage_flush_interval_ms: 200,
             spool_dir: "./tollgate-spool".into(),
+            spool_max_bytes: 1024 * 1024 * 1024,
             redis_timeout_ms: 50,
             reservation_lease_seconds: 600,
             default_max_tokens: 4096,
@@ -175,6 +178,7 @@ pub const SPEC: ConfigSpec<'static> = ConfigSpec {
         ("KEEPALIVE_IDLE_SECONDS", "keepalive_idle_seconds"),
         ("MAX_CONNECTIONS", "max_connections"),
         ("SPOOL_DIR", "spool_dir"),
+        ("SPOOL_MAX_BYTES", "spool_max_bytes"),
         ("REDIS_TIMEOUT_MS", "redis_timeout_ms"),
         ("RESERVATION_LEASE_SECONDS", "reservation_lease_seconds"),
         ("DEFAULT_MAX_TOKENS", "default_max_tokens"),

@@ -24,6 +24,7 @@ pub mod outcome;
 pub mod proxy;
 pub mod request;
 pub mod settlement;
+pub mod spool;
 pub mod state;
 pub mod upstream;
 pub mod usage;
@@ -45,9 +46,9 @@ use crate::{
     invalidation::Invalidator,
     key_cache::{KeyCache, KeyLoads},
     metrics::Metrics,
+    spool::Spool,
     state::{metered_paths, GatewayState},
     upstream::Upstream,
-    usage::Spool,
 };
 
 /// JSON logs on stderr, level from `RUST_LOG` (default `info`). pingora dumps request and
@@ -100,7 +101,7 @@ pub fn run(config: GatewayConfig) -> anyhow::Result<()> {
         config.key_cache_max_entries,
         metrics.key_cache_evictions.clone(),
     ));
-    let spool = Arc::new(Spool::new(&config.spool_dir)?);
+    let spool = Spool::start(&config.spool_dir, config.spool_max_bytes, metrics.clone())?;
     let (sink, writer) = support.block_on(async {
         usage::channel(
             db.clone(),

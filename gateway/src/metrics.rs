@@ -34,6 +34,17 @@ pub struct Metrics {
     pub usage_queue_depth: IntGauge,
     pub usage_rows_spooled: IntCounter,
     pub usage_rows_flushed: IntCounter,
+    /// Rows inserted from the spool (also in `usage_rows_flushed`).
+    pub usage_rows_replayed: IntCounter,
+    /// Bytes of spool segments on disk.
+    pub usage_spool_bytes: IntGauge,
+    /// Rows waiting in memory because the spool could not take them (full disk, or at its cap).
+    pub usage_spool_memory_rows: IntGauge,
+    pub usage_spool_write_errors: IntCounter,
+    /// Spool lines that could not be read, moved to the quarantine file.
+    pub usage_spool_corrupt_lines: IntCounter,
+    /// Rows given up: more than the spool's memory holds while it cannot write.
+    pub usage_rows_dropped: IntCounter,
     pub invalidations: IntCounterVec,
     pub redis_latency: Histogram,
     pub redis_errors: IntCounter,
@@ -146,6 +157,24 @@ impl Metrics {
             usage_queue_depth,
             usage_rows_spooled: counter("usage_rows_spooled_total", "Usage rows written to the disk spool"),
             usage_rows_flushed: counter("usage_rows_flushed_total", "Usage rows written to PostgreSQL"),
+            usage_rows_replayed: counter(
+                "usage_rows_replayed_total",
+                "Usage rows written to PostgreSQL from the spool",
+            ),
+            usage_spool_bytes: gauge("usage_spool_bytes", "Bytes of usage spool segments on disk"),
+            usage_spool_memory_rows: gauge(
+                "usage_spool_memory_rows",
+                "Usage rows held in memory because the spool cannot write (full disk or spool_max_bytes)",
+            ),
+            usage_spool_write_errors: counter("usage_spool_write_errors_total", "Failed writes to the usage spool"),
+            usage_spool_corrupt_lines: counter(
+                "usage_spool_corrupt_lines_total",
+                "Unreadable usage spool lines moved to quarantine-usage.jsonl",
+            ),
+            usage_rows_dropped: counter(
+                "usage_rows_dropped_total",
+                "Usage rows given up: the spool could not write them and its memory was full",
+            ),
             invalidations: counter_vec("invalidations_total", "Invalidation messages received, by kind", &["kind"]),
             redis_latency: histogram("redis_duration_seconds", "Latency of the limiter's Redis round trips"),
             redis_errors: counter("redis_errors_total", "Limiter calls to Redis that failed or timed out"),

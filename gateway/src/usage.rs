@@ -2,16 +2,11 @@
 //! queue; the [`UsageWriter`] batches them into usage_logs with one multi-row INSERT and folds the
 //! rows actually inserted into usage_daily and usage_hourly in the same statement, so a flush
 //! touches each rollup row once and a replayed row is never counted twice. While PostgreSQL is
-//! unreachable (or the queue is full) rows go to an append-only spool file, replayed later.
+//! unreachable (or the queue is full) rows go to the [`Spool`], replayed later.
 
 use std::{
-    io::{BufRead, Write},
-    path::PathBuf,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc, LazyLock, Mutex,
-    },
-    time::Duration,
+    sync::{Arc, LazyLock},
+    time::{Duration, Instant},
 };
 
 use chrono::{DateTime, Utc};
@@ -21,7 +16,7 @@ use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use crate::{context::RequestCtx, meter::Usage, metrics::Metrics, outcome::ErrorKind};
+use crate::{context::RequestCtx, meter::Usage, metrics::Metrics, outcome::ErrorKind, spool::Spool};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UsageRow {
@@ -114,7 +109,7 @@ enum Message {
 #[derive(Clone)]
 pub struct UsageSink {
     tx: mpsc::Sender<Message>,
-    spool: Arc<Spool>,
+    spool: Spool,
     metrics: Arc<Metrics>,
 }
 
@@ -125,7 +120,7 @@ impl UsageSink {
             Err(mpsc::error::TrySendError::Full(Message::Row(row)))
             | Err(mpsc::error::TrySendError::Closed(Message::Row(row))) => {
                 // Never drop a row: a full queue or a stopped writer spills to disk.
-                self.spool.append(&[row], &self.metrics);
+                self.spool.append(vec![row]);
             }
             Err(_) => {}
         }
@@ -140,74 +135,22 @@ impl UsageSink {
     }
 }
 
-/// Append-only JSON-lines file of rows waiting for PostgreSQL.
-pub struct Spool {
-    path: PathBuf,
-    lock: Mutex<()>,
-    pending: AtomicBool,
-}
-
-impl Spool {
-    pub fn new(dir: &str) -> std::io::Result<Self> {
-        std::fs::create_dir_all(dir)?;
-        let path = PathBuf::from(dir).join("usage-spool.jsonl");
-        let pending = path.metadata().map(|m| m.len() > 0).unwrap_or(false);
-        Ok(Self { path, lock: Mutex::new(()), pending: AtomicBool::new(pending) })
-    }
-
-    pub fn append(&self, rows: &[UsageRow], metrics: &Metrics) {
-        let _guard = tollgate_core::sync::lock(&self.lock);
-        let result = (|| -> std::io::Result<()> {
-            let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&self.path)?;
-            let mut buf = Vec::with_capacity(rows.len() * 256);
-            for row in rows {
-                serde_json::to_writer(&mut buf, row)?;
-                buf.push(b'\n');
-            }
-            f.write_all(&buf)?;
-            f.sync_data()
-        })();
-        match result {
-            Ok(()) => {
-                self.pending.store(true, Ordering::Release);
-                metrics.usage_rows_spooled.inc_by(rows.len() as u64);
-            }
-            Err(e) => tracing::error!(error = %e, rows = rows.len(), "usage spool write failed"),
-        }
-    }
-
-    /// Takes every spooled row (the file is emptied once they are read).
-    fn take(&self) -> Vec<UsageRow> {
-        let _guard = tollgate_core::sync::lock(&self.lock);
-        if !self.pending.load(Ordering::Acquire) {
-            return Vec::new();
-        }
-        let Ok(f) = std::fs::File::open(&self.path) else { return Vec::new() };
-        let rows: Vec<UsageRow> = std::io::BufReader::new(f)
-            .lines()
-            .map_while(Result::ok)
-            .filter_map(|l| serde_json::from_str(&l).ok())
-            .collect();
-        if std::fs::File::create(&self.path).is_ok() {
-            self.pending.store(false, Ordering::Release);
-        }
-        rows
-    }
-}
-
 pub struct UsageWriter {
     db: PgPool,
     rx: mpsc::Receiver<Message>,
-    spool: Arc<Spool>,
+    spool: Spool,
     metrics: Arc<Metrics>,
     batch_size: usize,
     interval: Duration,
+    /// No replay before this (it backs off while PostgreSQL stays away).
+    replay_after: Instant,
+    replay_backoff: Duration,
 }
 
 /// Creates the sink requests use and the writer that drains it.
 pub fn channel(
     db: PgPool,
-    spool: Arc<Spool>,
+    spool: Spool,
     metrics: Arc<Metrics>,
     capacity: usize,
     batch_size: usize,
@@ -216,7 +159,16 @@ pub fn channel(
     let (tx, rx) = mpsc::channel(capacity.max(1));
     (
         UsageSink { tx, spool: spool.clone(), metrics: metrics.clone() },
-        UsageWriter { db, rx, spool, metrics, batch_size: batch_size.max(1), interval },
+        UsageWriter {
+            db,
+            rx,
+            spool,
+            metrics,
+            batch_size: batch_size.max(1),
+            interval,
+            replay_after: Instant::now(),
+            replay_backoff: MIN_REPLAY_BACKOFF,
+        },
     )
 }
 
@@ -245,45 +197,74 @@ impl UsageWriter {
                     Err(mpsc::error::TryRecvError::Disconnected) => break true,
                 }
             };
-            self.flush(&mut batch).await;
+            let flushed = self.flush(&mut batch).await;
+            if closed || !waiting.is_empty() {
+                // Rows spooled by this flush are on disk before anyone is told.
+                self.spool.sync().await;
+            }
             for done in waiting {
                 let _ = done.send(());
             }
             if closed {
                 break;
             }
-            self.replay_spool().await;
+            if flushed {
+                self.replay_spool().await;
+            }
         }
     }
 
-    async fn flush(&self, batch: &mut Vec<UsageRow>) {
+    /// Inserts the batch, or spools it; false when PostgreSQL refused.
+    async fn flush(&self, batch: &mut Vec<UsageRow>) -> bool {
         if batch.is_empty() {
-            return;
+            return true;
         }
         let rows = std::mem::take(batch);
         match insert(&self.db, &rows).await {
-            Ok(()) => self.metrics.usage_rows_flushed.inc_by(rows.len() as u64),
+            Ok(()) => {
+                self.metrics.usage_rows_flushed.inc_by(rows.len() as u64);
+                true
+            }
             Err(e) => {
                 tracing::warn!(error = %e, rows = rows.len(), "usage flush failed; spooling");
-                self.spool.append(&rows, &self.metrics);
+                self.spool.append(rows);
+                false
             }
         }
     }
 
-    async fn replay_spool(&self) {
-        let rows = self.spool.take();
-        let mut done = 0;
-        for chunk in rows.chunks(self.batch_size) {
-            if insert(&self.db, chunk).await.is_err() {
-                // Still away: put the rest back for the next attempt.
-                self.spool.append(&rows[done..], &self.metrics);
+    /// Replays spooled segments, oldest first, each deleted once its rows are committed; stops at
+    /// the first failure and backs off (1 s, doubling to 30 s) while PostgreSQL stays away.
+    async fn replay_spool(&mut self) {
+        if Instant::now() < self.replay_after {
+            return;
+        }
+        while let Some(segment) = self.spool.next().await {
+            let mut ok = true;
+            for chunk in segment.rows.chunks(self.batch_size) {
+                // A chunk inserted before a later one fails is skipped by the next replay's insert.
+                if let Err(e) = insert(&self.db, chunk).await {
+                    tracing::warn!(error = %e, "usage spool replay failed; retrying later");
+                    ok = false;
+                    break;
+                }
+            }
+            if !ok {
+                self.spool.failed(segment.path);
+                self.replay_after = Instant::now() + self.replay_backoff;
+                self.replay_backoff = (self.replay_backoff * 2).min(MAX_REPLAY_BACKOFF);
                 return;
             }
-            done += chunk.len();
-            self.metrics.usage_rows_flushed.inc_by(chunk.len() as u64);
+            self.metrics.usage_rows_flushed.inc_by(segment.rows.len() as u64);
+            self.metrics.usage_rows_replayed.inc_by(segment.rows.len() as u64);
+            self.spool.committed(segment.path);
+            self.replay_backoff = MIN_REPLAY_BACKOFF;
         }
     }
 }
+
+const MIN_REPLAY_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_REPLAY_BACKOFF: Duration = Duration::from_secs(30);
 
 /// One statement: insert the rows (a replayed row is skipped by its key), then add the rows that
 /// were inserted into the day and hour rollups, aggregated per rollup row.

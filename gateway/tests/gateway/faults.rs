@@ -197,14 +197,15 @@ async fn a_settlement_redis_missed_is_kept_and_applied_once(db: PgPool) {
 /// A TCP relay to `target` that can cut every connection through it and refuse new ones until
 /// healed: a network partition, where a call in flight never arrives.
 struct Partition {
-    url: String,
+    /// `127.0.0.1:<port>` of the relay.
+    addr: String,
     cut: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Partition {
     async fn start(target: u16) -> Partition {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("redis://{}", listener.local_addr().unwrap());
+        let addr = listener.local_addr().unwrap().to_string();
         // Even: healed; odd: cut. A connection lives while the generation it opened in lasts.
         let cut = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let generation = cut.clone();
@@ -238,7 +239,11 @@ impl Partition {
                 });
             }
         });
-        Partition { url, cut }
+        Partition { addr, cut }
+    }
+
+    fn redis_url(&self) -> String {
+        format!("redis://{}", self.addr)
     }
 
     fn set(&self, cut: bool) {
@@ -253,10 +258,11 @@ impl Partition {
 async fn a_settlement_lost_in_a_partition_is_sent_again_when_redis_is_back(db: PgPool) {
     let redis = RedisServer::start().await;
     let partition = Partition::start(redis.port).await;
+    let redis_url = partition.redis_url();
     let stack = Stack::start_with(
         db,
         vec![
-            ("TOLLGATE_REDIS_URL", partition.url.as_str()),
+            ("TOLLGATE_REDIS_URL", redis_url.as_str()),
             ("TOLLGATE_REDIS_TIMEOUT_MS", "300"),
             ("TOLLGATE_BUDGET_RECONCILE_SECONDS", "0"),
         ],
@@ -321,12 +327,13 @@ async fn a_budget_that_missed_spend_is_raised_to_the_rollups(db: PgPool) {
 async fn settlements_unsent_at_shutdown_are_taken_up_by_the_next_start(db: PgPool) {
     let redis = RedisServer::start().await;
     let partition = Partition::start(redis.port).await;
+    let redis_url = partition.redis_url();
     let spool = TempDir::new();
     let spool_dir = spool.0.to_str().unwrap().to_string();
     let mut stack = Stack::start_with(
         db,
         vec![
-            ("TOLLGATE_REDIS_URL", partition.url.as_str()),
+            ("TOLLGATE_REDIS_URL", redis_url.as_str()),
             ("TOLLGATE_REDIS_TIMEOUT_MS", "300"),
             ("TOLLGATE_BUDGET_RECONCILE_SECONDS", "0"),
             ("TOLLGATE_SPOOL_DIR", spool_dir.as_str()),
@@ -466,4 +473,149 @@ async fn a_budget_postgres_cannot_seed_is_not_a_redis_outage(db: PgPool) {
     sqlx::query("ALTER TABLE usage_daily_away RENAME TO usage_daily").execute(&db).await.unwrap();
     assert_eq!(stack.chat(&key, body).send().await.unwrap().status(), StatusCode::OK);
     assert_eq!(stack.metric("tollgate_gateway_limiter_fallback_active").await, Some(0.0));
+}
+
+/// `db`'s URL with its host and port replaced by `addr`.
+fn database_url_via(db: &PgPool, addr: &str) -> String {
+    let url = database_url(db);
+    let (scheme_auth, rest) = url.split_once('@').unwrap();
+    let (_, path) = rest.split_once('/').unwrap();
+    format!("{scheme_auth}@{addr}/{path}")
+}
+
+/// The usage spool segments in `dir`.
+fn segments_in(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("usage-") && n.ends_with(".jsonl"))
+        .collect()
+}
+
+#[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
+async fn replicas_sharing_a_spool_lose_and_double_no_row_through_a_postgres_outage(db: PgPool) {
+    let postgres = Partition::start(5432).await;
+    let via = database_url_via(&db, &postgres.addr);
+    let spool = TempDir::new();
+    let spool_dir = spool.0.to_str().unwrap().to_string();
+    let env = vec![("TOLLGATE_DATABASE_URL", via.as_str()), ("TOLLGATE_SPOOL_DIR", spool_dir.as_str())];
+    let stack = Stack::start_with(db.clone(), env.clone()).await;
+    let (key, _, _) = stack.ready_key("spool@example.com", &["m"]).await;
+    let other = stack.replica(env).await;
+    let (a, b) = (stack.gateway.base.clone(), other.base.clone());
+    let chat = |base: String| {
+        stack
+            .http
+            .post(format!("{base}/v1/chat/completions"))
+            .bearer_auth(&key)
+            .json(&json!({"model": "m", "messages": user_msg("hi")}))
+            .send()
+    };
+    // Both replicas know the key before PostgreSQL goes away.
+    for base in [&a, &b] {
+        assert_eq!(chat(base.clone()).await.unwrap().status(), StatusCode::OK);
+    }
+    stack.wait_usage_rows(2).await;
+
+    postgres.set(true);
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        let resp = chat(if i % 2 == 0 { a.clone() } else { b.clone() }).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        ids.push(resp.headers()["x-request-id"].to_str().unwrap().to_string());
+    }
+    // Each replica spools into segments of its own in the one directory.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let owners = loop {
+        let owners: std::collections::HashSet<String> =
+            segments_in(&spool.0).iter().filter_map(|n| n.split('-').nth(1).map(str::to_string)).collect();
+        if owners.len() == 2 || std::time::Instant::now() > deadline {
+            break owners;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(owners.len(), 2, "segments of both replicas: {:?}", segments_in(&spool.0));
+
+    postgres.set(false);
+    stack.wait_usage_rows(42).await;
+    let recorded: Vec<String> = sqlx::query_scalar("SELECT request_id FROM usage_logs").fetch_all(&db).await.unwrap();
+    for id in &ids {
+        assert_eq!(recorded.iter().filter(|r| *r == id).count(), 1, "request {id}");
+    }
+    let daily: i64 = sqlx::query_scalar("SELECT sum(requests)::bigint FROM usage_daily").fetch_one(&db).await.unwrap();
+    assert_eq!(daily, 42, "rollups count each row once");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !segments_in(&spool.0).is_empty() {
+        assert!(std::time::Instant::now() < deadline, "segments left: {:?}", segments_in(&spool.0));
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let replayed = stack.metric("tollgate_gateway_usage_rows_replayed_total").await.unwrap()
+        + stack.metric_of(&other, "tollgate_gateway_usage_rows_replayed_total").await.unwrap();
+    // The segments of both went through the spool (rows still queued when PostgreSQL came back
+    // went straight in).
+    assert!((2.0..=40.0).contains(&replayed), "{replayed} rows replayed");
+}
+
+#[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
+async fn a_segment_left_by_a_stopped_replica_is_replayed_and_its_bad_lines_quarantined(db: PgPool) {
+    let spool = TempDir::new();
+    let row = |i: u32| tollgate_gateway::usage::UsageRow {
+        request_id: format!("left-behind-{i}"),
+        created_at: chrono::Utc::now(),
+        key_id: uuid::Uuid::new_v4(),
+        user_id: uuid::Uuid::new_v4(),
+        team_id: uuid::Uuid::new_v4(),
+        model_id: "m".into(),
+        subscription_id: None,
+        endpoint: "/v1/chat/completions".into(),
+        status: 200,
+        prompt_tokens: 3,
+        completion_tokens: 4,
+        cost: rust_decimal::Decimal::new(11, 6),
+        latency_ms: 5,
+        ttfb_ms: Some(2),
+        stream: false,
+        error_kind: None,
+    };
+    // A crashed replica's segment: two rows, a torn line between them, and a torn last line.
+    let mut text = serde_json::to_string(&row(1)).unwrap() + "\n";
+    text += "{\"request_id\":\"torn\n";
+    text += &(serde_json::to_string(&row(2)).unwrap() + "\n");
+    text += &serde_json::to_string(&row(3)).unwrap()[..40];
+    std::fs::write(spool.0.join("usage-0123abcd-0000000001.jsonl"), text).unwrap();
+
+    let spool_dir = spool.0.to_str().unwrap().to_string();
+    let stack = Stack::start_with(db.clone(), vec![("TOLLGATE_SPOOL_DIR", spool_dir.as_str())]).await;
+    stack.wait_usage_rows(2).await;
+    let ids: Vec<String> =
+        sqlx::query_scalar("SELECT request_id FROM usage_logs ORDER BY request_id").fetch_all(&db).await.unwrap();
+    assert_eq!(ids, vec!["left-behind-1", "left-behind-2"]);
+    assert_eq!(stack.metric("tollgate_gateway_usage_spool_corrupt_lines_total").await, Some(2.0));
+    let quarantined = std::fs::read_to_string(spool.0.join("quarantine-usage.jsonl")).unwrap();
+    assert_eq!(quarantined.lines().count(), 2, "{quarantined}");
+    assert!(segments_in(&spool.0).is_empty(), "the replayed segment was not removed");
+}
+
+#[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
+async fn rows_over_the_spool_cap_wait_in_memory_and_still_arrive(db: PgPool) {
+    let postgres = Partition::start(5432).await;
+    let via = database_url_via(&db, &postgres.addr);
+    // A cap the first spooled row already reaches.
+    let env = vec![("TOLLGATE_DATABASE_URL", via.as_str()), ("TOLLGATE_SPOOL_MAX_BYTES", "1")];
+    let stack = Stack::start_with(db.clone(), env).await;
+    let (key, _, _) = stack.ready_key("cap@example.com", &["m"]).await;
+    let body = json!({"model": "m", "messages": user_msg("hi")});
+    assert_eq!(stack.chat(&key, body.clone()).send().await.unwrap().status(), StatusCode::OK);
+    stack.wait_usage_rows(1).await;
+    postgres.set(true);
+    for _ in 0..10 {
+        assert_eq!(stack.chat(&key, body.clone()).send().await.unwrap().status(), StatusCode::OK);
+        tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+    }
+    wait_metric(&stack, "tollgate_gateway_usage_spool_memory_rows", |v| v >= 1.0).await;
+    assert!(stack.metric("tollgate_gateway_usage_spool_write_errors_total").await.unwrap() >= 1.0);
+    postgres.set(false);
+    stack.wait_usage_rows(11).await;
+    wait_metric(&stack, "tollgate_gateway_usage_spool_memory_rows", |v| v == 0.0).await;
+    assert_eq!(stack.metric("tollgate_gateway_usage_rows_dropped_total").await, Some(0.0));
 }

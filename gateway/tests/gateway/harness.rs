@@ -307,7 +307,12 @@ pub fn recorded_header<'a>(recorded: &'a Value, name: &str) -> Option<&'a str> {
 impl Stack {
     /// One series of the gateway's /metrics (its full name, labels included), if present.
     pub async fn metric(&self, series: &str) -> Option<f64> {
-        let text = self.http.get(format!("{}/metrics", self.gateway.admin)).send().await.unwrap().text().await.unwrap();
+        self.metric_of(&self.gateway, series).await
+    }
+
+    /// One series of another gateway's /metrics (a replica's).
+    pub async fn metric_of(&self, gateway: &Gateway, series: &str) -> Option<f64> {
+        let text = self.http.get(format!("{}/metrics", gateway.admin)).send().await.unwrap().text().await.unwrap();
         text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
     }
 }
