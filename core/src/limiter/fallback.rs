@@ -14,7 +14,7 @@
 use std::{
     collections::{HashMap, VecDeque},
     sync::{
-        atomic::{AtomicU32, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
         Arc, Mutex,
     },
     time::{SystemTime, UNIX_EPOCH},
@@ -33,21 +33,68 @@ pub struct LastKnown {
     pub tpm_used: i64,
     /// Budget left (nano-USD) after the last reservation, if the scope has a budget.
     pub budget_left: Option<i64>,
+    /// How much the scope moved between this replica's last two calls: what the other replicas
+    /// used in one of its gaps, and so about what they may have used since the last one, which
+    /// an outage keeps this replica from seeing. Filled in by [`Observations::record`].
+    pub rpm_step: i64,
+    pub tpm_step: i64,
+    pub budget_step: i64,
+}
+
+impl LastKnown {
+    /// The figures with what the other replicas may have used since this was seen: what an
+    /// outage starts from, so that a replica's stale view does not add up to more than the limit.
+    fn with_unseen(self) -> LastKnown {
+        LastKnown {
+            rpm_used: self.rpm_used + self.rpm_step,
+            tpm_used: self.tpm_used + self.tpm_step,
+            budget_left: self.budget_left.map(|left| left - self.budget_step),
+            ..self
+        }
+    }
 }
 
 /// Last known state of every scope, kept up to date by the Redis limiter.
 #[derive(Default)]
 pub struct Observations {
-    scopes: Mutex<HashMap<String, LastKnown>>,
+    scopes: Mutex<HashMap<String, (Scope, LastKnown)>>,
 }
 
 impl Observations {
-    pub fn record(&self, prefix: String, seen: LastKnown) {
-        crate::sync::lock(&self.scopes).insert(prefix, seen);
+    pub fn record(&self, scope: &Scope, mut seen: LastKnown) {
+        let prefix = scope.redis_prefix();
+        let mut scopes = crate::sync::lock(&self.scopes);
+        if let Some((_, last)) = scopes.get(&prefix).filter(|(_, l)| seen.at - l.at < 60) {
+            seen.rpm_step = (seen.rpm_used - last.rpm_used).max(0);
+            seen.tpm_step = (seen.tpm_used - last.tpm_used).max(0);
+            seen.budget_step = match (last.budget_left, seen.budget_left) {
+                (Some(before), Some(now)) => (before - now).max(0),
+                _ => 0,
+            };
+        }
+        match scopes.get_mut(&prefix) {
+            Some(entry) if entry.0 == *scope => entry.1 = seen,
+            _ => {
+                scopes.insert(prefix, (scope.clone(), seen));
+            }
+        }
     }
 
+    /// Scopes last seen at or after second `since`, with what was seen (raw).
+    fn recent(&self, since: i64) -> Vec<(String, (Scope, LastKnown))> {
+        let mut scopes = crate::sync::lock(&self.scopes);
+        scopes.retain(|_, (_, seen)| seen.at >= since - 60);
+        scopes.iter().filter(|(_, (_, seen))| seen.at >= since).map(|(p, v)| (p.clone(), v.clone())).collect()
+    }
+
+    /// What Redis last said of `prefix`, as it said it.
+    pub fn last(&self, prefix: &str) -> Option<LastKnown> {
+        crate::sync::lock(&self.scopes).get(prefix).map(|(_, l)| *l)
+    }
+
+    /// What an outage starts from for `prefix`: the last figures plus what was not seen.
     fn get(&self, prefix: &str) -> Option<LastKnown> {
-        crate::sync::lock(&self.scopes).get(prefix).copied()
+        crate::sync::lock(&self.scopes).get(prefix).map(|(_, l)| l.with_unseen())
     }
 }
 
@@ -72,6 +119,10 @@ pub struct ScopeSync {
     pub spend_nanos: i64,
     /// The first settlement's second: a budget seeded after it already counts (some of) it.
     pub settled_from: i64,
+    /// What Redis last counted in the scope's windows before the outage (`(second, requests,
+    /// tokens)`): a Redis that came back empty is brought up to it, so that what it admitted
+    /// before it lost its data still counts.
+    pub floor: Option<(i64, i64, i64)>,
 }
 
 impl LocalScope {
@@ -95,8 +146,12 @@ impl LocalScope {
 }
 
 pub struct FallbackLimiter {
-    /// What was admitted here that Redis has not been told about yet, by scope prefix.
+    /// What was admitted here that Redis has not been told about yet, by scope prefix; open to
+    /// more until it is sent.
     unsynced: Mutex<HashMap<String, ScopeSync>>,
+    /// Syncs sent whose calls failed: sent again as they are, never added to (the first call
+    /// may have arrived, and Redis applies an id once).
+    resend: Mutex<Vec<ScopeSync>>,
     /// Replicas last seen through the heartbeat (0: never seen).
     live_replicas: Arc<AtomicU32>,
     /// The most replicas that run at once, as configured: the floor of the count.
@@ -106,6 +161,8 @@ pub struct FallbackLimiter {
     scopes: Mutex<HashMap<String, LocalScope>>,
     /// Counts outages; a scope's local figures are brought up to date once per outage.
     outage: AtomicU64,
+    /// Whether `unsynced` holds anything (read on every request while Redis is up).
+    dirty: AtomicBool,
 }
 
 fn now_secs() -> i64 {
@@ -125,12 +182,14 @@ impl FallbackLimiter {
     ) -> Self {
         Self {
             unsynced: Mutex::new(HashMap::new()),
+            resend: Mutex::new(Vec::new()),
             live_replicas,
             expected_replicas: expected_replicas.max(1),
             observations,
             seed,
             scopes: Mutex::new(HashMap::new()),
             outage: AtomicU64::new(0),
+            dirty: AtomicBool::new(false),
         }
     }
 
@@ -170,6 +229,29 @@ impl FallbackLimiter {
 #[async_trait]
 impl Limiter for FallbackLimiter {
     async fn reserve(&self, scopes: &[Scope], demand: &Demand) -> Result<Admission, LimiterError> {
+        self.judge(scopes, demand, true).await
+    }
+
+    async fn settle(&self, reservation: &Reservation, tokens: u64, cost_nanos: i64) -> Result<(), LimiterError> {
+        self.settle_local(reservation, tokens, cost_nanos)
+    }
+
+    async fn release(&self, reservation: &Reservation) -> Result<(), LimiterError> {
+        self.release_local(reservation)
+    }
+}
+
+impl FallbackLimiter {
+    /// Just after Redis came back, before every replica has told it what it admitted alone: the
+    /// share check, counted locally only (Redis counts the request itself). A refusal here
+    /// stands; an admission still goes to Redis.
+    pub async fn shadow(&self, scopes: &[Scope], demand: &Demand) -> Result<Admission, LimiterError> {
+        self.judge(scopes, demand, false).await
+    }
+
+    /// Judges a request against this replica's shares; `for_redis`: an admission is kept for
+    /// Redis to count when it answers again.
+    async fn judge(&self, scopes: &[Scope], demand: &Demand, for_redis: bool) -> Result<Admission, LimiterError> {
         let replicas = self.replicas();
         let now = now_secs();
         let outage = self.outage.load(Ordering::Acquire);
@@ -243,22 +325,24 @@ impl Limiter for FallbackLimiter {
                 }
             }
         }
+        drop(local);
         let held = scopes
             .iter()
             .filter(|s| !s.limits.is_empty())
             .map(|s| Held { scope: s.clone(), made_at: now, period: String::new() })
             .collect();
-        Ok(Admission {
-            refusal: None,
-            warnings,
-            standing,
-            reservation: Some(Reservation { demand: demand.clone(), held, local: true }),
-        })
+        let reservation = Reservation { demand: demand.clone(), held, local: true };
+        if for_redis {
+            // Redis counts the admission as soon as it answers again, not when the request ends.
+            self.unsync(&reservation, 1, demand.tokens as i64, 0);
+        }
+        Ok(Admission { refusal: None, warnings, standing, reservation: Some(reservation) })
     }
 
-    async fn settle(&self, reservation: &Reservation, tokens: u64, cost_nanos: i64) -> Result<(), LimiterError> {
+    fn settle_local(&self, reservation: &Reservation, tokens: u64, cost_nanos: i64) -> Result<(), LimiterError> {
         let d = &reservation.demand;
-        self.unsync(reservation, 1, tokens as i64, cost_nanos);
+        // The admission was synced already: now the real tokens and the spend.
+        self.unsync(reservation, 0, tokens as i64 - d.tokens as i64, cost_nanos);
         let mut local = crate::sync::lock(&self.scopes);
         for h in &reservation.held {
             if let Some(entry) = local.get_mut(&h.scope.redis_prefix()) {
@@ -271,9 +355,10 @@ impl Limiter for FallbackLimiter {
         Ok(())
     }
 
-    async fn release(&self, reservation: &Reservation) -> Result<(), LimiterError> {
-        let mut local = crate::sync::lock(&self.scopes);
+    fn release_local(&self, reservation: &Reservation) -> Result<(), LimiterError> {
         let d = &reservation.demand;
+        self.unsync(reservation, -1, -(d.tokens as i64), 0);
+        let mut local = crate::sync::lock(&self.scopes);
         for h in &reservation.held {
             if let Some(entry) = local.get_mut(&h.scope.redis_prefix()) {
                 entry.add(h.made_at, -1, -(d.tokens as i64));
@@ -291,6 +376,7 @@ impl FallbackLimiter {
     fn unsync(&self, reservation: &Reservation, requests: i64, tokens: i64, cost_nanos: i64) {
         let now = now_secs();
         let mut unsynced = crate::sync::lock(&self.unsynced);
+        self.dirty.store(true, Ordering::Release);
         for h in &reservation.held {
             let pending = unsynced.entry(h.scope.redis_prefix()).or_insert_with(|| ScopeSync {
                 scope: h.scope.clone(),
@@ -298,6 +384,7 @@ impl FallbackLimiter {
                 windows: Vec::new(),
                 spend_nanos: 0,
                 settled_from: now,
+                floor: None,
             });
             match pending.windows.iter_mut().find(|w| w.0 == h.made_at) {
                 Some(w) => (w.1, w.2) = (w.1 + requests, w.2 + tokens),
@@ -309,28 +396,44 @@ impl FallbackLimiter {
         }
     }
 
-    /// What was admitted here since the last call, one entry per scope, for Redis to add.
-    pub fn take_sync(&self) -> Vec<ScopeSync> {
-        std::mem::take(&mut *crate::sync::lock(&self.unsynced)).into_values().collect()
-    }
-
-    /// Syncs Redis did not take, kept under their ids (a repeat of one that did arrive is
-    /// skipped there); a scope with newer entries meanwhile gets a second sync of its own.
-    pub fn put_back_sync(&self, syncs: Vec<ScopeSync>) {
-        let mut unsynced = crate::sync::lock(&self.unsynced);
-        for sync in syncs {
-            let prefix = sync.scope.redis_prefix();
-            match unsynced.remove(&prefix) {
-                None => {
-                    unsynced.insert(prefix, sync);
-                }
-                Some(newer) => {
-                    // Only one entry a scope: the failed one goes back, the newer waits for the
-                    // next round under a key of its own.
-                    unsynced.insert(prefix.clone(), sync);
-                    unsynced.insert(format!("{prefix}#{}", newer.id), newer);
-                }
+    /// What was admitted here since the last call, one entry per scope, for Redis to add; with
+    /// `floors`, also every scope Redis reported in the last minute, carrying what it counted.
+    pub fn take_sync(&self, floors: bool) -> Vec<ScopeSync> {
+        let mut syncs = {
+            let mut unsynced = crate::sync::lock(&self.unsynced);
+            self.dirty.store(false, Ordering::Release);
+            std::mem::take(&mut *unsynced)
+        };
+        if floors {
+            let now = now_secs();
+            for (prefix, (scope, seen)) in self.observations.recent(now - 60) {
+                let sync = syncs.entry(prefix).or_insert_with(|| ScopeSync {
+                    scope,
+                    id: uuid::Uuid::new_v4().to_string(),
+                    windows: Vec::new(),
+                    spend_nanos: 0,
+                    settled_from: now,
+                    floor: None,
+                });
+                // With what others may have admitted since: a floor a little high only refuses
+                // a few requests early; one too low would admit them twice.
+                let seen = seen.with_unseen();
+                sync.floor = Some((seen.at, seen.rpm_used, seen.tpm_used));
             }
         }
+        let mut out = std::mem::take(&mut *crate::sync::lock(&self.resend));
+        out.extend(syncs.into_values());
+        out
+    }
+
+    /// Whether anything admitted here waits for Redis.
+    pub fn has_unsynced(&self) -> bool {
+        self.dirty.load(Ordering::Acquire)
+    }
+
+    /// Syncs Redis did not take, kept under their ids and sent again as they are.
+    pub fn put_back_sync(&self, syncs: Vec<ScopeSync>) {
+        crate::sync::lock(&self.resend).extend(syncs);
+        self.dirty.store(true, Ordering::Release);
     }
 }

@@ -174,6 +174,8 @@ pub enum LimiterError {
     Seed(String),
     #[error("unexpected limiter reply: {0}")]
     Protocol(String),
+    #[error("redis lost the limiter's windows (restarted empty)")]
+    Lost,
 }
 
 /// Where a budget scope's spend so far in a period comes from when Redis has lost it.

@@ -100,7 +100,7 @@ pub struct RedisLimiter {
 static HEARTBEAT_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(include_str!("heartbeat.lua")));
 
 /// One scope's answer to `reserve`.
-type Reply = (i64, i64, i64, String, i64, i64, i64, i64, i64, i64);
+type Reply = (i64, i64, i64, String, i64, i64, i64, i64, i64, i64, i64);
 
 /// One request's part of a script call: its scopes, with each scope's extra fields
 /// (see scope.lua: `a`, `b`, `c`).
@@ -151,11 +151,12 @@ impl RedisLimiter {
     /// applied once under its id, however often it is sent.
     pub async fn sync(&self, sync: &ScopeSync) -> Result<(), LimiterError> {
         let windows: Vec<String> = sync.windows.iter().map(|(s, r, t)| format!("{s}:{r}:{t}")).collect();
+        let floor = sync.floor.map(|(at, r, t)| format!("{at}:{r}:{t}")).unwrap_or_default();
         let call = Call {
             request_id: sync.id.clone(),
             tokens: 0,
             cost: sync.spend_nanos,
-            entries: vec![(sync.scope.clone(), sync.settled_from.to_string(), windows.join(","), String::new())],
+            entries: vec![(sync.scope.clone(), sync.settled_from.to_string(), windows.join(","), floor)],
         };
         let inv = invocation("sync", std::slice::from_ref(&call), self.lease_secs, self.clock_offset_secs);
         run(&self.conn, self.timeout, &inv).await.map(|_: Value| ())
@@ -450,11 +451,25 @@ impl Limiter for RedisLimiter {
         let mut refusal = None;
         let mut warnings = Vec::new();
         let mut standing = Standing::default();
+        let mut lost = false;
         for (scope, r) in scopes.iter().zip(&replies) {
-            let (status, reason, now, period, rpm_used, rpm_reset, tpm_used, tpm_reset, left, retry) = r.clone();
+            let (status, reason, now, period, rpm_used, rpm_reset, tpm_used, tpm_reset, left, retry, windows) = r.clone();
+            // A window this replica saw in use within the minute is gone: Redis lost its data.
+            if let Some(seen) = self.observations.last(&scope.redis_prefix()).filter(|o| now - o.at < 60) {
+                let gone = |had: i64, bit: i64| had > 0 && windows & bit == 0;
+                let rpm_gone = scope.limits.rpm.is_some() && gone(seen.rpm_used, 1);
+                let tpm_gone = scope.limits.tpm.is_some() && gone(seen.tpm_used, 2);
+                lost |= rpm_gone || tpm_gone;
+            }
             self.observations.record(
-                scope.redis_prefix(),
-                LastKnown { at: now, rpm_used, tpm_used, budget_left: scope.limits.max_budget.map(|_| left) },
+                scope,
+                LastKnown {
+                    at: now,
+                    rpm_used,
+                    tpm_used,
+                    budget_left: scope.limits.max_budget.map(|_| left),
+                    ..LastKnown::default()
+                },
             );
             let reason = match reason {
                 1 => Some(Reason::Rpm),
@@ -486,6 +501,11 @@ impl Limiter for RedisLimiter {
                 3 => {}
                 other => return Err(LimiterError::Protocol(format!("status {other}"))),
             }
+        }
+        if lost {
+            // What this call applied goes back; the caller restores the windows and asks again.
+            self.undo("refund", &held, demand, demand.tokens, demand.cost_nanos).await?;
+            return Err(LimiterError::Lost);
         }
         if refusal.is_some() {
             // Only a cluster applies scopes one by one; on one node `held` is empty here.

@@ -24,7 +24,17 @@ pub struct ResilientLimiter {
     /// Calls to Redis that failed or timed out since the last `take_failures`.
     failures: AtomicU64,
     fail_closed: bool,
+    /// Held while what the fallback admitted is given to Redis after an outage.
+    sync_gate: tokio::sync::Mutex<()>,
+    /// An outage began since the last sync: the next one carries floors.
+    needs_floors: AtomicBool,
+    /// Until then (just after an outage), requests must also fit this replica's share.
+    grace_until: Mutex<Option<Instant>>,
 }
+
+/// How long after an outage a replica still holds itself to its share: every replica has told
+/// Redis what it admitted alone within two heartbeats.
+const GRACE_AFTER_OUTAGE: Duration = Duration::from_secs(2);
 
 impl ResilientLimiter {
     /// `live_replicas`: the heartbeat's count (0 until seen); `expected_replicas`: the floor of
@@ -43,6 +53,9 @@ impl ResilientLimiter {
             in_fallback: AtomicBool::new(false),
             failures: AtomicU64::new(0),
             fail_closed,
+            sync_gate: tokio::sync::Mutex::new(()),
+            needs_floors: AtomicBool::new(false),
+            grace_until: Mutex::new(None),
         }
     }
 
@@ -74,11 +87,14 @@ impl ResilientLimiter {
         }
     }
 
-    /// Tells Redis what the fallback admitted, one call per scope, off the request path (the
-    /// gateway calls it every second). Returns how many scopes were synced.
-    pub async fn sync_fallback(&self) -> usize {
-        let Some(primary) = self.usable_primary() else { return 0 };
-        let syncs = self.fallback.take_sync();
+    /// Tells Redis what the fallback admitted, one call per scope (the gateway calls it every
+    /// second; a request that finds Redis back calls it first, see `reserve`). After an outage it
+    /// also brings every scope seen in the last minute up to what Redis had counted, in case
+    /// Redis came back empty. Returns how many scopes were synced, `None` if a call failed.
+    pub async fn sync_fallback(&self) -> Option<usize> {
+        let primary = self.usable_primary()?;
+        let after_outage = self.needs_floors.swap(false, std::sync::atomic::Ordering::AcqRel);
+        let syncs = self.fallback.take_sync(after_outage);
         let mut failed = Vec::new();
         let mut synced = 0;
         for sync in syncs {
@@ -96,8 +112,17 @@ impl ResilientLimiter {
         }
         if !failed.is_empty() {
             self.fallback.put_back_sync(failed);
+            if after_outage {
+                self.needs_floors.store(true, std::sync::atomic::Ordering::Release);
+            }
+            return None;
         }
-        synced
+        Some(synced)
+    }
+
+    /// Whether the fallback holds admissions, or floors, Redis has not been told about.
+    fn fallback_pending(&self) -> bool {
+        self.fallback.has_unsynced() || self.needs_floors.load(std::sync::atomic::Ordering::Acquire)
     }
 
     fn mark(&self, up: bool) {
@@ -105,6 +130,7 @@ impl ResilientLimiter {
         if !up {
             if !was_fallback {
                 self.fallback.begin_outage();
+                self.needs_floors.store(true, std::sync::atomic::Ordering::Release);
             }
             *crate::sync::lock(&self.down_until) = Some(Instant::now() + SKIP_AFTER_FAILURE);
         }
@@ -114,8 +140,40 @@ impl ResilientLimiter {
 #[async_trait]
 impl Limiter for ResilientLimiter {
     async fn reserve(&self, scopes: &[Scope], demand: &Demand) -> Result<Admission, LimiterError> {
-        if let Some(primary) = self.usable_primary() {
-            match primary.reserve(scopes, demand).await {
+        let mut primary = self.usable_primary();
+        if primary.is_some() && self.fallback_pending() {
+            // Redis is back: what was admitted without it reaches Redis before Redis admits
+            // anything more. Requests meanwhile wait for the gate, then find nothing to sync.
+            let _gate = self.sync_gate.lock().await;
+            if self.fallback_pending() {
+                if self.sync_fallback().await.is_none() {
+                    self.failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.mark(false);
+                    primary = None;
+                } else {
+                    *crate::sync::lock(&self.grace_until) = Some(Instant::now() + GRACE_AFTER_OUTAGE);
+                }
+            }
+        }
+        if let Some(primary) = primary {
+            let in_grace = crate::sync::lock(&self.grace_until).is_some_and(|t| Instant::now() < t);
+            if in_grace {
+                // The other replicas may not have told Redis yet what they admitted alone.
+                let local = self.fallback.shadow(scopes, demand).await?;
+                if local.refusal.is_some() {
+                    return Ok(local);
+                }
+            }
+            let mut result = primary.reserve(scopes, demand).await;
+            if matches!(result, Err(LimiterError::Lost)) {
+                // Redis restarted empty: bring every scope seen in the last minute back up to
+                // what Redis had counted (and what was admitted without it), then ask again.
+                let _gate = self.sync_gate.lock().await;
+                self.needs_floors.store(true, std::sync::atomic::Ordering::Release);
+                self.sync_fallback().await;
+                result = primary.reserve(scopes, demand).await;
+            }
+            match result {
                 Ok(a) => {
                     self.mark(true);
                     return Ok(a);

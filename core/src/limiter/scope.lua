@@ -12,6 +12,7 @@
 --      refund/settle: the second the reservation was made in; sync: when its spend was first
 --      settled
 --   b: sync: what the fallback admitted by second, "<sec>:<requests>:<tokens>,..."
+--   c: sync: what Redis last counted before the outage, "<sec>:<requests>:<tokens>" ("" if none)
 --   b: refund/settle: tokens reserved        c: settle/resettle: the budget period reserved in
 --   a: reconcile: the period the spend in `cost` was summed over (PostgreSQL's rollups)
 -- For settle and resettle, tokens and cost are what was really used; for sync, cost is the
@@ -31,7 +32,9 @@
 -- "__total") with leases in "<prefix>:nlease", swept on every call.
 --
 -- reserve returns, per request, per scope: {status, reason, now, period, rpm_used, rpm_reset,
--- tpm_used, tpm_reset, budget_left, retry_after}. Status 1: admitted; 2: admitted over a soft or
+-- tpm_used, tpm_reset, budget_left, retry_after, windows}; windows: 1 if the RPM window existed
+-- before this call, plus 2 if the TPM one did (a window a replica saw in use within the minute
+-- that no longer exists means Redis lost its data). Status 1: admitted; 2: admitted over a soft or
 -- monitor limit (reason says which); 0: refused (reason 1 rpm, 2 tpm, 3 budget); -1: the budget
 -- must be seeded; 3: would have been admitted, but another scope of the request refused or needs
 -- a seed, so nothing of the request was applied.
@@ -103,6 +106,7 @@ end
 -- bucket that still counts leaves.
 local function window_use(key)
   local st = redis.call('HMGET', key, 't', 's')
+  local existed = st[1] ~= false
   local total = tonumber(st[1] or '0')
   local swept = tonumber(st[2] or '0')
   local edge = now - WINDOW
@@ -124,7 +128,7 @@ local function window_use(key)
     -- Once a second is enough: an idle window disappears two windows after its last use.
     redis.call('EXPIRE', key, WINDOW * 2)
   end
-  return total, (total > 0) and oldest_leaves(key, swept) or 0, swept
+  return total, (total > 0) and oldest_leaves(key, swept) or 0, swept, existed
 end
 
 -- Adds n to the bucket of second `sec` if it still counts (`swept`: the window's 's', if known).
@@ -196,7 +200,7 @@ end
 
 -- Judges one scope of a reservation without changing anything but expired state.
 local function judge(r, s)
-  local reply = {1, 0, now, '', 0, 0, 0, 0, -1, 0}
+  local reply = {1, 0, now, '', 0, 0, 0, 0, -1, 0, 0}
   local ends = 0
   s.ttl = 0
   if s.budget >= 0 then
@@ -233,13 +237,17 @@ local function judge(r, s)
     end
   end
   if s.rpm >= 0 then
-    reply[5], reply[6], s.rpm_swept = window_use(s.rpm_key)
+    local existed
+    reply[5], reply[6], s.rpm_swept, existed = window_use(s.rpm_key)
+    if existed then reply[11] = reply[11] + 1 end
     if reply[1] == 1 and reply[5] + 1 > s.rpm then
       reply[1], reply[2], reply[10] = 0, 1, wait_for(s.rpm_key, reply[5] + 1 - s.rpm)
     end
   end
   if s.tpm >= 0 then
-    reply[7], reply[8], s.tpm_swept = window_use(s.tpm_key)
+    local existed
+    reply[7], reply[8], s.tpm_swept, existed = window_use(s.tpm_key)
+    if existed then reply[11] = reply[11] + 2 end
     if reply[1] == 1 and reply[7] + r.tokens > s.tpm then
       reply[1], reply[2], reply[10] = 0, 2, wait_for(s.tpm_key, reply[7] + r.tokens - s.tpm)
     end
@@ -346,6 +354,19 @@ for _, r in ipairs(requests) do
     elseif op == 'sync' then
       -- What a replica's fallback admitted while Redis was away, once per sync id.
       if redis.call('SET', s.prefix .. ':sync:' .. r.id, 1, 'NX', 'EX', 3600) then
+        -- A Redis that lost its data (restarted empty) is brought up to what it had counted.
+        local fsec, frpm, ftpm = string.match(s.c, '^(%-?%d+):(%-?%d+):(%-?%d+)$')
+        if fsec then
+          fsec, frpm, ftpm = tonumber(fsec), tonumber(frpm), tonumber(ftpm)
+          if s.rpm >= 0 then
+            local total, _, swept = window_use(s.rpm_key)
+            if total < frpm then window_add(s.rpm_key, fsec, frpm - total, swept) end
+          end
+          if s.tpm >= 0 then
+            local total, _, swept = window_use(s.tpm_key)
+            if total < ftpm then window_add(s.tpm_key, fsec, ftpm - total, swept) end
+          end
+        end
         for sec, n, tokens in string.gmatch(s.b, '(%-?%d+):(%-?%d+):(%-?%d+)') do
           sec, n, tokens = tonumber(sec), tonumber(n), tonumber(tokens)
           if s.rpm >= 0 and n ~= 0 then window_add(s.rpm_key, sec, n) end

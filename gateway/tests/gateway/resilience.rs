@@ -78,7 +78,15 @@ async fn limits_hold_through_a_redis_outage_and_budgets_are_reseeded(db: PgPool)
     let spent: Decimal = sqlx::query_scalar("SELECT sum(cost) FROM usage_daily").fetch_one(&stack.db).await.unwrap();
     assert_eq!(spent, Decimal::new(3, 2) * Decimal::from(before + during));
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    let (after, _) = send(&stack, &bases[..1], &key, 30).await;
+    // The RPM window outlived Redis's restart: the replicas brought it back to what Redis had
+    // counted, so this minute's limit is not handed out a second time.
+    let (again, _) = send(&stack, &bases, &key, 10).await;
+    assert!(before + during + again <= 30, "{} admitted in one minute under an RPM of 30", before + during + again);
+    // The budget is the user's: another key of theirs, without an RPM, meets it alone.
+    let other = stack.post_admin("/keys", json!({"user_id": uid, "name": "no-rpm", "models": ["b"]})).await;
+    let other_key = other["key"].as_str().unwrap();
+    let (after, _) = send(&stack, &bases[..1], other_key, 30).await;
+    let after = after + again;
     let left = Decimal::ONE - spent;
     let fits = (left / Decimal::new(3, 2)).floor();
     assert_eq!(Decimal::from(after), fits, "after the restart only what is left of the budget is admitted");
