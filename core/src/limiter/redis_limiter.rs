@@ -453,7 +453,8 @@ impl Limiter for RedisLimiter {
         let mut standing = Standing::default();
         let mut lost = false;
         for (scope, r) in scopes.iter().zip(&replies) {
-            let (status, reason, now, period, rpm_used, rpm_reset, tpm_used, tpm_reset, left, retry, windows) = r.clone();
+            let (status, reason, now, period, rpm_used, rpm_reset, tpm_used, tpm_reset, left, retry, windows) =
+                r.clone();
             // A window this replica saw in use within the minute is gone: Redis lost its data.
             if let Some(seen) = self.observations.last(&scope.redis_prefix()).filter(|o| now - o.at < 60) {
                 let gone = |had: i64, bit: i64| had > 0 && windows & bit == 0;

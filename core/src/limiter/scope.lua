@@ -169,6 +169,15 @@ local function sweep(res_key, lease_key)
   end
 end
 
+-- Adds settled spend to a budget period, if Redis holds it: a missing one is seeded from
+-- PostgreSQL, which records this spend too.
+local function add_spend(s, period, cost)
+  local budget_key = s.prefix .. ':nb:' .. period
+  if cost > 0 and redis.call('EXISTS', budget_key) == 1 then
+    redis.call('INCRBY', budget_key, cost)
+  end
+end
+
 local function release(res_key, lease_key, rid)
   local amount = redis.call('HGET', res_key, rid)
   if amount then
@@ -310,10 +319,7 @@ for _, r in ipairs(requests) do
     if op == 'resettle' then
       if s.budget >= 0 and redis.call('HEXISTS', s.res_key, r.id) == 1 then
         release(s.res_key, s.lease_key, r.id)
-        local budget_key = s.prefix .. ':nb:' .. s.c
-        if r.cost > 0 and redis.call('EXISTS', budget_key) == 1 then
-          redis.call('INCRBY', budget_key, r.cost)
-        end
+        add_spend(s, s.c, r.cost)
       end
     elseif op == 'reconcile' then
       local added = 0
@@ -344,12 +350,7 @@ for _, r in ipairs(requests) do
       if s.budget >= 0 then
         sweep(s.res_key, s.lease_key)
         release(s.res_key, s.lease_key, r.id)
-        local budget_key = s.prefix .. ':nb:' .. s.c
-        -- Only a seeded period is added to: a missing one is seeded from PostgreSQL, which
-        -- records this spend too.
-        if r.cost > 0 and redis.call('EXISTS', budget_key) == 1 then
-          redis.call('INCRBY', budget_key, r.cost)
-        end
+        add_spend(s, s.c, r.cost)
       end
     elseif op == 'sync' then
       -- What a replica's fallback admitted while Redis was away, once per sync id.

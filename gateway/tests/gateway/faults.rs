@@ -123,10 +123,9 @@ async fn a_stale_pooled_connection_is_retried_once_with_the_rewritten_body(db: P
 
 /// A budget of $1 for the whole time (`budget_period: none`) on a key for model `b` ($0.01 per
 /// completion token), over a Redis of the test's own: `(stack, key, key id)`.
-async fn budget_stack(db: PgPool, redis: &RedisServer, env: Vec<(&str, &str)>) -> (Stack, String, String) {
-    let url = redis.url();
+async fn budget_stack(db: PgPool, redis_url: &str, env: Vec<(&str, &str)>) -> (Stack, String, String) {
     let mut env = env;
-    env.extend([("TOLLGATE_REDIS_URL", url.as_str()), ("TOLLGATE_REDIS_TIMEOUT_MS", "300")]);
+    env.extend([("TOLLGATE_REDIS_URL", redis_url), ("TOLLGATE_REDIS_TIMEOUT_MS", "300")]);
     let stack = Stack::start_with(db, env).await;
     stack.post_admin("/models", json!({"id": "b", "input_cost_per_token": 0, "output_cost_per_token": 0.01})).await;
     let (key, key_id, _) = stack.key_for("budget@example.com", &["b"]).await;
@@ -172,7 +171,7 @@ async fn wait_metric(stack: &Stack, metric: &str, done: impl Fn(f64) -> bool) {
 async fn a_settlement_redis_missed_is_kept_and_applied_once(db: PgPool) {
     let redis = RedisServer::start().await;
     // Reconcile off: only the kept settlement may restore the spend.
-    let (stack, key, key_id) = budget_stack(db, &redis, vec![("TOLLGATE_BUDGET_RECONCILE_SECONDS", "0")]).await;
+    let (stack, key, key_id) = budget_stack(db, &redis.url(), vec![("TOLLGATE_BUDGET_RECONCILE_SECONDS", "0")]).await;
     let body = json!({"model": "b", "max_tokens": 3, "messages": user_msg("hi")});
     assert_eq!(stack.chat(&key, body.clone()).send().await.unwrap().status(), StatusCode::OK);
 
@@ -254,39 +253,25 @@ impl Partition {
     }
 }
 
+/// A request of the budget key admitted through Redis, then the network to Redis cut while its
+/// answer comes: its settlement cannot arrive. Returns once the gateway keeps it.
+async fn strand_a_settlement(stack: &Stack, partition: &Partition, key: &str) {
+    let body = json!({"model": "b", "max_tokens": 3, "messages": user_msg("hi")});
+    assert_eq!(stack.chat(key, body.clone()).send().await.unwrap().status(), StatusCode::OK);
+    let slow = tokio::spawn(stack.chat(key, body).header("x-mock-ttfb-ms", "1500").send());
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    partition.set(true);
+    assert_eq!(slow.await.unwrap().unwrap().status(), StatusCode::OK);
+    wait_metric(stack, "tollgate_gateway_settlements_pending", |v| v >= 1.0).await;
+}
+
 #[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
 async fn a_settlement_lost_in_a_partition_is_sent_again_when_redis_is_back(db: PgPool) {
     let redis = RedisServer::start().await;
     let partition = Partition::start(redis.port).await;
-    let redis_url = partition.redis_url();
-    let stack = Stack::start_with(
-        db,
-        vec![
-            ("TOLLGATE_REDIS_URL", redis_url.as_str()),
-            ("TOLLGATE_REDIS_TIMEOUT_MS", "300"),
-            ("TOLLGATE_BUDGET_RECONCILE_SECONDS", "0"),
-        ],
-    )
-    .await;
-    stack.post_admin("/models", json!({"id": "b", "input_cost_per_token": 0, "output_cost_per_token": 0.01})).await;
-    let (key, key_id, _) = stack.key_for("partition@example.com", &["b"]).await;
-    stack
-        .admin(
-            reqwest::Method::PATCH,
-            &format!("/keys/{key_id}"),
-            json!({"limits": {"max_budget": 1, "budget_period": "none"}}),
-        )
-        .await;
-    stack.wait_model(&key, "b").await;
-    let body = json!({"model": "b", "max_tokens": 3, "messages": user_msg("hi")});
-    assert_eq!(stack.chat(&key, body.clone()).send().await.unwrap().status(), StatusCode::OK);
-
-    // Admitted through Redis, then the network to Redis is cut while the answer comes.
-    let slow = tokio::spawn(stack.chat(&key, body.clone()).header("x-mock-ttfb-ms", "1500").send());
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    partition.set(true);
-    assert_eq!(slow.await.unwrap().unwrap().status(), StatusCode::OK);
-    wait_metric(&stack, "tollgate_gateway_settlements_pending", |v| v >= 1.0).await;
+    let (stack, key, key_id) =
+        budget_stack(db, &partition.redis_url(), vec![("TOLLGATE_BUDGET_RECONCILE_SECONDS", "0")]).await;
+    strand_a_settlement(&stack, &partition, &key).await;
     stack.wait_usage_rows(2).await;
     let (in_redis, in_pg) = spend_both_sides(&stack, &redis, &key_id).await;
     assert!(in_redis < in_pg, "the settlement cannot have arrived yet");
@@ -301,7 +286,7 @@ async fn a_settlement_lost_in_a_partition_is_sent_again_when_redis_is_back(db: P
 #[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
 async fn a_budget_that_missed_spend_is_raised_to_the_rollups(db: PgPool) {
     let redis = RedisServer::start().await;
-    let (stack, key, key_id) = budget_stack(db, &redis, vec![("TOLLGATE_BUDGET_RECONCILE_SECONDS", "1")]).await;
+    let (stack, key, key_id) = budget_stack(db, &redis.url(), vec![("TOLLGATE_BUDGET_RECONCILE_SECONDS", "1")]).await;
     let body = json!({"model": "b", "max_tokens": 3, "messages": user_msg("hi")});
     for _ in 0..3 {
         assert_eq!(stack.chat(&key, body.clone()).send().await.unwrap().status(), StatusCode::OK);
@@ -327,36 +312,11 @@ async fn a_budget_that_missed_spend_is_raised_to_the_rollups(db: PgPool) {
 async fn settlements_unsent_at_shutdown_are_taken_up_by_the_next_start(db: PgPool) {
     let redis = RedisServer::start().await;
     let partition = Partition::start(redis.port).await;
-    let redis_url = partition.redis_url();
     let spool = TempDir::new();
     let spool_dir = spool.0.to_str().unwrap().to_string();
-    let mut stack = Stack::start_with(
-        db,
-        vec![
-            ("TOLLGATE_REDIS_URL", redis_url.as_str()),
-            ("TOLLGATE_REDIS_TIMEOUT_MS", "300"),
-            ("TOLLGATE_BUDGET_RECONCILE_SECONDS", "0"),
-            ("TOLLGATE_SPOOL_DIR", spool_dir.as_str()),
-        ],
-    )
-    .await;
-    stack.post_admin("/models", json!({"id": "b", "input_cost_per_token": 0, "output_cost_per_token": 0.01})).await;
-    let (key, key_id, _) = stack.key_for("shutdown@example.com", &["b"]).await;
-    stack
-        .admin(
-            reqwest::Method::PATCH,
-            &format!("/keys/{key_id}"),
-            json!({"limits": {"max_budget": 1, "budget_period": "none"}}),
-        )
-        .await;
-    stack.wait_model(&key, "b").await;
-    let body = json!({"model": "b", "max_tokens": 3, "messages": user_msg("hi")});
-    assert_eq!(stack.chat(&key, body.clone()).send().await.unwrap().status(), StatusCode::OK);
-    let slow = tokio::spawn(stack.chat(&key, body.clone()).header("x-mock-ttfb-ms", "1500").send());
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    partition.set(true);
-    assert_eq!(slow.await.unwrap().unwrap().status(), StatusCode::OK);
-    wait_metric(&stack, "tollgate_gateway_settlements_pending", |v| v >= 1.0).await;
+    let env = vec![("TOLLGATE_BUDGET_RECONCILE_SECONDS", "0"), ("TOLLGATE_SPOOL_DIR", spool_dir.as_str())];
+    let (mut stack, key, key_id) = budget_stack(db, &partition.redis_url(), env).await;
+    strand_a_settlement(&stack, &partition, &key).await;
 
     // Stopped while Redis is still cut off: the settlement is saved beside the spool.
     assert!(stack.gateway.terminate().await.success());
