@@ -397,10 +397,152 @@ def table(cells):
 
 
 def write_doc(cells):
+    write_section("<!-- fault-matrix:start -->", "<!-- fault-matrix:end -->", table(cells))
+
+
+def metric(port, name):
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    except (OSError, http.client.HTTPException):
+        return None
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return None
+
+
+def soak(stack, seconds, warmup=60, every=10):
+    """Half the measured capacity for `seconds`, keys created, revoked and rotated throughout;
+    RSS, open file descriptors, key-cache size and p99 sampled every `every` seconds."""
+    admin_ports = [int(g.env["TOLLGATE_ADMIN_LISTEN"].rsplit(":", 1)[1]) for g in stack.gateways]
+    user = stack.api_call("POST", "/users", {"email": f"soak-{uuid.uuid4().hex[:8]}@example.com", "name": "soak"})
+    stack.api_call("POST", "/subscriptions", {"user_id": user["id"], "model_id": "m"})
+    new_key = lambda: stack.api_call("POST", "/keys", {"user_id": user["id"], "name": "soak", "models": ["m"]})
+    keys = collections.deque(new_key() for _ in range(20))
+    lock = threading.Lock()
+    latencies = []
+    statuses = collections.Counter()
+    running = True
+
+    def client(rate):
+        i = 0
+        next_at = time.time()
+        while running:
+            with lock:
+                key = keys[i % len(keys)]["key"]
+            status, _, took = chat(stack.gateways[i % 3].port, key)
+            with lock:
+                latencies.append((time.time(), took))
+                statuses[str(status)] += 1
+            i += 1
+            next_at += 1 / rate
+            time.sleep(max(0, next_at - time.time()))
+
+    def churn():
+        n = 0
+        while running:
+            time.sleep(1)
+            n += 1
+            made = new_key()
+            with lock:
+                keys.append(made)
+                # As many revoked as created: the set of keys in use stays the same size.
+                old = keys.popleft() if len(keys) > 20 else None
+            if old:
+                stack.api_call("POST", f"/keys/{old['id']}/revoke", {})
+            if n % 5 == 0:
+                with lock:
+                    victim = keys[len(keys) // 2]
+                rotated = stack.api_call("POST", f"/keys/{victim['id']}/rotate", {})
+                with lock:
+                    for k in keys:
+                        if k["id"] == victim["id"]:
+                            k["key"] = rotated.get("key", k["key"])
+
+    # Capacity as this client measures it: 10 s flat out from 16 threads.
+    log("measuring capacity")
+    done_by = time.time() + 10
+    counts = collections.Counter()
+
+    def flat_out(n):
+        while time.time() < done_by:
+            if chat(stack.gateways[n % 3].port, keys[n % len(keys)]["key"])[0] == 200:
+                counts[n] += 1
+
+    workers = [threading.Thread(target=flat_out, args=(n,)) for n in range(16)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    capacity = sum(counts.values()) / 10
+    rate = max(10, capacity / 2)
+    log(f"capacity {capacity:.0f} req/s; soaking at {rate:.0f} req/s for {seconds} s")
+    threads = [threading.Thread(target=client, args=(rate / 8,), daemon=True) for _ in range(8)]
+    threads.append(threading.Thread(target=churn, daemon=True))
+    for t in threads:
+        t.start()
+    samples = []
+    started = time.time()
+    while time.time() - started < seconds:
+        time.sleep(every)
+        now = time.time()
+        with lock:
+            recent = sorted(t for at, t in latencies if at > now - every)
+        p99 = recent[int(len(recent) * 0.99) - 1] if recent else None
+        sample = {"t": round(now - started), "p99_ms": round(p99 * 1000, 1) if p99 else None, "replicas": []}
+        for g, admin in zip(stack.gateways, admin_ports):
+            pid = g.proc.pid
+            rss = int(next(l.split()[1] for l in open(f"/proc/{pid}/status") if l.startswith("VmRSS")))
+            sample["replicas"].append({"rss_kb": rss, "fds": len(os.listdir(f"/proc/{pid}/fd")),
+                                       "key_cache": metric(admin, "tollgate_gateway_key_cache_entries")})
+        samples.append(sample)
+        log(f"soak {json.dumps(sample)}")
+    running = False
+    after = [s for s in samples if s["t"] > warmup]
+    # A trend, not noise: the last minute's average against the first minute's after warm-up,
+    # within 10% plus a little for small counts (connections in flight, a few cache entries).
+    def mean(xs):
+        return sum(xs) / len(xs) if xs else 0.0
+
+    def flat_series(series, slack):
+        head, tail = series[:6], series[-6:]
+        return not series or mean(tail) <= 1.1 * mean(head) + slack
+
+    flat = {}
+    for name, slack in (("rss_kb", 0), ("fds", 4), ("key_cache", 2)):
+        flat[name] = all(flat_series([s["replicas"][r][name] or 0 for s in after], slack) for r in range(3))
+    flat["p99_ms"] = flat_series([s["p99_ms"] for s in after if s["p99_ms"]], 1.0)
+    return {"capacity_rps": round(capacity), "rate_rps": round(rate), "seconds": seconds, "statuses": dict(statuses),
+            "samples": samples, "flat": flat}
+
+
+def soak_table(result):
+    lines = [
+        f"Capacity as the load client measured it: {result['capacity_rps']} req/s; soaked at {result['rate_rps']} req/s "
+        f"for {result['seconds']} s with a key created and another revoked every second and one rotated every 5 s. "
+        f"Answers: {', '.join(f'{k}: {v}' for k, v in sorted(result['statuses'].items()))} (401: revoked or rotated keys "
+        "still in the client's pool).",
+        "",
+        "| t (s) | p99 (ms) | RSS (MiB) per replica | open fds per replica | key-cache entries per replica |",
+        "|---|---|---|---|---|",
+    ]
+    for s in result["samples"]:
+        rss = " / ".join(f"{r['rss_kb'] / 1024:.1f}" for r in s["replicas"])
+        fds = " / ".join(str(r["fds"]) for r in s["replicas"])
+        cache = " / ".join(str(int(r["key_cache"] or 0)) for r in s["replicas"])
+        lines.append(f"| {s['t']} | {s['p99_ms']} | {rss} | {fds} | {cache} |")
+    verdict = ", ".join(f"{k}: {'flat' if v else 'NOT flat'}" for k, v in result["flat"].items())
+    lines += ["", f"The last minute against the first after a minute of warm-up (averages; within 10%, "
+              f"plus 4 descriptors, 2 cache entries or 1 ms): {verdict}."]
+    return "\n".join(lines)
+
+
+def write_section(start, end, body):
     doc = ROOT / "docs" / "reliability.md"
-    text = doc.read_text() if doc.exists() else "# Reliability\n"
-    start, end = "<!-- fault-matrix:start -->", "<!-- fault-matrix:end -->"
-    block = f"{start}\n{table(cells)}\n{end}"
+    text = doc.read_text()
+    block = f"{start}\n{body}\n{end}"
     if start in text:
         text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
     else:
@@ -411,12 +553,23 @@ def write_doc(cells):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cells", help="comma-separated cells to run (default: all)")
+    parser.add_argument("--soak", type=int, metavar="SECONDS", help="run the soak instead of the matrix (600: ten minutes)")
     parser.add_argument("--no-doc", action="store_true", help="do not rewrite docs/reliability.md")
     args = parser.parse_args()
     if STATE.exists():
         shutil.rmtree(STATE)
     STATE.mkdir(parents=True)
     stack = Stack()
+    if args.soak:
+        try:
+            result = soak(stack, args.soak)
+        finally:
+            stack.destroy()
+        (STATE / "soak.json").write_text(json.dumps(result, indent=2))
+        print(soak_table(result))
+        if not args.no_doc:
+            write_section("<!-- soak:start -->", "<!-- soak:end -->", soak_table(result))
+        sys.exit(0 if all(result["flat"].values()) else 1)
     try:
         actions = fault_actions(stack)
         names = args.cells.split(",") if args.cells else list(actions)
