@@ -151,9 +151,16 @@ fn check_expiry(expires_at: Option<DateTime<Utc>>) -> ApiResult<()> {
     }
 }
 
-/// 422 unless `models` is within the user's active subscriptions and the team's allowed
-/// models. Holds the user's active subscriptions FOR SHARE so a concurrent cancel waits.
+/// 422 unless every one of `models` exists, is within the user's active subscriptions and is
+/// among the team's allowed models. Holds the user's active subscriptions FOR SHARE so a
+/// concurrent cancel waits.
 async fn check_entitlement(conn: &mut PgConnection, user_id: Uuid, team_id: Uuid, models: &[String]) -> ApiResult<()> {
+    let known: Vec<String> =
+        sqlx::query_scalar("SELECT id FROM models WHERE id = ANY($1)").bind(models).fetch_all(&mut *conn).await?;
+    let unknown: Vec<&str> = models.iter().filter(|m| !known.contains(m)).map(String::as_str).collect();
+    if !unknown.is_empty() {
+        return Err(ApiError::invalid("models", format!("no such model: {}", unknown.join(", "))));
+    }
     let active: Vec<String> =
         sqlx::query_scalar("SELECT model_id FROM subscriptions WHERE user_id = $1 AND status = 'active' FOR SHARE")
             .bind(user_id)

@@ -110,6 +110,12 @@ async fn key_models_must_be_actively_subscribed_and_allowed(db: PgPool) {
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
     assert_eq!(body["error"]["field"], "models");
     assert!(body["error"]["message"].as_str().unwrap().contains("other"));
+    // A model that does not exist is named as such, not as a missing subscription.
+    let (status, body) =
+        app.post("/api/v1/keys", &admin, json!({"user_id": uid, "name": "k", "models": ["mine", "gpt-nope"]})).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["error"]["field"], "models");
+    assert_eq!(body["error"]["message"], "no such model: gpt-nope");
 
     // A suspended subscription no longer entitles.
     let sub = app.subscribe(&uid, "other").await;
