@@ -22,7 +22,7 @@ use std::{future::Future, net::SocketAddr, time::Duration};
 
 use axum::{http::StatusCode, middleware, routing::get, Router};
 use sqlx::{postgres::PgPoolOptions, PgPool};
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnFailure, TraceLayer};
 use utoipa::OpenApi;
 use utoipa_swagger_ui::SwaggerUi;
 
@@ -44,7 +44,9 @@ pub fn app(state: AppState) -> Router {
             response
         })
         .layer(middleware::from_fn_with_state(state.clone(), metrics::track))
-        .layer(TraceLayer::new_for_http())
+        // A 5xx of the API's own making (a dependency away, model sync not configured) is a
+        // warning; an internal error is logged at error where it is rendered (error.rs).
+        .layer(TraceLayer::new_for_http().on_failure(DefaultOnFailure::new().level(tracing::Level::WARN)))
         .layer(middleware::from_fn(audit::request_ids))
         .with_state(state)
 }
