@@ -21,6 +21,10 @@ pub struct ControlApiConfig {
     pub redis_url: String,
     /// Address for the control API (`IP:port`).
     pub listen: SocketAddr,
+    /// When set, `/metrics` is served here, without credentials (for Prometheus on a private
+    /// network), and no longer on `listen`; when not, `/metrics` on `listen` takes an admin or
+    /// adminReadonly credential like the rest of the API.
+    pub metrics_listen: Option<SocketAddr>,
     /// Plaintext admin API keys (environment only); hashed at start-up.
     #[serde(deserialize_with = "comma_list")]
     pub admin_api_keys: Vec<String>,
@@ -71,6 +75,7 @@ impl Default for ControlApiConfig {
             database_url: "postgres://postgres@127.0.0.1:5432/tollgate".into(),
             redis_url: "redis://127.0.0.1:6379".into(),
             listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            metrics_listen: None,
             admin_api_keys: Vec::new(),
             migrate_on_start: true,
             trusted_proxies: Vec::new(),
@@ -105,6 +110,7 @@ pub const SPEC: ConfigSpec<'static> = ConfigSpec {
         ("DATABASE_URL", "database_url"),
         ("REDIS_URL", "redis_url"),
         ("API_LISTEN", "listen"),
+        ("METRICS_LISTEN", "metrics_listen"),
         ("ADMIN_API_KEYS", "admin_api_keys"),
         ("MIGRATE_ON_START", "migrate_on_start"),
         ("TRUSTED_PROXIES", "trusted_proxies"),

@@ -30,11 +30,18 @@ use crate::{config::ControlApiConfig, error::ApiError, routes::health, state::Ap
 
 /// The whole HTTP surface: `/api/v1/...`, `/health`, `/ready`, `/metrics`, `/docs`.
 pub fn app(state: AppState) -> Router {
-    Router::new()
+    app_with(state, true)
+}
+
+/// The HTTP surface, with `/metrics` (admin credentials) or without it (it is served on
+/// `metrics_listen` instead).
+pub fn app_with(state: AppState, metrics_here: bool) -> Router {
+    let router = Router::new()
         .nest("/api/v1", routes::api_router())
         .route("/health", get(health::health))
-        .route("/ready", get(health::ready))
-        .route("/metrics", get(metrics::render))
+        .route("/ready", get(health::ready));
+    let router = if metrics_here { router.route("/metrics", get(metrics::render_for_admins)) } else { router };
+    router
         .merge(SwaggerUi::new("/docs").url("/api/v1/openapi.json", openapi::ApiDoc::openapi()))
         .fallback(|| async { ApiError::NotFound("route") })
         .method_not_allowed_fallback(|| async {
@@ -61,7 +68,15 @@ pub async fn serve(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, app(state).into_make_service_with_connect_info::<SocketAddr>())
+    serve_app(listener, app(state), shutdown).await
+}
+
+async fn serve_app(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(shutdown)
         .await
 }
@@ -90,7 +105,13 @@ pub async fn run(config: ControlApiConfig) -> anyhow::Result<()> {
     let state = AppState::new(&config, db)?;
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     tracing::info!(listen = %listener.local_addr()?, "control API listening");
-    serve(listener, state, shutdown_signal()).await?;
+    if let Some(addr) = config.metrics_listen {
+        let metrics_listener = tokio::net::TcpListener::bind(addr).await?;
+        tracing::info!(listen = %metrics_listener.local_addr()?, "metrics listening");
+        let router = metrics::router(state.clone());
+        tokio::spawn(async move { axum::serve(metrics_listener, router).await });
+    }
+    serve_app(listener, app_with(state, config.metrics_listen.is_none()), shutdown_signal()).await?;
     Ok(())
 }
 

@@ -10,7 +10,9 @@ use axum::{
 };
 use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder};
 
-use crate::state::AppState;
+use tollgate_core::roles::Role;
+
+use crate::{auth::Caller, error::ApiError, state::AppState};
 
 pub struct Metrics {
     registry: Registry,
@@ -68,6 +70,20 @@ pub async fn track(State(state): State<AppState>, req: Request, next: Next) -> R
     response
 }
 
+/// `/metrics` on its own listener (`metrics_listen`): no credentials.
 pub async fn render(State(state): State<AppState>) -> impl IntoResponse {
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render())
+}
+
+/// `/metrics` on the API's own address: an admin or adminReadonly credential, like the API.
+pub async fn render_for_admins(caller: Caller, state: State<AppState>) -> Result<impl IntoResponse, ApiError> {
+    if !matches!(caller.role(), Role::Admin | Role::AdminReadonly) {
+        return Err(ApiError::forbidden("metrics are for admins"));
+    }
+    Ok(render(state).await)
+}
+
+/// The router of the separate metrics listener.
+pub fn router(state: AppState) -> axum::Router {
+    axum::Router::new().route("/metrics", axum::routing::get(render)).with_state(state)
 }

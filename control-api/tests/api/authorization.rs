@@ -348,6 +348,7 @@ async fn finding_10_sync_is_careful_with_prices_and_empty_answers(db: PgPool) {
     assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
     let (_, page) = app.get("/api/v1/models?available=false", &admin).await;
     assert!(page["data"].as_array().unwrap().is_empty(), "nothing marked unavailable: {page}");
-    let metrics = app.http.get(format!("{}/metrics", app.base)).send().await.unwrap().text().await.unwrap();
+    let metrics =
+        app.http.get(format!("{}/metrics", app.base)).bearer_auth(&admin).send().await.unwrap().text().await.unwrap();
     assert!(metrics.lines().any(|l| l.contains("sync") && l.contains("failure") && !l.starts_with('#')), "{metrics}");
 }

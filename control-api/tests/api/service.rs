@@ -23,7 +23,18 @@ async fn health_ready_metrics_openapi_and_docs(db: PgPool) {
 
     // Traffic shows up under the route template, never the raw path.
     app.get(&format!("/api/v1/users/{}", uuid()), &app.admin_key.clone()).await;
-    let metrics = get("/metrics").await.text().await.unwrap();
+    // /metrics on the API's address takes an admin credential like the API.
+    assert_eq!(get("/metrics").await.status(), StatusCode::UNAUTHORIZED);
+    let metrics = app
+        .http
+        .get(format!("{}/metrics", app.base))
+        .bearer_auth(&app.admin_key)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(
         metrics.contains(
             r#"tollgate_control_api_http_requests_total{method="GET",route="/api/v1/users/{id}",status="404"} 1"#
