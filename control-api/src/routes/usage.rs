@@ -52,6 +52,15 @@ pub struct UsageQuery {
 pub struct UsageRow {
     /// The day (`YYYY-MM-DD`), hour (RFC 3339), model id, key id, user id or team id.
     pub group: String,
+    /// The key's, user's or team's name (group_by key, user or team), when it still exists.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The key's public prefix (group_by key).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_prefix: Option<String>,
+    /// The user's email (group_by user, and the key owner's for group_by key).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
     pub requests: i64,
     pub errors: i64,
     pub prompt_tokens: i64,
@@ -131,18 +140,36 @@ async fn report(
         GroupBy::User => "user_id::text",
         GroupBy::Team => "team_id::text",
     };
+    // Labels beside the ids, from rows that may since have been renamed or deleted (left joins).
+    let (labels, joins) = match group_by {
+        GroupBy::Key => (
+            "k.name AS name, k.key_prefix AS key_prefix, u.email AS email",
+            "LEFT JOIN api_keys k ON k.id = a.\"group\"::uuid LEFT JOIN users u ON u.id = k.user_id",
+        ),
+        GroupBy::User => (
+            "u.name AS name, NULL::text AS key_prefix, u.email AS email",
+            "LEFT JOIN users u ON u.id = a.\"group\"::uuid",
+        ),
+        GroupBy::Team => (
+            "t.name AS name, NULL::text AS key_prefix, NULL::text AS email",
+            "LEFT JOIN teams t ON t.id = a.\"group\"::uuid",
+        ),
+        _ => ("NULL::text AS name, NULL::text AS key_prefix, NULL::text AS email", ""),
+    };
     let sql = format!(
-        "SELECT {group} AS \"group\", sum(requests)::bigint AS requests, sum(errors)::bigint AS errors,
-                sum(prompt_tokens)::bigint AS prompt_tokens,
-                sum(completion_tokens)::bigint AS completion_tokens,
-                sum(prompt_tokens + completion_tokens)::bigint AS total_tokens,
-                sum(cost) AS cost
-         FROM {table}
-         WHERE {bucket_filter}
-           AND ($3::uuid IS NULL OR user_id = $3) AND ($4::uuid IS NULL OR user_id = $4)
-           AND ($5::uuid IS NULL OR team_id = $5) AND ($6::uuid IS NULL OR key_id = $6)
-           AND ($7::text IS NULL OR model_id = $7)
-         GROUP BY 1 ORDER BY 1"
+        "WITH a AS (
+           SELECT {group} AS \"group\", sum(requests)::bigint AS requests, sum(errors)::bigint AS errors,
+                  sum(prompt_tokens)::bigint AS prompt_tokens,
+                  sum(completion_tokens)::bigint AS completion_tokens,
+                  sum(prompt_tokens + completion_tokens)::bigint AS total_tokens,
+                  sum(cost) AS cost
+           FROM {table}
+           WHERE {bucket_filter}
+             AND ($3::uuid IS NULL OR user_id = $3) AND ($4::uuid IS NULL OR user_id = $4)
+             AND ($5::uuid IS NULL OR team_id = $5) AND ($6::uuid IS NULL OR key_id = $6)
+             AND ($7::text IS NULL OR model_id = $7)
+           GROUP BY 1)
+         SELECT a.*, {labels} FROM a {joins} ORDER BY 1"
     );
     let data: Vec<UsageRow> = sqlx::query_as(&sql)
         .bind(from)
@@ -157,6 +184,9 @@ async fn report(
     let totals = data.iter().fold(
         UsageRow {
             group: "total".into(),
+            name: None,
+            key_prefix: None,
+            email: None,
             requests: 0,
             errors: 0,
             prompt_tokens: 0,

@@ -79,13 +79,15 @@ async fn usage_groups_and_filters_rollups(db: PgPool) {
     let (_, r) = app.get(&format!("/api/v1/usage?group_by=key&{range}&model_id=m1"), &admin).await;
     assert_eq!(r["data"].as_array().unwrap().len(), 2);
     let (_, r) = app.get(&format!("/api/v1/usage?group_by=user&{range}&key_id={kb}"), &admin).await;
+    let (_, bob) = app.get(&format!("/api/v1/users/{bob_id}"), &admin).await;
     assert_eq!(
         r["data"],
-        json!([{"group": bob_id.to_string(), "requests": 2, "errors": 0, "prompt_tokens": 40, "completion_tokens": 20, "total_tokens": 60, "cost": 0.5}])
+        json!([{"group": bob_id.to_string(), "name": bob["name"], "email": "bob@example.com", "requests": 2, "errors": 0, "prompt_tokens": 40, "completion_tokens": 20, "total_tokens": 60, "cost": 0.5}])
     );
     let (_, r) =
         app.get(&format!("/api/v1/usage?group_by=team&from=2026-01-01&to=2026-12-31&team_id={team}"), &admin).await;
     assert_eq!(r["data"][0]["requests"], 13);
+    assert_eq!(r["data"][0]["name"], "Default Team", "{r}");
 
     let (_, r) = app.get("/api/v1/usage?group_by=hour&from=2026-03-01T11:00:00Z&to=2026-03-02T00:00:00Z", &admin).await;
     assert_eq!(
@@ -104,4 +106,35 @@ async fn usage_groups_and_filters_rollups(db: PgPool) {
     assert_eq!(body["error"]["field"], "from");
     let (status, _) = app.get("/api/v1/usage?from=2020-01-01&to=2026-01-01", &admin).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+}
+
+#[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
+async fn usage_by_key_names_the_key_its_prefix_and_owner(db: PgPool) {
+    let app = TestApp::spawn(db).await;
+    let admin = app.admin_key.clone();
+    let (user, _) = app.subscribed_user("carol@example.com", "m1").await;
+    let uid: Uuid = id(&user).parse().unwrap();
+    let (_, key) =
+        app.post("/api/v1/keys", &admin, json!({"user_id": uid, "name": "carol-laptop", "models": ["m1"]})).await;
+    let kid: Uuid = id(&key).parse().unwrap();
+    let gone = Uuid::new_v4(); // a key deleted since: its row stays, unlabelled
+    let team = tollgate_core::DEFAULT_TEAM_ID;
+    insert_usage(
+        &app,
+        &[
+            ("2026-03-01", "2026-03-01T10:00:00Z", kid, "m1", uid, team, 3, 100, 50, "0.003"),
+            ("2026-03-01", "2026-03-01T10:00:00Z", gone, "m1", uid, team, 1, 1, 1, "0.001"),
+        ],
+    )
+    .await;
+    let (status, r) = app.get("/api/v1/usage?group_by=key&from=2026-03-01&to=2026-03-02", &admin).await;
+    assert_eq!(status, StatusCode::OK, "{r}");
+    let rows = r["data"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{r}");
+    let labelled = rows.iter().find(|row| row["group"] == kid.to_string()).unwrap();
+    assert_eq!(labelled["name"], "carol-laptop");
+    assert_eq!(labelled["key_prefix"], key["key_prefix"]);
+    assert_eq!(labelled["email"], "carol@example.com");
+    let orphan = rows.iter().find(|row| row["group"] == gone.to_string()).unwrap();
+    assert!(orphan.get("name").is_none() && orphan["requests"] == 1, "{orphan}");
 }
