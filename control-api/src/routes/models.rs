@@ -127,7 +127,7 @@ pub async fn check_models_exist(db: &sqlx::PgPool, field: &str, ids: &[String]) 
             .fetch_all(db)
             .await?;
     if !missing.is_empty() {
-        return Err(ApiError::invalid(field, format!("unknown models: {}", missing.join(", "))));
+        return Err(ApiError::invalid(field, format!("no such model: {}", missing.join(", "))));
     }
     Ok(())
 }

@@ -141,7 +141,7 @@ async fn create(
             .fetch_optional(&mut *tx)
             .await?;
     let status = match model {
-        None => return Err(ApiError::invalid("model_id", "no such model")),
+        None => return Err(ApiError::invalid("model_id", format!("no such model: {model_id}"))),
         Some((false, _, _)) => return Err(ApiError::invalid("model_id", "model is disabled")),
         Some((_, false, _)) => return Err(ApiError::invalid("model_id", "model is unavailable upstream")),
         Some((_, _, true)) if !admin => Pending,

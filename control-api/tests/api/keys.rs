@@ -116,6 +116,19 @@ async fn key_models_must_be_actively_subscribed_and_allowed(db: PgPool) {
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
     assert_eq!(body["error"]["field"], "models");
     assert_eq!(body["error"]["message"], "no such model: gpt-nope");
+    // So does a PATCH of the key's models, and nothing changes.
+    let (status, key) =
+        app.post("/api/v1/keys", &admin, json!({"user_id": uid, "name": "k", "models": ["mine"]})).await;
+    assert_eq!(status, StatusCode::CREATED, "{key}");
+    let kid = id(&key);
+    let (status, body) =
+        app.patch(&format!("/api/v1/keys/{kid}"), &admin, json!({"models": ["gpt-nope", "mine", "gpt-gone"]})).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["error"]["field"], "models");
+    assert_eq!(body["error"]["message"], "no such model: gpt-gone, gpt-nope");
+    let (_, unchanged) = app.get(&format!("/api/v1/keys/{kid}"), &admin).await;
+    assert_eq!(unchanged["models"], json!(["mine"]));
+    app.post(&format!("/api/v1/keys/{kid}/revoke"), &admin, json!({})).await;
 
     // A suspended subscription no longer entitles.
     let sub = app.subscribe(&uid, "other").await;
@@ -143,7 +156,7 @@ async fn key_models_must_be_actively_subscribed_and_allowed(db: PgPool) {
         .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(body["error"]["field"], "expires_at");
-    assert_eq!(app.count("api_keys").await, 0, "nothing written");
+    assert_eq!(app.count("api_keys").await, 1, "nothing written but the revoked key");
 
     // An empty model list means all of the user's active subscriptions.
     let (status, key) = app

@@ -103,6 +103,7 @@ async fn unknown_or_disabled_model_is_422(db: PgPool) {
     let (status, body) = app.post("/api/v1/subscriptions", &admin, json!({"user_id": uid, "model_id": "ghost"})).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(body["error"]["field"], "model_id");
+    assert_eq!(body["error"]["message"], "no such model: ghost");
     app.admin_post(
         "/api/v1/models",
         json!({"id": "off", "input_cost_per_token": 0, "output_cost_per_token": 0, "enabled": false}),

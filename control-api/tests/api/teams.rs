@@ -24,6 +24,7 @@ async fn team_lifecycle_with_members(db: PgPool) {
     let (status, body) = app.post("/api/v1/teams", &admin, json!({"name": "Other", "allowed_models": ["nope"]})).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(body["error"]["field"], "allowed_models");
+    assert_eq!(body["error"]["message"], "no such model: nope");
 
     let user = app.create_user("member@example.com").await;
     let uid = id(&user);
