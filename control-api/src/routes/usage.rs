@@ -58,6 +58,9 @@ pub struct UsageRow {
     /// The key's public prefix (group_by key).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub key_prefix: Option<String>,
+    /// The key owner's id (group_by key).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<Uuid>,
     /// The user's email (group_by user, and the key owner's for group_by key).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub email: Option<String>,
@@ -143,18 +146,18 @@ async fn report(
     // Labels beside the ids, from rows that may since have been renamed or deleted (left joins).
     let (labels, joins) = match group_by {
         GroupBy::Key => (
-            "k.name AS name, k.key_prefix AS key_prefix, u.email AS email",
+            "k.name AS name, k.key_prefix AS key_prefix, k.user_id AS user_id, u.email AS email",
             "LEFT JOIN api_keys k ON k.id = a.\"group\"::uuid LEFT JOIN users u ON u.id = k.user_id",
         ),
         GroupBy::User => (
-            "u.name AS name, NULL::text AS key_prefix, u.email AS email",
+            "u.name AS name, NULL::text AS key_prefix, NULL::uuid AS user_id, u.email AS email",
             "LEFT JOIN users u ON u.id = a.\"group\"::uuid",
         ),
         GroupBy::Team => (
-            "t.name AS name, NULL::text AS key_prefix, NULL::text AS email",
+            "t.name AS name, NULL::text AS key_prefix, NULL::uuid AS user_id, NULL::text AS email",
             "LEFT JOIN teams t ON t.id = a.\"group\"::uuid",
         ),
-        _ => ("NULL::text AS name, NULL::text AS key_prefix, NULL::text AS email", ""),
+        _ => ("NULL::text AS name, NULL::text AS key_prefix, NULL::uuid AS user_id, NULL::text AS email", ""),
     };
     let sql = format!(
         "WITH a AS (
@@ -186,6 +189,7 @@ async fn report(
             group: "total".into(),
             name: None,
             key_prefix: None,
+            user_id: None,
             email: None,
             requests: 0,
             errors: 0,

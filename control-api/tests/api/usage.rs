@@ -135,6 +135,65 @@ async fn usage_by_key_names_the_key_its_prefix_and_owner(db: PgPool) {
     assert_eq!(labelled["name"], "carol-laptop");
     assert_eq!(labelled["key_prefix"], key["key_prefix"]);
     assert_eq!(labelled["email"], "carol@example.com");
+    assert_eq!(labelled["user_id"], uid.to_string());
     let orphan = rows.iter().find(|row| row["group"] == gone.to_string()).unwrap();
     assert!(orphan.get("name").is_none() && orphan["requests"] == 1, "{orphan}");
+}
+
+#[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
+async fn usage_by_user_and_team_carries_names_and_keeps_deleted_ones(db: PgPool) {
+    let app = TestApp::spawn(db).await;
+    let admin = app.admin_key.clone();
+    let (_, dora) =
+        app.post("/api/v1/users", &admin, json!({"email": "dora@example.com", "name": "Dora Explorer"})).await;
+    let dora: Uuid = id(&dora).parse().unwrap();
+    let research = app.admin_post("/api/v1/teams", json!({"name": "Research"})).await;
+    let research: Uuid = id(&research).parse().unwrap();
+    let doomed = app.admin_post("/api/v1/teams", json!({"name": "Doomed"})).await;
+    let doomed: Uuid = id(&doomed).parse().unwrap();
+    let ghost = Uuid::new_v4(); // a user the database no longer knows
+    insert_usage(
+        &app,
+        &[
+            ("2026-05-01", "2026-05-01T08:00:00Z", Uuid::new_v4(), "m1", dora, research, 2, 10, 10, "0.02"),
+            ("2026-05-01", "2026-05-01T08:00:00Z", Uuid::new_v4(), "m1", dora, doomed, 1, 1, 1, "0.01"),
+            ("2026-05-01", "2026-05-01T08:00:00Z", Uuid::new_v4(), "m1", ghost, research, 4, 4, 4, "0.04"),
+        ],
+    )
+    .await;
+    let (status, _) = app.delete(&format!("/api/v1/teams/{doomed}"), &admin).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let range = "from=2026-05-01&to=2026-05-02";
+
+    let (status, r) = app.get(&format!("/api/v1/usage?group_by=user&{range}"), &admin).await;
+    assert_eq!(status, StatusCode::OK, "{r}");
+    let rows = r["data"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{r}");
+    let row = |group: Uuid| rows.iter().find(|row| row["group"] == group.to_string()).unwrap().clone();
+    let labelled = row(dora);
+    assert_eq!(
+        (labelled["name"].as_str(), labelled["email"].as_str()),
+        (Some("Dora Explorer"), Some("dora@example.com"))
+    );
+    assert_eq!(labelled["requests"], 3);
+    assert!(labelled.get("key_prefix").is_none() && labelled.get("user_id").is_none(), "{labelled}");
+    let unknown = row(ghost);
+    assert!(unknown.get("name").is_none() && unknown.get("email").is_none() && unknown["requests"] == 4, "{unknown}");
+
+    let (status, r) = app.get(&format!("/api/v1/usage?group_by=team&{range}"), &admin).await;
+    assert_eq!(status, StatusCode::OK, "{r}");
+    let rows = r["data"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "a deleted team's usage stays: {r}");
+    let row = |group: Uuid| rows.iter().find(|row| row["group"] == group.to_string()).unwrap().clone();
+    assert_eq!(row(research)["name"], "Research");
+    assert_eq!(row(research)["requests"], 6);
+    let gone = row(doomed);
+    assert!(gone.get("name").is_none() && gone["requests"] == 1, "{gone}");
+    assert!(gone.get("email").is_none(), "{gone}");
+    assert_eq!(r["totals"]["requests"], 7);
+
+    // A model is its own label: nothing is added.
+    let (_, r) = app.get(&format!("/api/v1/usage?group_by=model&{range}"), &admin).await;
+    assert_eq!(r["data"][0]["group"], "m1");
+    assert!(r["data"][0].get("name").is_none(), "{r}");
 }
