@@ -109,7 +109,11 @@ pub async fn run(config: ControlApiConfig) -> anyhow::Result<()> {
         let metrics_listener = tokio::net::TcpListener::bind(addr).await?;
         tracing::info!(listen = %metrics_listener.local_addr()?, "metrics listening");
         let router = metrics::router(state.clone());
-        tokio::spawn(async move { axum::serve(metrics_listener, router).await });
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(metrics_listener, router).await {
+                tracing::error!(error = %e, "metrics listener failed");
+            }
+        });
     }
     serve_app(listener, app_with(state, config.metrics_listen.is_none()), shutdown_signal()).await?;
     Ok(())

@@ -23,8 +23,16 @@ async fn health_ready_metrics_openapi_and_docs(db: PgPool) {
 
     // Traffic shows up under the route template, never the raw path.
     app.get(&format!("/api/v1/users/{}", uuid()), &app.admin_key.clone()).await;
-    // /metrics on the API's address takes an admin credential like the API.
+    // /metrics on the API's address takes an admin credential like the API: an admin API key or
+    // an admin's (or read-only admin's) JWT; a plain user's is refused.
     assert_eq!(get("/metrics").await.status(), StatusCode::UNAUTHORIZED);
+    let scrape = |token: String| {
+        let request = app.http.get(format!("{}/metrics", app.base)).bearer_auth(token);
+        async move { request.send().await.unwrap().status() }
+    };
+    assert_eq!(scrape(user_token("u1", "u1@example.com", &["user"])).await, StatusCode::FORBIDDEN);
+    assert_eq!(scrape(user_token("a1", "a1@example.com", &["admin"])).await, StatusCode::OK);
+    assert_eq!(scrape(user_token("r1", "r1@example.com", &["adminReadonly"])).await, StatusCode::OK);
     let metrics = app
         .http
         .get(format!("{}/metrics", app.base))
