@@ -13,6 +13,7 @@ use crate::error::ApiError;
 
 /// JSON body. In a request: 415 without a JSON content type, 400 for malformed JSON, 422 naming
 /// the field for a wrong type, a missing or an unknown field. In a response: 200 with `T`.
+/// A float with no fraction is taken for an integer (see [`parse_json`]).
 pub struct Json<T>(pub T);
 
 impl<T: Serialize> IntoResponse for Json<T> {
@@ -55,21 +56,38 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Json<T> {
 }
 
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    let de = &mut serde_json::Deserializer::from_slice(bytes);
-    match serde_path_to_error::deserialize(de) {
+    let mut value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| ApiError::bad_request(format!("malformed JSON: {e}")))?;
+    integral_floats_to_integers(&mut value);
+    match serde_path_to_error::deserialize(value) {
         Ok(v) => Ok(v),
         Err(err) => {
             let field = err.path().to_string();
-            let inner = err.into_inner();
-            use serde_json::error::Category;
-            match inner.classify() {
-                Category::Data => {
-                    let message = strip_position(&inner.to_string());
-                    Err(ApiError::invalid(field_of(&field, &message), message))
+            let message = strip_position(&err.into_inner().to_string());
+            Err(ApiError::invalid(field_of(&field, &message), message))
+        }
+    }
+}
+
+/// JSON has one number type: `2.0` is the integer 2 (JSON Schema's `integer` says so too), yet
+/// serde refuses a float for an integer field. Integral floats within i64 become integers, so that
+/// `"rpm": 60.0` is 60 like `"rpm": 60`; a number field takes an integer all the same.
+fn integral_floats_to_integers(value: &mut serde_json::Value) {
+    use serde_json::Value;
+    // 2^63: the first float beyond i64 (floats below it convert exactly).
+    const I64_BOUND: f64 = 9_223_372_036_854_775_808.0;
+    match value {
+        Value::Number(n) if n.is_f64() => {
+            if let Some(f) = n.as_f64() {
+                if f.fract() == 0.0 && (-I64_BOUND..I64_BOUND).contains(&f) {
+                    // In range and integral: the cast is exact.
+                    *value = Value::from(f as i64);
                 }
-                _ => Err(ApiError::bad_request(format!("malformed JSON: {inner}"))),
             }
         }
+        Value::Array(items) => items.iter_mut().for_each(integral_floats_to_integers),
+        Value::Object(fields) => fields.values_mut().for_each(integral_floats_to_integers),
+        _ => {}
     }
 }
 

@@ -23,7 +23,6 @@ use std::{future::Future, net::SocketAddr, time::Duration};
 use axum::{http::StatusCode, middleware, routing::get, Router};
 use sqlx::{postgres::PgPoolOptions, PgPool};
 use tower_http::trace::{DefaultOnFailure, TraceLayer};
-use utoipa::OpenApi;
 use utoipa_swagger_ui::SwaggerUi;
 
 use crate::{config::ControlApiConfig, error::ApiError, routes::health, state::AppState};
@@ -42,7 +41,7 @@ pub fn app_with(state: AppState, metrics_here: bool) -> Router {
         .route("/ready", get(health::ready));
     let router = if metrics_here { router.route("/metrics", get(metrics::render_for_admins)) } else { router };
     router
-        .merge(SwaggerUi::new("/docs").url("/api/v1/openapi.json", openapi::ApiDoc::openapi()))
+        .merge(SwaggerUi::new("/docs").external_url_unchecked("/api/v1/openapi.json", openapi::document()))
         .fallback(|| async { ApiError::NotFound("route") })
         .method_not_allowed_fallback(|| async {
             let mut response =

@@ -1,6 +1,135 @@
 //! Field checks shared by the resources: text that PostgreSQL can store and people can read.
+//! Beside each check, the schema that says the same in the OpenAPI document ([`Name`],
+//! [`ModelId`], ...: request fields name them with `#[schema(value_type = ...)]`), so that what a
+//! client or a fuzzer reads there is what these functions enforce.
+
+use utoipa::{
+    openapi::{
+        schema::{ObjectBuilder, Schema, Type},
+        KnownFormat, RefOr, SchemaFormat,
+    },
+    PartialSchema, ToSchema,
+};
 
 use crate::error::{ApiError, ApiResult};
+
+/// `char::is_control` (Unicode Cc), as a regex character range.
+const CONTROL: &str = r"\u0000-\u001f\u007f-\u009f";
+/// `char::is_whitespace` less what [`CONTROL`] already holds, as a regex character range.
+const SPACE: &str = r"\u0020\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000";
+
+/// A string schema of at most `max` characters matching `pattern`.
+fn string_schema(max: usize, min: usize, pattern: String, description: &str) -> RefOr<Schema> {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .min_length(Some(min))
+        .max_length(Some(max))
+        .pattern(Some(pattern))
+        .description(Some(description))
+        .into()
+}
+
+/// What [`text`] accepts, as stored: no control characters and no surrounding whitespace (which
+/// [`text`] trims), not blank. The API also takes surrounding whitespace and trims it.
+fn text_schema(max: usize, description: &str) -> RefOr<Schema> {
+    let pattern = format!("^[^{CONTROL}{SPACE}]([^{CONTROL}]*[^{CONTROL}{SPACE}])?$");
+    string_schema(max, 1, pattern, description)
+}
+
+/// What [`identifier`] accepts, as stored: no whitespace or control characters, not empty.
+fn identifier_schema(max: usize, description: &str) -> RefOr<Schema> {
+    string_schema(max, 1, format!("^[^{CONTROL}{SPACE}]+$"), description)
+}
+
+/// A name ([`text`], 200 characters).
+pub struct Name;
+
+impl PartialSchema for Name {
+    fn schema() -> RefOr<Schema> {
+        text_schema(200, "1-200 characters, not blank, no control characters; surrounding whitespace is trimmed.")
+    }
+}
+
+impl ToSchema for Name {}
+
+/// A description ([`optional_text`], 2000 characters, may be empty).
+pub struct Description;
+
+impl PartialSchema for Description {
+    fn schema() -> RefOr<Schema> {
+        let pattern = format!("^([^{CONTROL}{SPACE}]([^{CONTROL}]*[^{CONTROL}{SPACE}])?)?$");
+        string_schema(2000, 0, pattern, "At most 2000 characters, no control characters; may be empty.")
+    }
+}
+
+impl ToSchema for Description {}
+
+/// A model id ([`identifier`], 256 characters).
+pub struct ModelId;
+
+impl PartialSchema for ModelId {
+    fn schema() -> RefOr<Schema> {
+        identifier_schema(256, "A model's id: 1-256 characters, no whitespace or control characters.")
+    }
+}
+
+impl ToSchema for ModelId {}
+
+/// The upstream's name of a model ([`identifier`], 512 characters).
+pub struct UpstreamModel;
+
+impl PartialSchema for UpstreamModel {
+    fn schema() -> RefOr<Schema> {
+        identifier_schema(
+            512,
+            "The upstream's name of the model: 1-512 characters, no whitespace or control characters.",
+        )
+    }
+}
+
+impl ToSchema for UpstreamModel {}
+
+/// A provider's name ([`identifier`], 100 characters).
+pub struct Provider;
+
+impl PartialSchema for Provider {
+    fn schema() -> RefOr<Schema> {
+        identifier_schema(100, "1-100 characters, no whitespace or control characters.")
+    }
+}
+
+impl ToSchema for Provider {}
+
+/// An email address ([`email`]).
+pub struct Email;
+
+impl PartialSchema for Email {
+    fn schema() -> RefOr<Schema> {
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .format(Some(SchemaFormat::KnownFormat(KnownFormat::Email)))
+            .min_length(Some(3))
+            .max_length(Some(254))
+            .description(Some("An email address, at most 254 characters."))
+            .into()
+    }
+}
+
+impl ToSchema for Email {}
+
+/// Free-form metadata ([`metadata`]).
+pub struct Metadata;
+
+impl PartialSchema for Metadata {
+    fn schema() -> RefOr<Schema> {
+        ObjectBuilder::new()
+            .schema_type(Type::Object)
+            .description(Some("A JSON object of at most 16 KiB (as JSON), without NUL characters."))
+            .into()
+    }
+}
+
+impl ToSchema for Metadata {}
 
 /// Trimmed, non-empty, at most `max` characters, no control characters.
 pub fn text(field: &str, value: &str, max: usize) -> ApiResult<String> {

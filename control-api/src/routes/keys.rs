@@ -67,30 +67,40 @@ pub struct IssuedKey {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateKey {
-    /// Defaults to the calling user.
+    /// An active user; defaults to the calling user (required for an admin API key, which is no
+    /// user).
     pub user_id: Option<Uuid>,
+    #[schema(value_type = validate::Name)]
     pub name: String,
     /// A team the user belongs to; defaults to the Default Team.
     pub team_id: Option<Uuid>,
+    /// Models the key may call: each must exist, be actively subscribed by the user and be allowed
+    /// by the team. Empty or absent means every model of the user's active subscriptions.
+    #[schema(value_type = Option<Vec<validate::ModelId>>)]
     pub models: Option<Vec<String>>,
     pub limits: Option<Limits>,
+    /// Must be in the future.
     pub expires_at: Option<DateTime<Utc>>,
-    #[schema(value_type = Option<Object>)]
+    #[schema(value_type = Option<validate::Metadata>)]
     pub metadata: Option<Value>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateKey {
+    #[schema(value_type = Option<validate::Name>)]
     pub name: Option<String>,
-    /// Replaces the list; empty means every model of the owner's active subscriptions.
+    /// Replaces the list (each must exist, be actively subscribed by the owner and be allowed by the
+    /// team); empty means every model of the owner's active subscriptions.
+    #[schema(value_type = Option<Vec<validate::ModelId>>)]
     pub models: Option<Vec<String>>,
     /// Replaces the key's limits (anyone but an administrator: within `admin_limits` and the
     /// user's and team's limits).
     pub limits: Option<Limits>,
-    /// Anyone but an administrator may only bring the expiry closer.
+    /// Must be in the future; anyone but an administrator may only bring the expiry closer.
     pub expires_at: Option<DateTime<Utc>>,
-    #[schema(value_type = Option<Object>)]
+    /// Replaces the metadata.
+    #[schema(value_type = Option<validate::Metadata>)]
     pub metadata: Option<Value>,
 }
 

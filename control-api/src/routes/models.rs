@@ -47,36 +47,47 @@ const COLUMNS: &str = "id, upstream_model, provider, context_length, input_cost_
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateModel {
+    /// The name clients send.
+    #[schema(value_type = validate::ModelId)]
     pub id: String,
     /// Defaults to `id`.
+    #[schema(value_type = Option<validate::UpstreamModel>)]
     pub upstream_model: Option<String>,
+    #[schema(value_type = Option<validate::Provider>)]
     pub provider: Option<String>,
     #[schema(minimum = 1)]
     pub context_length: Option<i32>,
-    #[schema(value_type = f64, minimum = 0)]
+    /// USD.
+    #[schema(value_type = f64, minimum = 0, maximum = 1000)]
     pub input_cost_per_token: Decimal,
-    #[schema(value_type = f64, minimum = 0)]
+    /// USD.
+    #[schema(value_type = f64, minimum = 0, maximum = 1000)]
     pub output_cost_per_token: Decimal,
+    /// Default true.
     pub enabled: Option<bool>,
+    /// Default false.
     pub restricted: Option<bool>,
-    #[schema(value_type = Option<Object>)]
+    #[schema(value_type = Option<validate::Metadata>)]
     pub metadata: Option<Value>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateModel {
+    #[schema(value_type = Option<validate::UpstreamModel>)]
     pub upstream_model: Option<String>,
+    #[schema(value_type = Option<validate::Provider>)]
     pub provider: Option<String>,
     #[schema(minimum = 1)]
     pub context_length: Option<i32>,
-    #[schema(value_type = Option<f64>, minimum = 0)]
+    #[schema(value_type = Option<f64>, minimum = 0, maximum = 1000)]
     pub input_cost_per_token: Option<Decimal>,
-    #[schema(value_type = Option<f64>, minimum = 0)]
+    #[schema(value_type = Option<f64>, minimum = 0, maximum = 1000)]
     pub output_cost_per_token: Option<Decimal>,
     pub enabled: Option<bool>,
     pub restricted: Option<bool>,
-    #[schema(value_type = Option<Object>)]
+    /// Replaces the metadata.
+    #[schema(value_type = Option<validate::Metadata>)]
     pub metadata: Option<Value>,
 }
 

@@ -52,6 +52,8 @@ const COLUMNS: &str = "id, user_id, model_id, status, limits, admin_limits, crea
 pub struct CreateSubscription {
     /// Defaults to the calling user.
     pub user_id: Option<Uuid>,
+    /// A model that exists, is enabled and is available.
+    #[schema(value_type = validate::ModelId)]
     pub model_id: String,
     pub limits: Option<Limits>,
 }

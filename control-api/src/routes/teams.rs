@@ -44,8 +44,12 @@ const COLUMNS: &str = "id, name, description, allowed_models, limits, admin_limi
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateTeam {
+    #[schema(value_type = validate::Name)]
     pub name: String,
+    #[schema(value_type = Option<validate::Description>)]
     pub description: Option<String>,
+    /// Models the team's keys may use (each must exist); empty or absent means all.
+    #[schema(value_type = Option<Vec<validate::ModelId>>)]
     pub allowed_models: Option<Vec<String>>,
     pub limits: Option<Limits>,
 }
@@ -53,9 +57,12 @@ pub struct CreateTeam {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateTeam {
+    #[schema(value_type = Option<validate::Name>)]
     pub name: Option<String>,
+    #[schema(value_type = Option<validate::Description>)]
     pub description: Option<String>,
-    /// Replaces the list; empty means all models.
+    /// Replaces the list (each must exist); empty means all models.
+    #[schema(value_type = Option<Vec<validate::ModelId>>)]
     pub allowed_models: Option<Vec<String>>,
     /// Replaces the team's limits (a team admin: within `admin_limits`).
     pub limits: Option<Limits>,

@@ -6,7 +6,13 @@ use chrono::{DateTime, Datelike, Duration, NaiveDate, NaiveTime, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use sqlx::FromRow;
-use utoipa::{IntoParams, ToSchema};
+use utoipa::{
+    openapi::{
+        schema::{ObjectBuilder, OneOfBuilder, Schema, Type},
+        KnownFormat, RefOr, SchemaFormat,
+    },
+    IntoParams, PartialSchema, ToSchema,
+};
 use uuid::Uuid;
 
 use crate::{
@@ -39,8 +45,11 @@ pub struct UsageQuery {
     pub group_by: Option<GroupBy>,
     /// Start: `YYYY-MM-DD` or RFC 3339. Default: 30 days before `to`. Every day or hour bucket
     /// that overlaps [from, to) is reported whole.
+    #[param(value_type = Option<ReportTime>)]
     pub from: Option<String>,
-    /// End (exclusive): `YYYY-MM-DD` or RFC 3339. Default: now.
+    /// End (exclusive): `YYYY-MM-DD` or RFC 3339, after `from` and at most 732 days from it.
+    /// Default: now.
+    #[param(value_type = Option<ReportTime>)]
     pub to: Option<String>,
     pub user_id: Option<Uuid>,
     pub team_id: Option<Uuid>,
@@ -90,6 +99,26 @@ const MAX_RANGE_DAYS: i64 = 366 * 2;
 /// arithmetic near chrono's limits would overflow.
 const EARLIEST_YEAR: i32 = 2000;
 const LATEST_YEAR: i32 = 2200;
+
+/// What [`parse_time`] accepts, for the OpenAPI document. The years' bounds cannot be said in a
+/// JSON schema of a date string: the description says them.
+pub struct ReportTime;
+
+impl PartialSchema for ReportTime {
+    fn schema() -> RefOr<Schema> {
+        let format = |f| ObjectBuilder::new().schema_type(Type::String).format(Some(SchemaFormat::KnownFormat(f)));
+        OneOfBuilder::new()
+            .item(format(KnownFormat::Date))
+            .item(format(KnownFormat::DateTime))
+            .description(Some(format!(
+                "A day (`YYYY-MM-DD`, midnight UTC) or an RFC 3339 time, from {EARLIEST_YEAR}-01-01 until \
+                 {LATEST_YEAR}-01-01."
+            )))
+            .into()
+    }
+}
+
+impl ToSchema for ReportTime {}
 
 fn parse_time(field: &str, value: &str) -> ApiResult<DateTime<Utc>> {
     let t = if let Ok(t) = DateTime::parse_from_rfc3339(value) {

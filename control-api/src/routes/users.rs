@@ -46,9 +46,12 @@ pub enum UserStatus {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateUser {
+    #[schema(value_type = validate::Email)]
     pub email: String,
+    #[schema(value_type = validate::Name)]
     pub name: String,
     /// Defaults to `["user"]`.
+    #[schema(min_items = 1)]
     pub roles: Option<Vec<Role>>,
     pub limits: Option<Limits>,
 }
@@ -56,7 +59,10 @@ pub struct CreateUser {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateUser {
+    #[schema(value_type = Option<validate::Name>)]
     pub name: Option<String>,
+    /// Replaces the roles granted in Tollgate.
+    #[schema(min_items = 1)]
     pub roles: Option<Vec<Role>>,
     pub status: Option<UserStatus>,
     /// Replaces the user's limits.

@@ -1,0 +1,82 @@
+"""Resources for schemathesis to work on: the `{id}` routes and the ids in request bodies get
+real ones (see schemathesis.toml beside this file), so that generated requests reach the API's
+logic instead of answering 404 or 422 for an unknown id.
+
+Usage: fixtures.py BASE_URL ADMIN_KEY JWT_SECRET OUT  -> writes OUT: schemathesis.toml (the operations'
+bindings) followed by the dictionaries of the ids made here, with the admin JWT in it.
+Creates, through the API itself: models (one restricted, so that subscriptions start pending),
+users with active subscriptions, pending subscriptions, teams, keys; and mints an admin JWT for
+`GET /users/me` (an admin API key is no user).
+"""
+
+import base64
+import hashlib
+import hmac
+import json
+import pathlib
+import sys
+import time
+import urllib.request
+import uuid
+
+BASE, ADMIN_KEY, JWT_SECRET, OUT = sys.argv[1:5]
+HERE = pathlib.Path(__file__).resolve().parent
+RUN = uuid.uuid4().hex[:8]
+COUNT = 3
+
+
+def call(method, path, body=None, credential=ADMIN_KEY):
+    req = urllib.request.Request(
+        f"{BASE}/api/v1{path}",
+        method=method,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {credential}", "content-type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.load(resp)
+
+
+def jwt(claims):
+    def b64(raw):
+        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+    head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    body = b64(json.dumps(claims).encode())
+    sig = hmac.new(JWT_SECRET.encode(), f"{head}.{body}".encode(), hashlib.sha256).digest()
+    return f"{head}.{body}.{b64(sig)}"
+
+
+price = {"input_cost_per_token": 0.000001, "output_cost_per_token": 0.000002}
+models = [call("POST", "/models", {"id": f"fuzz-{RUN}-{i}", **price})["id"] for i in range(COUNT)]
+restricted = call("POST", "/models", {"id": f"fuzz-{RUN}-restricted", "restricted": True, **price})["id"]
+token = jwt({"sub": f"fuzz-admin-{RUN}", "email": f"fuzz-admin-{RUN}@example.com", "email_verified": True,
+             "name": "Fuzz admin", "roles": ["admin"], "exp": int(time.time()) + 6 * 3600})
+# The JWT's admin is a user too (made at the first call), and holds keys like the others.
+admin_user = call("GET", "/users/me", credential=token)["id"]
+users = [admin_user] + [call("POST", "/users", {"email": f"fuzz-{RUN}-{i}@example.com", "name": f"Fuzz {i}"})["id"] for i in range(COUNT)]
+active = []
+for user in users:
+    for model in models:
+        sub = call("POST", "/subscriptions", {"user_id": user, "model_id": model})
+        if sub["status"] == "pending":
+            sub = call("POST", f"/subscriptions/{sub['id']}/approve")
+        active.append(sub["id"])
+pending = [call("POST", "/subscriptions", {"user_id": u, "model_id": restricted})["id"] for u in users]
+teams = [call("POST", "/teams", {"name": f"fuzz-{RUN}-{i}"})["id"] for i in range(COUNT)]
+for team in teams:
+    for user in users:
+        call("POST", f"/teams/{team}/members", {"user_id": user})
+keys = [call("POST", "/keys", {"user_id": u, "name": f"fuzz-{RUN}"})["id"] for u in users for _ in range(2)]
+
+dictionaries = {
+    "models": models,
+    "all_models": models + [restricted],
+    "users": users,
+    "subscriptions": active + pending,
+    "teams": teams,
+    "keys": keys,
+    "future": ["2099-01-01T00:00:00Z", "2100-06-30T12:00:00+02:00"],
+}
+config = (HERE / "schemathesis.toml").read_text().replace("@ADMIN_JWT@", token)
+config += "".join(f"\n[dictionaries.{name}]\nvalues = {json.dumps(ids)}\n" for name, ids in dictionaries.items())
+pathlib.Path(OUT).write_text(config)
