@@ -124,7 +124,9 @@ impl PartialSchema for Metadata {
     fn schema() -> RefOr<Schema> {
         ObjectBuilder::new()
             .schema_type(Type::Object)
-            .description(Some("A JSON object of at most 16 KiB (as JSON), without NUL characters."))
+            .description(Some(
+                "A JSON object of at most 16 KiB (as JSON), without NUL characters, its numbers within ±1e300.",
+            ))
             .into()
     }
 }
@@ -186,5 +188,33 @@ pub fn metadata(field: &str, value: &serde_json::Value) -> ApiResult<()> {
     if value.to_string().contains("\\u0000") {
         return Err(ApiError::invalid(field, "must not contain NUL characters"));
     }
+    if has_huge_number(value) {
+        return Err(ApiError::invalid(field, "numbers must lie within ±1e300"));
+    }
     Ok(())
+}
+
+/// PostgreSQL's jsonb keeps numbers as decimals and writes them back in full: one near f64's
+/// bounds (1.7976931348623157e308) comes back as digits that no longer parse as an f64, and the
+/// stored row could not be read again. Such numbers are refused on the way in.
+fn has_huge_number(value: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match value {
+        Value::Number(n) => n.as_f64().is_some_and(|f| f.abs() > 1e300),
+        Value::Array(items) => items.iter().any(has_huge_number),
+        Value::Object(fields) => fields.values().any(has_huge_number),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    #[test]
+    fn metadata_refuses_numbers_jsonb_cannot_give_back() {
+        assert!(super::metadata("metadata", &json!({"a": [null, 1.7976931348623157e308]})).is_err());
+        assert!(super::metadata("metadata", &json!({"a": {"b": -1e301}})).is_err());
+        assert!(super::metadata("metadata", &json!({"a": 1e300, "b": [1, 2.5, "x"]})).is_ok());
+    }
 }
