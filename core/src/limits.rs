@@ -2,8 +2,10 @@
 //!
 //! `rpm` and `tpm` count requests and tokens in a rolling 60 s window; `max_budget` is USD per
 //! `budget_period` (UTC calendar); `enforcement` says what happens at the limit. Budgets carry at
-//! most six decimal places (micro-USD); the limiter counts spend in integer nano-USD, so that
-//! requests costing fractions of a micro-USD add up exactly.
+//! most six decimal places (micro-USD): a request's budget is rounded to the micro-USD (half to
+//! even) as it is read, because clients compute budgets in binary floats (`0.1 + 0.2` has 17
+//! decimals) and refusing those would refuse honest values. The limiter counts spend in integer
+//! nano-USD, so that requests costing fractions of a micro-USD add up exactly.
 
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
@@ -49,8 +51,8 @@ pub struct Limits {
     #[serde(default)]
     #[schema(minimum = 0, maximum = 1_000_000_000_000_i64)]
     pub tpm: Option<i64>,
-    /// USD per budget period, at most six decimal places.
-    #[serde(default)]
+    /// USD per budget period, rounded to six decimal places (micro-USD).
+    #[serde(default, deserialize_with = "micro_usd")]
     #[schema(value_type = Option<f64>, minimum = 0, maximum = 1_000_000)]
     pub max_budget: Option<Decimal>,
     #[serde(default)]
@@ -102,6 +104,12 @@ impl Limits {
     }
 }
 
+/// Reads a budget rounded to the micro-USD (half to even).
+fn micro_usd<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Decimal>, D::Error> {
+    let value = Option::<Decimal>::deserialize(d)?;
+    Ok(value.map(|v| v.round_dp_with_strategy(6, rust_decimal::RoundingStrategy::MidpointNearestEven).normalize()))
+}
+
 fn check_range(field: &str, value: Option<i64>, max: i64) -> Result<(), FieldError> {
     match value {
         Some(v) if v < 0 => Err(FieldError::new(field, "must be >= 0")),
@@ -149,6 +157,20 @@ mod tests {
         parse(r#"{"max_budget":1000000}"#).unwrap().validate().unwrap();
         let fine = Limits { max_budget: Some(Decimal::from_str("0.0000001").unwrap()), ..Default::default() };
         assert_eq!(fine.validate().unwrap_err().field, "max_budget");
+    }
+
+    #[test]
+    fn budgets_are_read_rounded_to_the_micro_usd() {
+        // A float client's 0.1 + 0.2, and a value past the micro-USD: rounded, half to even.
+        let l = parse(r#"{"max_budget":0.30000000000000004}"#).unwrap();
+        assert_eq!(l.max_budget, Some(Decimal::from_str("0.3").unwrap()));
+        l.validate().unwrap();
+        assert_eq!(parse(r#"{"max_budget":78064.87725202538}"#).unwrap().max_budget_nanos(), Some(78_064_877_252_000));
+        assert_eq!(
+            parse(r#"{"max_budget":0.0000025}"#).unwrap().max_budget,
+            Some(Decimal::from_str("0.000002").unwrap())
+        );
+        assert_eq!(parse(r#"{"max_budget":null}"#).unwrap().max_budget, None);
     }
 
     #[test]

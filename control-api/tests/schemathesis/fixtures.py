@@ -5,7 +5,8 @@ logic instead of answering 404 or 422 for an unknown id.
 Usage: fixtures.py BASE_URL ADMIN_KEY JWT_SECRET OUT  -> writes OUT: schemathesis.toml (the operations'
 bindings) followed by the dictionaries of the ids made here, with the admin JWT in it.
 Creates, through the API itself: models (one restricted, so that subscriptions start pending),
-users with active subscriptions, pending subscriptions, teams, keys; and mints an admin JWT for
+users with active subscriptions, pending subscriptions (and spare pending and suspended ones for
+approve and reactivate), teams, keys; and mints an admin JWT for
 `GET /users/me` (an admin API key is no user).
 """
 
@@ -54,6 +55,18 @@ token = jwt({"sub": f"fuzz-admin-{RUN}", "email": f"fuzz-admin-{RUN}@example.com
 # The JWT's admin is a user too (made at the first call), and holds keys like the others.
 admin_user = call("GET", "/users/me", credential=token)["id"]
 users = [admin_user] + [call("POST", "/users", {"email": f"fuzz-{RUN}-{i}@example.com", "name": f"Fuzz {i}"})["id"] for i in range(COUNT)]
+# A subscription to a restricted model starts pending only when its user asks for it: an
+# administrator's is active at once. So users who sign in with a plain JWT ask for their own;
+# approve and reactivate get subscriptions of their own, in the states those act on (each call
+# consumes one, so there are enough for a run's worth of them).
+def plain_user(i):
+    return jwt({"sub": f"fuzz-user-{RUN}-{i}", "email": f"fuzz-user-{RUN}-{i}@example.com", "email_verified": True,
+                "name": f"Fuzz user {i}", "roles": ["user"], "exp": int(time.time()) + 6 * 3600})
+
+
+askers = [plain_user(i) for i in range(COUNT)]
+for asker in askers:
+    users.append(call("GET", "/users/me", credential=asker)["id"])
 active = []
 for user in users:
     for model in models:
@@ -61,7 +74,16 @@ for user in users:
         if sub["status"] == "pending":
             sub = call("POST", f"/subscriptions/{sub['id']}/approve")
         active.append(sub["id"])
-pending = [call("POST", "/subscriptions", {"user_id": u, "model_id": restricted})["id"] for u in users]
+more_restricted = [call("POST", "/models", {"id": f"fuzz-{RUN}-restricted-{i}", "restricted": True, **price})["id"]
+                   for i in range(COUNT)]
+pending = [call("POST", "/subscriptions", {"model_id": restricted}, credential=a)["id"] for a in askers]
+to_approve = [call("POST", "/subscriptions", {"model_id": m}, credential=a)["id"] for m in more_restricted for a in askers]
+spare = [call("POST", "/models", {"id": f"fuzz-{RUN}-spare-{i}", **price})["id"] for i in range(COUNT)]
+suspended = []
+for model in spare:
+    for user in users:
+        sub = call("POST", "/subscriptions", {"user_id": user, "model_id": model})
+        suspended.append(call("POST", f"/subscriptions/{sub['id']}/suspend")["id"])
 teams = [call("POST", "/teams", {"name": f"fuzz-{RUN}-{i}"})["id"] for i in range(COUNT)]
 for team in teams:
     for user in users:
@@ -73,6 +95,8 @@ dictionaries = {
     "all_models": models + [restricted],
     "users": users,
     "subscriptions": active + pending,
+    "pending_subscriptions": to_approve,
+    "suspended_subscriptions": suspended,
     "teams": teams,
     "keys": keys,
     "future": ["2099-01-01T00:00:00Z", "2100-06-30T12:00:00+02:00"],
