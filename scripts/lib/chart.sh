@@ -6,7 +6,8 @@
 # Needs: lib/log.sh, lib/apt.sh, lib/python.sh (ensure_venv), TOLLGATE_ROOT, TOLLGATE_STATE_DIR,
 # stage_skip (scripts/test).
 #
-# stage_chart, with the default values and with ci/all-on-values.yaml (every optional part on):
+# stage_chart, with the default values, with ci/all-on-values.yaml (every optional part on) and
+# with secrets.existingSecret:
 #   helm lint --strict, helm template (hooks included); every rendered manifest but the
 #   prometheus-operator CRs validated by kubernetes-validate against the Kubernetes 1.30 schemas
 #   (--strict: unknown fields are errors); env names and ConfigMap keys checked against the
@@ -250,6 +251,13 @@ stage_chart() {
   local rc=0
   chart_check default || rc=1
   chart_check all-on -f "$CHART_DIR/ci/all-on-values.yaml" || rc=1
+  # credentials from a Secret the operator made: the chart creates none, every pod reads that one
+  chart_check existing-secret --set secrets.existingSecret=tollgate-credentials || rc=1
+  if grep -q '^kind: Secret' "$TOLLGATE_STATE_DIR/chart/existing-secret/rendered.yaml" 2>/dev/null ||
+    grep -q 'name: tollgate-secrets$' "$TOLLGATE_STATE_DIR/chart/existing-secret/rendered.yaml" 2>/dev/null; then
+    warn "[existing-secret] the chart still renders or names its own Secret"
+    rc=1
+  fi
   # the default render must hold no CRs (ServiceMonitor/PrometheusRule are off by default) and the
   # all-on render both
   if grep -q '^kind: \(ServiceMonitor\|PrometheusRule\)' "$TOLLGATE_STATE_DIR/chart/default/rendered.yaml" 2>/dev/null; then
