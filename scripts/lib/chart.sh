@@ -112,7 +112,10 @@ PY
 # that binary's SPEC (gateway/src/config.rs, control-api/src/config.rs); the ConfigMap's
 # gateway.toml / control-api.toml must parse as TOML and hold only fields of GatewayConfig /
 # ControlApiConfig (and their tables), never a secret key; every Secret key the pods require must
-# be in the chart's Secret (when it makes one).
+# be in the chart's Secret (when it makes one). And the wiring: liveness on /health and readiness
+# on /ready at the port of TOLLGATE_ADMIN_LISTEN / TOLLGATE_API_LISTEN, a termination grace period
+# above preStop + the gateway's drain, TOLLGATE_MIGRATE_ON_START=false in every Deployment and a
+# pre-install,pre-upgrade hook Job running `migrate`.
 chart_binaries_check() {
   "$TOLLGATE_VENV/bin/python" - "$1" "$TOLLGATE_ROOT" <<'PY'
 import pathlib, re, sys, tomllib
@@ -191,6 +194,51 @@ for d in docs:
             ref = (e.get("valueFrom") or {}).get("secretKeyRef")
             if ref and not ref.get("optional"):
                 wanted.append((f"{kind} {name} {e['name']}", ref["name"], ref["key"]))
+
+# The wiring kubernetes-validate cannot see: probes on the binaries' real paths and ports, the
+# drain inside the termination grace period, migrations only in the hook Job.
+def port_of(addr):
+    return int(str(addr).rsplit(":", 1)[1])
+
+hooks = set()
+for d in docs:
+    kind, name = d["kind"], d["metadata"]["name"]
+    ann = d["metadata"].get("annotations") or {}
+    if kind == "Job":
+        hooks.add(name)
+        if set(ann.get("helm.sh/hook", "").split(",")) != {"pre-install", "pre-upgrade"}:
+            errors.append(f"Job {name}: not a pre-install,pre-upgrade hook: {ann.get('helm.sh/hook')!r}")
+        for c in d["spec"]["template"]["spec"]["containers"]:
+            if c.get("command", [])[-1:] != ["migrate"] and "migrate" not in c.get("args", []):
+                errors.append(f"Job {name}: container {c['name']} does not run `migrate`")
+    if kind != "Deployment":
+        continue
+    pod = d["spec"]["template"]["spec"]
+    for c in pod["containers"]:
+        env = {e["name"]: e.get("value") for e in c.get("env", [])}
+        ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
+        if env.get("TOLLGATE_MIGRATE_ON_START") != "false":
+            errors.append(f"Deployment {name}: TOLLGATE_MIGRATE_ON_START is not \"false\"")
+        listen = env.get("TOLLGATE_ADMIN_LISTEN") or env.get("TOLLGATE_API_LISTEN")
+        if not listen:
+            errors.append(f"Deployment {name}: no TOLLGATE_ADMIN_LISTEN / TOLLGATE_API_LISTEN")
+            continue
+        for probe, path in [("livenessProbe", "/health"), ("readinessProbe", "/ready")]:
+            get = (c.get(probe) or {}).get("httpGet") or {}
+            port = ports.get(get.get("port"), get.get("port"))
+            if get.get("path") != path or port != port_of(listen):
+                errors.append(f"Deployment {name}: {probe} is {get.get('path')} on port {port}, "
+                              f"the binary serves {path} on {port_of(listen)}")
+        if "TOLLGATE_GRACE_PERIOD_SECONDS" in env:
+            sleep = (((c.get("lifecycle") or {}).get("preStop") or {}).get("sleep") or {}).get("seconds", 0)
+            drain = sleep + int(env["TOLLGATE_GRACE_PERIOD_SECONDS"]) + int(env.get("TOLLGATE_GRACEFUL_SHUTDOWN_TIMEOUT_SECONDS", 10))
+            grace = pod.get("terminationGracePeriodSeconds", 30)
+            if grace <= drain:
+                errors.append(f"Deployment {name}: terminationGracePeriodSeconds {grace} does not cover "
+                              f"preStop {sleep} s + the gateway's drain ({drain} s in all)")
+if not hooks:
+    errors.append("no migrations Job")
+
 for who, secret, key in wanted:
     if secret in secret_keys and key not in secret_keys[secret]:
         errors.append(f"{who}: Secret {secret} has no key {key}")
