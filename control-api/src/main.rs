@@ -1,4 +1,5 @@
-//! `tollgate-control-api [--config FILE] [serve|migrate]`: parse config, then serve or migrate.
+//! `tollgate-control-api [--config FILE] [--print-config] [serve|migrate]`: parse config, then serve
+//! or migrate (or show the effective configuration).
 
 use std::path::PathBuf;
 
@@ -18,6 +19,9 @@ struct Args {
     /// Do not apply migrations at start.
     #[arg(long)]
     no_migrate: bool,
+    /// Print the effective configuration (secrets hidden) as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -45,6 +49,10 @@ async fn main() -> anyhow::Result<()> {
         flags = flags.merge(Serialized::default("migrate_on_start", false));
     }
     let config = ControlApiConfig::load(args.config.as_deref(), flags)?;
+    if args.print_config {
+        print!("{}", tollgate_core::config::render_redacted(&config, &tollgate_control_api::config::SPEC)?);
+        return Ok(());
+    }
     match args.command.unwrap_or(Command::Serve) {
         Command::Migrate => {
             let db = tollgate_control_api::connect_db(&config.database_url).await?;

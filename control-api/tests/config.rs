@@ -1,5 +1,6 @@
-//! The control API's configuration as a deployer meets it: the shipped example loads, and a bad
-//! address or URL stops the start naming the setting.
+//! The control API's configuration as a deployer meets it: the shipped example loads, a bad
+//! address or URL stops the start naming the setting, and `--print-config` shows every setting
+//! with secrets hidden.
 
 // Test helpers fail loudly by design (clippy.toml already allows this inside #[test] fns).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -59,4 +60,33 @@ fn good_addresses_and_urls_are_typed_and_empty_urls_mean_none() {
     assert!(with("litellm.url", "").unwrap().litellm.url.is_none());
     assert!(with("jwt.jwks_url", " ").unwrap().jwt.jwks_url.is_none());
     assert!(with("redis_url", "redis+cluster://10.0.0.1:7000,10.0.0.2:7000").is_ok());
+}
+
+#[test]
+fn print_config_shows_every_setting_and_hides_secrets() {
+    let example_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/control-api.toml");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate-control-api"))
+        .env_clear()
+        .env("TOLLGATE_JWT_SECRET", "jwt-secret-do-not-show")
+        .env("TOLLGATE_ADMIN_API_KEYS", "sk-tg-admin-do-not-show-0000000000000000")
+        .env("TOLLGATE_LITELLM_URL", "http://litellm:4000")
+        .env("TOLLGATE_LITELLM_API_KEY", "sk-litellm-do-not-show")
+        .env("TOLLGATE_REDIS_URL", "redis://:redis-password-do-not-show@cache:6379")
+        .env("TOLLGATE_METRICS_LISTEN", "0.0.0.0:9091")
+        .args(["--config", example_path.to_str().unwrap(), "--print-config"])
+        .output()
+        .unwrap();
+    let shown = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success(), "{shown}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!shown.contains("do-not-show"), "a secret was shown:\n{shown}");
+    let table: toml::Table = shown.parse().unwrap();
+    let redacted = Some(tollgate_core::config::REDACTED);
+    assert_eq!(table["jwt"]["secret"].as_str(), redacted);
+    assert_eq!(table["admin_api_keys"].as_str(), redacted);
+    assert_eq!(table["litellm"]["api_key"].as_str(), redacted);
+    assert_eq!(table["redis_url"].as_str(), Some("redis://:%3Credacted%3E@cache:6379"));
+    assert_eq!(table["metrics_listen"].as_str(), Some("0.0.0.0:9091"));
+    let example = std::fs::read_to_string(&example_path).unwrap();
+    let missing = tollgate_core::config::undocumented_settings(&shown, &example);
+    assert!(missing.is_empty(), "settings configs/control-api.toml does not mention: {missing:?}");
 }

@@ -87,6 +87,95 @@ where
     figment.extract().map_err(|e| ConfigError::Invalid(Box::new(e)))
 }
 
+/// What stands in for a secret in [`render_redacted`].
+pub const REDACTED: &str = "<redacted>";
+
+/// The effective configuration as TOML (what `--print-config` shows): every setting, secrets
+/// replaced by [`REDACTED`] (the keys in `spec.secrets` when set, and the password of any URL,
+/// such as `database_url`'s), unset optional settings left out.
+pub fn render_redacted<T: Serialize>(config: &T, spec: &ConfigSpec) -> Result<String, ConfigError> {
+    let mut value = toml::Value::try_from(config).map_err(|e| ConfigError::Setting {
+        key: "(all)".into(),
+        env: None,
+        reason: format!("cannot be shown as TOML: {e}"),
+    })?;
+    for key in spec.secrets {
+        let mut slot = Some(&mut value);
+        for part in key.split('.') {
+            slot = slot.and_then(|v| v.get_mut(part));
+        }
+        if let Some(secret) = slot {
+            let empty = matches!(secret, toml::Value::String(s) if s.is_empty())
+                || matches!(secret, toml::Value::Array(a) if a.is_empty());
+            if !empty {
+                *secret = toml::Value::String(REDACTED.into());
+            }
+        }
+    }
+    redact_url_passwords(&mut value);
+    let body = toml::to_string_pretty(&value).map_err(|e| ConfigError::Setting {
+        key: "(all)".into(),
+        env: None,
+        reason: format!("cannot be shown as TOML: {e}"),
+    })?;
+    Ok(format!(
+        "# Effective configuration: defaults, then the file, the environment and flags; secrets hidden.\n{body}"
+    ))
+}
+
+/// The settings (dotted keys) of a rendered configuration that the commented example `example`
+/// (a TOML file's text) never names, set or commented out (`key =`, `# key =` or `# key:`):
+/// what a deployer reading the example would not learn exists.
+pub fn undocumented_settings(rendered: &str, example: &str) -> Vec<String> {
+    fn walk(prefix: &str, table: &toml::Table, out: &mut Vec<String>) {
+        for (key, value) in table {
+            let dotted = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
+            match value {
+                toml::Value::Table(inner) => walk(&dotted, inner, out),
+                _ => out.push(dotted),
+            }
+        }
+    }
+    let mut keys = Vec::new();
+    if let Ok(table) = rendered.parse::<toml::Table>() {
+        walk("", &table, &mut keys);
+    }
+    let named = |key: &str| {
+        let last = key.rsplit('.').next().unwrap_or(key);
+        example.lines().any(|line| {
+            let line = line.trim_start().trim_start_matches('#').trim_start();
+            line.strip_prefix(last).is_some_and(|rest| {
+                let rest = rest.trim_start();
+                rest.starts_with('=') || rest.starts_with(':')
+            })
+        })
+    };
+    keys.into_iter().filter(|k| !named(k)).collect()
+}
+
+/// Replaces the password of every URL in `value` (comma-separated lists too, as Redis cluster
+/// settings are) with [`REDACTED`].
+fn redact_url_passwords(value: &mut toml::Value) {
+    match value {
+        toml::Value::String(s) if s.contains("://") => {
+            let parts: Vec<String> = s
+                .split(',')
+                .map(|part| match url::Url::parse(part.trim()) {
+                    Ok(mut url) if url.password().is_some() => {
+                        let _ = url.set_password(Some(REDACTED));
+                        url.to_string()
+                    }
+                    _ => part.to_string(),
+                })
+                .collect();
+            *s = parts.join(",");
+        }
+        toml::Value::Array(items) => items.iter_mut().for_each(redact_url_passwords),
+        toml::Value::Table(table) => table.iter_mut().for_each(|(_, v)| redact_url_passwords(v)),
+        _ => {}
+    }
+}
+
 /// Deserializes a list given either as a TOML/JSON array or as one comma-separated string (the
 /// form environment variables take). Empty items are dropped.
 pub fn comma_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
@@ -166,6 +255,21 @@ mod tests {
             assert_eq!(c.listen, "9.9.9.9:9");
             Ok(())
         });
+    }
+
+    #[test]
+    fn rendered_config_hides_secrets_and_url_passwords() {
+        let mut demo = Demo { listen: "postgres://app:hunter2@db:5432/x".into(), ..Demo::default() };
+        demo.nested.secret = Some("s3cr3t".into());
+        let shown = render_redacted(&demo, &SPEC).unwrap();
+        assert!(!shown.contains("s3cr3t") && !shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains(r#"secret = "<redacted>""#), "{shown}");
+        assert!(shown.contains("postgres://app:%3Credacted%3E@db:5432/x"), "{shown}");
+        let back: toml::Value = toml::from_str(&shown).unwrap();
+        assert_eq!(back["nested"]["enabled"].as_bool(), Some(false));
+        // An unset secret stays unset rather than looking configured.
+        let shown = render_redacted(&Demo::default(), &SPEC).unwrap();
+        assert!(!shown.contains(REDACTED), "{shown}");
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! `tollgate-gateway [--config FILE] [--listen ADDR] [--admin-listen ADDR] [--upstream-url URL]
-//! [--no-migrate]`: parse config, run.
+//! [--no-migrate] [--print-config]`: parse config, run (or show the effective configuration).
 
 use clap::Parser;
 
@@ -27,6 +27,9 @@ struct Args {
     /// Do not apply migrations at start (overrides TOLLGATE_MIGRATE_ON_START).
     #[arg(long)]
     no_migrate: bool,
+    /// Print the effective configuration (secrets hidden) as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -43,5 +46,10 @@ fn main() -> anyhow::Result<()> {
     if args.no_migrate {
         flags = flags.merge(Serialized::default("migrate_on_start", false));
     }
-    tollgate_gateway::run(GatewayConfig::load(args.config.as_deref(), flags)?)
+    let config = GatewayConfig::load(args.config.as_deref(), flags)?;
+    if args.print_config {
+        print!("{}", tollgate_core::config::render_redacted(&config, &tollgate_gateway::config::SPEC)?);
+        return Ok(());
+    }
+    tollgate_gateway::run(config)
 }

@@ -1,6 +1,6 @@
 //! The gateway's configuration as a deployer meets it: the shipped example loads, bad addresses
-//! and URLs stop it at start naming the setting, and the README's table of environment
-//! variables is exactly what the two binaries read.
+//! and URLs stop it at start naming the setting, the README's table of environment variables is
+//! exactly what the two binaries read, and `--print-config` shows every setting with secrets hidden.
 
 // Test helpers fail loudly by design (clippy.toml already allows this inside #[test] fns).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -82,4 +82,30 @@ fn readme_lists_exactly_the_variables_each_binary_reads() {
     let unknown: Vec<_> =
         readme.iter().filter(|(_, who)| !["gateway", "control API", "both"].contains(&who.as_str())).collect();
     assert!(unknown.is_empty(), "rows with an unknown reader: {unknown:?}");
+}
+
+#[test]
+fn print_config_shows_every_setting_and_hides_secrets() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate-gateway"))
+        .env_clear()
+        .env("TOLLGATE_UPSTREAM_API_KEY", "sk-upstream-do-not-show")
+        .env("TOLLGATE_DATABASE_URL", "postgres://app:pg-password-do-not-show@db:5432/tollgate")
+        .env("TOLLGATE_KEY_CACHE_TTL_SECONDS", "7")
+        .args(["--config", root().join("configs/gateway.toml").to_str().unwrap(), "--listen", "0.0.0.0:18080"])
+        .arg("--print-config")
+        .output()
+        .unwrap();
+    let shown = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success(), "{shown}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!shown.contains("do-not-show"), "a secret was shown:\n{shown}");
+    let table: toml::Table = shown.parse().unwrap();
+    assert_eq!(table["upstream_api_key"].as_str(), Some(tollgate_core::config::REDACTED));
+    assert_eq!(table["database_url"].as_str(), Some("postgres://app:%3Credacted%3E@db:5432/tollgate"));
+    // File, environment and flag, each where it wins.
+    assert_eq!(table["admin_listen"].as_str(), Some("127.0.0.1:9090"));
+    assert_eq!(table["key_cache_ttl_seconds"].as_integer(), Some(7));
+    assert_eq!(table["listen"].as_str(), Some("0.0.0.0:18080"));
+    let example = std::fs::read_to_string(root().join("configs/gateway.toml")).unwrap();
+    let missing = tollgate_core::config::undocumented_settings(&shown, &example);
+    assert!(missing.is_empty(), "settings configs/gateway.toml does not mention: {missing:?}");
 }
