@@ -26,7 +26,6 @@ impl Invalidator {
             InvalidationKind::Subscription => "subscription",
             InvalidationKind::Model => "model",
         };
-        self.metrics.invalidations.with_label_values(&[kind]).inc();
         if message.kind == InvalidationKind::Model {
             let (catalog, db, id) = (self.catalog.clone(), self.db.clone(), message.id.clone());
             tokio::spawn(async move {
@@ -37,6 +36,8 @@ impl Invalidator {
         } else {
             self.keys.invalidate(message);
         }
+        // Counted once applied, so that a reader of the metric knows the cache has moved on.
+        self.metrics.invalidations.with_label_values(&[kind]).inc();
     }
 
     /// Runs forever: subscribe, apply messages, and on any failure reconnect after a pause.

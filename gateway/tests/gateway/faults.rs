@@ -129,13 +129,7 @@ async fn budget_stack(db: PgPool, redis_url: &str, env: Vec<(&str, &str)>) -> (S
     let stack = Stack::start_with(db, env).await;
     stack.post_admin("/models", json!({"id": "b", "input_cost_per_token": 0, "output_cost_per_token": 0.01})).await;
     let (key, key_id, _) = stack.key_for("budget@example.com", &["b"]).await;
-    stack
-        .admin(
-            reqwest::Method::PATCH,
-            &format!("/keys/{key_id}"),
-            json!({"limits": {"max_budget": 1, "budget_period": "none"}}),
-        )
-        .await;
+    stack.patch(&format!("/keys/{key_id}"), json!({"limits": {"max_budget": 1, "budget_period": "none"}})).await;
     stack.wait_model(&key, "b").await;
     (stack, key, key_id)
 }
@@ -374,7 +368,7 @@ async fn a_flapping_redis_never_hands_out_a_fresh_share(db: PgPool) {
     let env = vec![("TOLLGATE_REDIS_URL", url.as_str()), ("TOLLGATE_REDIS_TIMEOUT_MS", "200")];
     let stack = Stack::start_with(db, env.clone()).await;
     let (key, key_id, _) = stack.ready_key("flap@example.com", &["m"]).await;
-    stack.admin(reqwest::Method::PATCH, &format!("/keys/{key_id}"), json!({"limits": {"rpm": 20}})).await;
+    stack.patch(&format!("/keys/{key_id}"), json!({"limits": {"rpm": 20}})).await;
     let other = stack.replica(env).await;
     let bases = [stack.gateway.base.as_str(), other.base.as_str()];
     // Both replicas in the heartbeat set, and the new limit seen by both.
@@ -402,7 +396,7 @@ async fn replicas_that_start_during_an_outage_count_the_expected_replicas(db: Pg
     let url = redis.url();
     let stack = Stack::start_with(db, vec![("TOLLGATE_REDIS_URL", url.as_str())]).await;
     let (key, key_id, _) = stack.ready_key("cold@example.com", &["m"]).await;
-    stack.admin(reqwest::Method::PATCH, &format!("/keys/{key_id}"), json!({"limits": {"rpm": 10}})).await;
+    stack.patch(&format!("/keys/{key_id}"), json!({"limits": {"rpm": 10}})).await;
     redis.kill();
     // Two replicas that never see each other: each counts the two it was told to expect.
     let env = vec![("TOLLGATE_EXPECTED_REPLICAS", "2"), ("TOLLGATE_REDIS_TIMEOUT_MS", "200")];
@@ -418,9 +412,7 @@ async fn a_budget_postgres_cannot_seed_is_not_a_redis_outage(db: PgPool) {
     let stack = Stack::start_with(db.clone(), vec![("TOLLGATE_REDIS_URL", url.as_str())]).await;
     let (key, key_id, _) = stack.ready_key("seed@example.com", &["m"]).await;
     let (plain, _, _) = stack.key_for("plain@example.com", &["m"]).await;
-    stack
-        .admin(reqwest::Method::PATCH, &format!("/keys/{key_id}"), json!({"limits": {"max_budget": 5, "rpm": 100}}))
-        .await;
+    stack.patch(&format!("/keys/{key_id}"), json!({"limits": {"max_budget": 5, "rpm": 100}})).await;
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     // The rollups a budget is seeded from cannot be read.
     sqlx::query("ALTER TABLE usage_daily RENAME TO usage_daily_away").execute(&db).await.unwrap();

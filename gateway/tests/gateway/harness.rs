@@ -215,6 +215,23 @@ impl Stack {
         v
     }
 
+    /// PATCHes `path` (`/keys/{id}`, `/users/{id}`, ...) and waits until the first gateway has
+    /// applied the invalidation it publishes: the next request sees the change. (Replicas started
+    /// later read it from PostgreSQL.) Without the wait a loaded machine can serve the request
+    /// before the message arrives.
+    pub async fn patch(&self, path: &str, body: Value) -> Value {
+        let kind = path.trim_start_matches('/').split('/').next().unwrap_or_default().trim_end_matches('s');
+        let series = format!(r#"tollgate_gateway_invalidations_total{{kind="{kind}"}}"#);
+        let before = self.metric(&series).await.unwrap_or(0.0);
+        let answer = self.admin(reqwest::Method::PATCH, path, body).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.metric(&series).await.unwrap_or(0.0) <= before {
+            assert!(Instant::now() < deadline, "the gateway never applied the invalidation of PATCH {path}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        answer
+    }
+
     pub async fn post_admin(&self, path: &str, body: Value) -> Value {
         self.admin(reqwest::Method::POST, path, body).await
     }

@@ -47,14 +47,8 @@ async fn limits_hold_through_a_redis_outage_and_budgets_are_reseeded(db: PgPool)
     let url = redis.url();
     let stack = Stack::start_with(db, vec![("TOLLGATE_REDIS_URL", &url), ("TOLLGATE_REDIS_TIMEOUT_MS", "100")]).await;
     let (key, key_id, uid) = priced_key(&stack, "outage@example.com").await;
-    stack.admin(reqwest::Method::PATCH, &format!("/keys/{key_id}"), json!({"limits": {"rpm": 30}})).await;
-    stack
-        .admin(
-            reqwest::Method::PATCH,
-            &format!("/users/{uid}"),
-            json!({"limits": {"max_budget": 1.0, "budget_period": "monthly"}}),
-        )
-        .await;
+    stack.patch(&format!("/keys/{key_id}"), json!({"limits": {"rpm": 30}})).await;
+    stack.patch(&format!("/users/{uid}"), json!({"limits": {"max_budget": 1.0, "budget_period": "monthly"}})).await;
     let timeout = vec![("TOLLGATE_REDIS_TIMEOUT_MS", "100")];
     let (r2, r3) = (stack.replica(timeout.clone()).await, stack.replica(timeout).await);
     let bases = [stack.gateway.base.as_str(), r2.base.as_str(), r3.base.as_str()];
@@ -112,7 +106,7 @@ async fn fail_closed_answers_503_without_redis(db: PgPool) {
     )
     .await;
     let (key, key_id, _) = priced_key(&stack, "closed@example.com").await;
-    stack.admin(reqwest::Method::PATCH, &format!("/keys/{key_id}"), json!({"limits": {"rpm": 100}})).await;
+    stack.patch(&format!("/keys/{key_id}"), json!({"limits": {"rpm": 100}})).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let body = json!({"model": "b", "messages": user_msg("hi")});
     assert_eq!(stack.chat(&key, body.clone()).send().await.unwrap().status(), StatusCode::OK);
@@ -139,16 +133,10 @@ async fn rpm_and_budgets_hold_on_a_redis_cluster(db: PgPool) {
     // Four scopes on (most likely) different nodes, one request reserving in all of them.
     let sub: Value = stack.admin(reqwest::Method::GET, &format!("/subscriptions?user_id={uid}"), json!(null)).await;
     let sid = sub["data"][0]["id"].as_str().unwrap().to_string();
-    stack.admin(reqwest::Method::PATCH, &format!("/keys/{key_id}"), json!({"limits": {"rpm": 40}})).await;
-    stack.admin(reqwest::Method::PATCH, &format!("/users/{uid}"), json!({"limits": {"max_budget": 0.9}})).await;
-    stack.admin(reqwest::Method::PATCH, &format!("/subscriptions/{sid}"), json!({"limits": {"tpm": 1000000}})).await;
-    stack
-        .admin(
-            reqwest::Method::PATCH,
-            &format!("/teams/{}", tollgate_core::DEFAULT_TEAM_ID),
-            json!({"limits": {"rpm": 1000}}),
-        )
-        .await;
+    stack.patch(&format!("/keys/{key_id}"), json!({"limits": {"rpm": 40}})).await;
+    stack.patch(&format!("/users/{uid}"), json!({"limits": {"max_budget": 0.9}})).await;
+    stack.patch(&format!("/subscriptions/{sid}"), json!({"limits": {"tpm": 1000000}})).await;
+    stack.patch(&format!("/teams/{}", tollgate_core::DEFAULT_TEAM_ID), json!({"limits": {"rpm": 1000}})).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (r2, r3) = (stack.replica(vec![]).await, stack.replica(vec![]).await);
     let bases = [stack.gateway.base.as_str(), r2.base.as_str(), r3.base.as_str()];
@@ -162,7 +150,7 @@ async fn rpm_and_budgets_hold_on_a_redis_cluster(db: PgPool) {
     assert_eq!(admitted, 30, "{warnings:#?}");
     // And the RPM binds for a key without a budget.
     let (key2, key2_id, _) = stack.key_for("cluster2@example.com", &["b"]).await;
-    stack.admin(reqwest::Method::PATCH, &format!("/keys/{key2_id}"), json!({"limits": {"rpm": 12}})).await;
+    stack.patch(&format!("/keys/{key2_id}"), json!({"limits": {"rpm": 12}})).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (admitted, _) = send(&stack, &bases, &key2, 20).await;
     assert_eq!(admitted, 12);
