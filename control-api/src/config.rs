@@ -58,7 +58,7 @@ pub struct JwtConfig {
     pub jwks_refresh_seconds: u64,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LitellmConfig {
     /// Base URL of LiteLLM; `/model/info` is read below it.
@@ -67,6 +67,15 @@ pub struct LitellmConfig {
     /// Credential for LiteLLM's `/model/info` (environment only).
     pub api_key: Option<String>,
     pub timeout_seconds: u64,
+    /// Sync the catalogue from LiteLLM at start and then every this many seconds (0: only when
+    /// asked through `POST /models/sync`). One replica syncs at a time.
+    pub sync_interval_seconds: u64,
+}
+
+impl Default for LitellmConfig {
+    fn default() -> Self {
+        Self { url: None, api_key: None, timeout_seconds: 10, sync_interval_seconds: 300 }
+    }
 }
 
 impl Default for ControlApiConfig {
@@ -80,7 +89,7 @@ impl Default for ControlApiConfig {
             migrate_on_start: true,
             trusted_proxies: Vec::new(),
             jwt: JwtConfig::default(),
-            litellm: LitellmConfig { timeout_seconds: 10, ..Default::default() },
+            litellm: LitellmConfig::default(),
         }
     }
 }
@@ -122,6 +131,7 @@ pub const SPEC: ConfigSpec<'static> = ConfigSpec {
         ("JWT_JWKS_REFRESH_SECONDS", "jwt.jwks_refresh_seconds"),
         ("LITELLM_URL", "litellm.url"),
         ("LITELLM_API_KEY", "litellm.api_key"),
+        ("MODEL_SYNC_INTERVAL_SECONDS", "litellm.sync_interval_seconds"),
     ],
     secrets: &["admin_api_keys", "jwt.secret", "litellm.api_key"],
 };

@@ -11,6 +11,7 @@ pub mod events;
 pub mod extract;
 pub mod litellm;
 pub mod metrics;
+pub mod model_sync;
 pub mod openapi;
 pub mod pagination;
 pub mod routes;
@@ -102,6 +103,10 @@ pub async fn run(config: ControlApiConfig) -> anyhow::Result<()> {
         }
     });
     let state = AppState::new(&config, db)?;
+    if config.litellm.url.is_some() && config.litellm.sync_interval_seconds > 0 {
+        let interval = Duration::from_secs(config.litellm.sync_interval_seconds);
+        tokio::spawn(model_sync::run(state.clone(), interval));
+    }
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     tracing::info!(listen = %listener.local_addr()?, "control API listening");
     if let Some(addr) = config.metrics_listen {

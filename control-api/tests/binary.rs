@@ -98,3 +98,86 @@ async fn metrics_on_their_own_address_and_not_on_the_api(db: PgPool) {
     let _ = child.wait();
     let _ = std::fs::remove_file(&log);
 }
+
+/// `(action, created_at)` of the scheduled syncs in the audit trail, oldest first.
+async fn scheduled_syncs(db: &PgPool) -> Vec<(String, chrono::DateTime<chrono::Utc>)> {
+    sqlx::query_as("SELECT action, created_at FROM audit_logs WHERE actor = $1 ORDER BY id")
+        .bind(tollgate_control_api::model_sync::ACTOR)
+        .fetch_all(db)
+        .await
+        .unwrap()
+}
+
+#[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
+async fn models_sync_on_a_schedule_one_replica_at_a_time(db: PgPool) {
+    use std::sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    };
+    // A LiteLLM stand-in answering the captured /model/info while `up`, 503 after.
+    let info: serde_json::Value = serde_json::from_str(include_str!("fixtures/litellm/model-info.json")).unwrap();
+    let up = Arc::new(AtomicBool::new(true));
+    let answer = up.clone();
+    let litellm = axum::Router::new().route(
+        "/model/info",
+        axum::routing::get(move || {
+            let (info, up) = (info.clone(), answer.load(Ordering::SeqCst));
+            async move {
+                let status = if up { axum::http::StatusCode::OK } else { axum::http::StatusCode::SERVICE_UNAVAILABLE };
+                (status, axum::Json(info))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let litellm_url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, litellm).await.unwrap() });
+
+    // Two replicas, an interval of 4 s: a replica skips its turn within 2 s of any sync.
+    let env = [("TOLLGATE_LITELLM_URL", litellm_url), ("TOLLGATE_MODEL_SYNC_INTERVAL_SECONDS", "4".to_string())];
+    let (mut a, api_a, admin_a, log_a) = spawn(&db, &env).await;
+    let (mut b, api_b, admin_b, log_b) = spawn(&db, &env).await;
+
+    // The catalogue fills without anyone asking, once although two replicas started.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while scheduled_syncs(&db).await.is_empty() {
+        assert!(Instant::now() < deadline, "no sync at start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let models: i64 = sqlx::query_scalar("SELECT count(*) FROM models").fetch_one(&db).await.unwrap();
+    assert!(models > 0, "the sync at start made no model");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let at_start: Vec<String> = scheduled_syncs(&db).await.into_iter().map(|s| s.0).collect();
+    assert_eq!(at_start, ["model.sync"], "both replicas synced at start");
+
+    // A later turn finds LiteLLM away: the failure is in the trail, and nothing changed.
+    up.store(false, Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !scheduled_syncs(&db).await.iter().any(|s| s.0 == "model.sync_failed") {
+        assert!(Instant::now() < deadline, "no scheduled sync after the first");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let after: i64 = sqlx::query_scalar("SELECT count(*) FROM models WHERE available").fetch_one(&db).await.unwrap();
+    assert_eq!(after, models, "a failed sync changes nothing");
+    let syncs = scheduled_syncs(&db).await;
+    for pair in syncs.windows(2) {
+        let gap = pair[1].1 - pair[0].1;
+        assert!(gap >= chrono::Duration::seconds(2), "two syncs {gap} apart: {syncs:?}");
+    }
+
+    // Each outcome counted by the replica that ran it.
+    let http = reqwest::Client::new();
+    let mut counted = String::new();
+    for (api, admin) in [(&api_a, &admin_a), (&api_b, &admin_b)] {
+        let metrics = http.get(format!("{api}/metrics")).bearer_auth(admin).send().await.unwrap();
+        counted += &metrics.text().await.unwrap();
+    }
+    for outcome in ["success", "failure"] {
+        let series = format!(r#"tollgate_control_api_model_sync_runs_total{{outcome="{outcome}"}}"#);
+        assert!(counted.contains(&series), "{series} missing:\n{counted}");
+    }
+    for (child, log) in [(&mut a, log_a), (&mut b, log_b)] {
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = std::fs::remove_file(log);
+    }
+}

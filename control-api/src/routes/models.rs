@@ -285,7 +285,7 @@ async fn sync(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<S
     result.map(Json)
 }
 
-async fn run_sync(state: &AppState, caller: &Caller) -> ApiResult<SyncReport> {
+pub(crate) async fn run_sync(state: &AppState, caller: &Caller) -> ApiResult<SyncReport> {
     let upstream = state.litellm.model_info().await?;
     if upstream.is_empty() {
         // Marking every model unavailable would refuse every request: believe the catalogue, not
