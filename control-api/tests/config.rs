@@ -46,6 +46,8 @@ fn bad_addresses_and_urls_fail_naming_the_setting() {
         ("litellm.url", "http://"),
         ("trusted_proxies", "10.0.0.0/33"),
         ("trusted_proxies", "ingress"),
+        ("litellm.sync_interval_seconds", "18446744073709551615"),
+        ("litellm.sync_interval_seconds", "-1"),
     ] {
         let err = with(key, value).expect_err(&format!("{key}={value:?} was accepted"));
         assert!(err.contains(key), "{key}={value:?} gave: {err}");
@@ -76,17 +78,12 @@ fn print_config_shows_every_setting_and_hides_secrets() {
         .args(["--config", example_path.to_str().unwrap(), "--print-config"])
         .output()
         .unwrap();
-    let shown = String::from_utf8(out.stdout).unwrap();
-    assert!(out.status.success(), "{shown}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(!shown.contains("do-not-show"), "a secret was shown:\n{shown}");
-    let table: toml::Table = shown.parse().unwrap();
+    let example = std::fs::read_to_string(&example_path).unwrap();
+    let table = tollgate_core::config::check_printed_config(&out, &example).unwrap_or_else(|e| panic!("{e}"));
     let redacted = Some(tollgate_core::config::REDACTED);
     assert_eq!(table["jwt"]["secret"].as_str(), redacted);
     assert_eq!(table["admin_api_keys"].as_str(), redacted);
     assert_eq!(table["litellm"]["api_key"].as_str(), redacted);
     assert_eq!(table["redis_url"].as_str(), Some("redis://:%3Credacted%3E@cache:6379"));
     assert_eq!(table["metrics_listen"].as_str(), Some("0.0.0.0:9091"));
-    let example = std::fs::read_to_string(&example_path).unwrap();
-    let missing = tollgate_core::config::undocumented_settings(&shown, &example);
-    assert!(missing.is_empty(), "settings configs/control-api.toml does not mention: {missing:?}");
 }

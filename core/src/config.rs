@@ -123,10 +123,12 @@ pub fn render_redacted<T: Serialize>(config: &T, spec: &ConfigSpec) -> Result<St
     ))
 }
 
-/// The settings (dotted keys) of a rendered configuration that the commented example `example`
-/// (a TOML file's text) never names, set or commented out (`key =`, `# key =` or `# key:`):
-/// what a deployer reading the example would not learn exists.
-pub fn undocumented_settings(rendered: &str, example: &str) -> Vec<String> {
+/// For the binaries' tests of `--print-config`: the printed configuration as a table, once the
+/// run is known to have succeeded, to show no value marked `do-not-show` (the tests' secrets),
+/// and to hold only settings that the commented example `example` (a TOML file's text) names,
+/// set or commented out (`key =`, `# key =` or `# key:`): a setting the example never names is
+/// one a deployer reading it would not learn exists.
+pub fn check_printed_config(output: &std::process::Output, example: &str) -> Result<toml::Table, String> {
     fn walk(prefix: &str, table: &toml::Table, out: &mut Vec<String>) {
         for (key, value) in table {
             let dotted = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
@@ -136,10 +138,16 @@ pub fn undocumented_settings(rendered: &str, example: &str) -> Vec<String> {
             }
         }
     }
-    let mut keys = Vec::new();
-    if let Ok(table) = rendered.parse::<toml::Table>() {
-        walk("", &table, &mut keys);
+    let shown = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        return Err(format!("{}: {shown}{}", output.status, String::from_utf8_lossy(&output.stderr)));
     }
+    if shown.contains("do-not-show") {
+        return Err(format!("a secret was shown:\n{shown}"));
+    }
+    let table: toml::Table = shown.parse().map_err(|e| format!("not TOML ({e}):\n{shown}"))?;
+    let mut keys = Vec::new();
+    walk("", &table, &mut keys);
     let named = |key: &str| {
         let last = key.rsplit('.').next().unwrap_or(key);
         example.lines().any(|line| {
@@ -150,7 +158,11 @@ pub fn undocumented_settings(rendered: &str, example: &str) -> Vec<String> {
             })
         })
     };
-    keys.into_iter().filter(|k| !named(k)).collect()
+    let missing: Vec<String> = keys.into_iter().filter(|k| !named(k)).collect();
+    if !missing.is_empty() {
+        return Err(format!("settings the example config does not mention: {missing:?}"));
+    }
+    Ok(table)
 }
 
 /// Replaces the password of every URL in `value` (comma-separated lists too, as Redis cluster

@@ -95,17 +95,12 @@ fn print_config_shows_every_setting_and_hides_secrets() {
         .arg("--print-config")
         .output()
         .unwrap();
-    let shown = String::from_utf8(out.stdout).unwrap();
-    assert!(out.status.success(), "{shown}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(!shown.contains("do-not-show"), "a secret was shown:\n{shown}");
-    let table: toml::Table = shown.parse().unwrap();
+    let example = std::fs::read_to_string(root().join("configs/gateway.toml")).unwrap();
+    let table = tollgate_core::config::check_printed_config(&out, &example).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(table["upstream_api_key"].as_str(), Some(tollgate_core::config::REDACTED));
     assert_eq!(table["database_url"].as_str(), Some("postgres://app:%3Credacted%3E@db:5432/tollgate"));
     // File, environment and flag, each where it wins.
     assert_eq!(table["admin_listen"].as_str(), Some("127.0.0.1:9090"));
     assert_eq!(table["key_cache_ttl_seconds"].as_integer(), Some(7));
     assert_eq!(table["listen"].as_str(), Some("0.0.0.0:18080"));
-    let example = std::fs::read_to_string(root().join("configs/gateway.toml")).unwrap();
-    let missing = tollgate_core::config::undocumented_settings(&shown, &example);
-    assert!(missing.is_empty(), "settings configs/gateway.toml does not mention: {missing:?}");
 }
