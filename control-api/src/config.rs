@@ -114,6 +114,9 @@ impl Default for JwtConfig {
     }
 }
 
+/// The longest model-sync interval: beyond it a timer's deadline could overflow the clock.
+const MAX_SYNC_INTERVAL_SECONDS: u64 = 365 * 24 * 3600;
+
 pub const SPEC: ConfigSpec<'static> = ConfigSpec {
     env: &[
         ("DATABASE_URL", "database_url"),
@@ -149,6 +152,10 @@ impl ControlApiConfig {
             SPEC.url("litellm.url", url.as_str(), &["http", "https"])?;
         }
         config.trusted_proxy_ranges()?;
+        if config.litellm.sync_interval_seconds > MAX_SYNC_INTERVAL_SECONDS {
+            let reason = format!("must be at most {MAX_SYNC_INTERVAL_SECONDS} (a year); 0 turns the schedule off");
+            return Err(SPEC.invalid("litellm.sync_interval_seconds", reason));
+        }
         if config.jwt.jwks_refresh_seconds == 0 {
             return Err(SPEC.invalid("jwt.jwks_refresh_seconds", "must be at least 1"));
         }
