@@ -23,6 +23,14 @@ pub struct GatewayConfig {
     pub upstream_url: Url,
     /// The credential the gateway presents upstream (environment only).
     pub upstream_api_key: Option<String>,
+    /// PEM bundle of the CAs an `https://` upstream's certificate must chain to (instead of the
+    /// system's roots).
+    pub upstream_ca_file: Option<String>,
+    /// How often the upstream's host name is resolved again (0: only at start).
+    pub upstream_resolve_interval_seconds: u64,
+    /// PEM certificate chain and private key: when both are set the client listener speaks TLS.
+    pub tls_cert_file: Option<String>,
+    pub tls_key_file: Option<String>,
     pub migrate_on_start: bool,
     /// Largest request body accepted (bytes); larger ones get 413.
     pub max_body_bytes: usize,
@@ -113,6 +121,10 @@ impl Default for GatewayConfig {
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
             upstream_url: default_upstream(),
             upstream_api_key: None,
+            upstream_ca_file: None,
+            upstream_resolve_interval_seconds: 30,
+            tls_cert_file: None,
+            tls_key_file: None,
             migrate_on_start: true,
             max_body_bytes: 10 * 1024 * 1024,
             upstream_connect_timeout_ms: 2000,
@@ -160,6 +172,10 @@ pub const SPEC: ConfigSpec<'static> = ConfigSpec {
         ("ADMIN_LISTEN", "admin_listen"),
         ("UPSTREAM_URL", "upstream_url"),
         ("UPSTREAM_API_KEY", "upstream_api_key"),
+        ("UPSTREAM_CA_FILE", "upstream_ca_file"),
+        ("UPSTREAM_RESOLVE_INTERVAL_SECONDS", "upstream_resolve_interval_seconds"),
+        ("TLS_CERT_FILE", "tls_cert_file"),
+        ("TLS_KEY_FILE", "tls_key_file"),
         ("MIGRATE_ON_START", "migrate_on_start"),
         ("MAX_BODY_BYTES", "max_body_bytes"),
         ("UPSTREAM_TIMEOUT_SECONDS", "upstream_timeout_seconds"),
@@ -353,6 +369,16 @@ impl GatewayConfig {
         }
         if config.max_connections == 0 {
             return Err(SPEC.invalid("max_connections", "must be at least 1"));
+        }
+        if config.tls_cert_file.is_some() != config.tls_key_file.is_some() {
+            let missing = if config.tls_cert_file.is_none() { "tls_cert_file" } else { "tls_key_file" };
+            return Err(SPEC.invalid(missing, "tls_cert_file and tls_key_file are set together"));
+        }
+        if config.upstream_ca_file.is_some() && config.upstream_url.scheme() != "https" {
+            return Err(SPEC.invalid("upstream_ca_file", "is only used with an https:// upstream_url"));
+        }
+        if config.upstream_resolve_interval_seconds > 86_400 {
+            return Err(SPEC.invalid("upstream_resolve_interval_seconds", "must be at most 86400 (a day)"));
         }
         if let Some(name) = config.forward_request_headers.iter().find(|h| !forwardable(h)) {
             return Err(SPEC.invalid("forward_request_headers", format!("`{name}` may not be forwarded")));

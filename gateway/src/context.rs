@@ -42,6 +42,8 @@ pub struct RequestCtx {
     pub upstream_sent: Option<Instant>,
     /// Times the upstream request was sent again (a stale pooled connection).
     pub upstream_retries: u8,
+    /// Upstream addresses tried after one refused the connection.
+    pub connect_failovers: u8,
     pub ttfb_ms: Option<i32>,
     pub status: u16,
     pub error_kind: Option<ErrorKind>,
@@ -64,6 +66,7 @@ impl RequestCtx {
             meter: Meter::Off,
             upstream_sent: None,
             upstream_retries: 0,
+            connect_failovers: 0,
             ttfb_ms: None,
             status: 0,
             error_kind: None,

@@ -66,10 +66,28 @@ pub fn init_logging() {
     tracing_subscriber::fmt().json().with_env_filter(filter).init();
 }
 
+/// Resolves the upstream's host again every `every`, off the request path: new connections go
+/// to the new addresses, pooled ones to the old until they close.
+async fn follow_upstream_dns(upstream: Arc<Upstream>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let lookup = upstream.clone();
+        match tokio::task::spawn_blocking(move || lookup.refresh()).await {
+            Ok(Ok(true)) => tracing::info!(addrs = ?upstream.addrs(), "upstream host resolves to new addresses"),
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "upstream host not resolved again; keeping its addresses"),
+            Err(e) => tracing::warn!(error = %e, "upstream resolution task failed"),
+        }
+    }
+}
+
 /// Starts everything and serves until SIGTERM (graceful: in-flight requests finish, their usage
 /// rows are flushed) or SIGINT.
 pub fn run(config: GatewayConfig) -> anyhow::Result<()> {
-    let upstream = Upstream::new(&config)?;
+    let upstream = Arc::new(Upstream::new(&config)?);
     let support = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("tollgate-support")
@@ -126,6 +144,13 @@ pub fn run(config: GatewayConfig) -> anyhow::Result<()> {
         }
     });
 
+    if config.upstream_resolve_interval_seconds > 0 {
+        support.spawn(follow_upstream_dns(
+            upstream.clone(),
+            Duration::from_secs(config.upstream_resolve_interval_seconds),
+        ));
+    }
+
     let limiter = limits::LimiterHandle::start(&config, db.clone(), &support, metrics.clone());
     let state = Arc::new(GatewayState {
         limiter,
@@ -173,9 +198,19 @@ pub fn run(config: GatewayConfig) -> anyhow::Result<()> {
     let limiter = state.limiter.clone();
     let proxy = http_proxy(&server.configuration, proxy::Gateway { state });
     let mut service = Service::new("tollgate gateway".into(), downstream::Guarded::new(proxy, limits));
-    service.add_tcp(&config.listen.to_string());
+    match (&config.tls_cert_file, &config.tls_key_file) {
+        (Some(cert), Some(key)) => service
+            .add_tls(&config.listen.to_string(), cert, key)
+            .map_err(|e| anyhow::anyhow!("tls_cert_file {cert} / tls_key_file {key}: {e}"))?,
+        _ => service.add_tcp(&config.listen.to_string()),
+    }
     server.add_service(service);
-    tracing::info!(listen = %config.listen, admin = %config.admin_listen, "gateway listening");
+    tracing::info!(
+        listen = %config.listen,
+        tls = config.tls_cert_file.is_some(),
+        admin = %config.admin_listen,
+        "gateway listening"
+    );
     server.run(RunArgs::default());
 
     // Every in-flight request has finished and queued its row: flush them all before exiting.

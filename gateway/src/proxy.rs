@@ -276,6 +276,32 @@ impl ProxyHttp for Gateway {
         Ok(None)
     }
 
+    /// An upstream name may resolve to several addresses (a headless Service, IPv6 and IPv4):
+    /// when one cannot be reached the request goes to the next ([`Upstream::peer`] takes them in
+    /// turn), each address at most once. Nothing has been sent yet, so any request may move.
+    /// TLS failures are not moved: every address presents the same certificate.
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        let others = self.state.upstream.addrs().len().saturating_sub(1);
+        let unreachable = matches!(
+            e.etype(),
+            ErrorType::ConnectRefused
+                | ErrorType::ConnectTimedout
+                | ErrorType::ConnectNoRoute
+                | ErrorType::ConnectError
+        );
+        if unreachable && usize::from(ctx.connect_failovers) < others.min(3) {
+            ctx.connect_failovers += 1;
+            e.set_retry(true);
+        }
+        e
+    }
+
     /// pingora never retries a POST. One case is safe and common: the upstream closed a pooled
     /// connection as it was reused, before any byte of an answer (`ReusedOnly`). A body judged
     /// whole in `request_filter` is in memory and replays rewritten, so that request is retried,
@@ -320,6 +346,9 @@ impl ProxyHttp for Gateway {
         }
         if error.is_upstream_failure() {
             ctx.status = code;
+            // The operator's clue when the upstream is away or refuses TLS (certificate not
+            // trusted, wrong host name): pingora's error names the cause and the peer.
+            tracing::warn!(request_id = %ctx.request_id, error = %e, "upstream request failed");
         }
         FailToProxy { error_code: code, can_reuse_downstream: false }
     }

@@ -21,7 +21,7 @@ use crate::{
 
 pub struct GatewayState {
     pub config: GatewayConfig,
-    pub upstream: Upstream,
+    pub upstream: Arc<Upstream>,
     pub keys: Arc<KeyCache>,
     /// Key lookups under way, shared by concurrent misses of one key.
     pub key_loads: KeyLoads,

@@ -115,9 +115,11 @@ impl Gateway {
             cmd.env(k, v);
         }
         let child = cmd.spawn().expect("spawn tollgate-gateway");
+        // A TLS listener's certificate names localhost.
+        let tls = opts.env.iter().any(|(k, _)| k == "TOLLGATE_TLS_CERT_FILE");
         let gw = Gateway {
             child: Some(child),
-            base: format!("http://127.0.0.1:{port}"),
+            base: if tls { format!("https://localhost:{port}") } else { format!("http://127.0.0.1:{port}") },
             admin: format!("http://127.0.0.1:{admin_port}"),
             log,
             _dir: dir,
@@ -131,7 +133,8 @@ impl Gateway {
         let http = reqwest::Client::new();
         loop {
             let admin_up = http.get(format!("{}/health", self.admin)).send().await.is_ok();
-            let proxy_up = http.get(format!("{}/", self.base)).send().await.is_ok();
+            let proxy_up =
+                tokio::net::TcpStream::connect(self.base.rsplit('/').next().unwrap_or_default()).await.is_ok();
             if admin_up && proxy_up {
                 return;
             }
@@ -170,7 +173,14 @@ impl Stack {
 
     /// `env` may name its own `TOLLGATE_REDIS_URL`; the control API then uses it too.
     pub async fn start_with(db: PgPool, env: Vec<(&str, &str)>) -> Stack {
+        Self::start_fronted(db, env, |mock| mock.to_string()).await
+    }
+
+    /// As [`Stack::start_with`], with the gateway's upstream URL made from the mock's by
+    /// `front` (e.g. a TLS front before it).
+    pub async fn start_fronted(db: PgPool, env: Vec<(&str, &str)>, front: impl FnOnce(&str) -> String) -> Stack {
         let mock = start_mock().await;
+        let upstream = front(&mock);
         let admin_key = tollgate_core::keys::generate_key();
         let redis =
             env.iter().find(|(k, _)| *k == "TOLLGATE_REDIS_URL").map(|(_, v)| v.to_string()).unwrap_or_else(redis_url);
@@ -185,7 +195,7 @@ impl Stack {
         tokio::spawn(tollgate_control_api::serve(listener, state, std::future::pending()));
         let gateway = Gateway::start(GatewayOptions {
             database_url: database_url(&db),
-            upstream_url: mock.clone(),
+            upstream_url: upstream,
             env: env.into_iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         })
         .await;

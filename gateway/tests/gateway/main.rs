@@ -13,3 +13,4 @@ mod load;
 mod observability;
 mod proxying;
 mod resilience;
+mod tls;
