@@ -28,6 +28,9 @@ ensure_tools() {
   local pkgs=()
   command -v cmake >/dev/null 2>&1 || pkgs+=(cmake) # pingora's build
   command -v pkg-config >/dev/null 2>&1 || pkgs+=(pkg-config)
+  # pingora's TLS (openssl feature): the headers and libssl to link against.
+  [ -e /usr/include/openssl/ssl.h ] || pkgs+=(libssl-dev)
+  command -v openssl >/dev/null 2>&1 || pkgs+=(openssl) # test certificates
   command -v curl >/dev/null 2>&1 || pkgs+=(curl ca-certificates)
   command -v cc >/dev/null 2>&1 || pkgs+=(gcc libc6-dev)
   command -v c++ >/dev/null 2>&1 || pkgs+=(g++)
