@@ -28,6 +28,7 @@
 #      chat completion through the containerized gateway (200, the mock's answer), its usage row
 #      read back through the control API;
 #   4. every process of both containers runs as uid 10001, the image's labels and ENV are set,
+#      the chart's defaults name this image, its user, binaries and spool path,
 #      the mock-upstream test image answers /v1/models, and the build context the real build sees
 #      (.containerignore) holds the sources and not target/, .git, .tools, .tollgate.
 # Containers and the volume are removed on exit; logs in .tollgate/image-*.log.
@@ -322,6 +323,29 @@ _image_check_context() {
   log "the build context (.containerignore applied): $(tail -n 1 <<<"$listing") KiB, sources only"
 }
 
+# _image_check_chart IMAGE TAG BINS: the chart runs this image as built: its default image name and
+# tag (image.repository, the appVersion), its user ids, the commands' paths among BINS (the
+# image's /usr/local/bin) and the spool path it mounts (the image's TOLLGATE_SPOOL_DIR).
+_image_check_chart() {
+  local image="$1" tag="$2" bins="$3" chart="$TOLLGATE_ROOT/charts/tollgate" repo id cmd n=0
+  repo="$(sed -n '/^image:/,/^[^ #]/s/^  repository: *"\{0,1\}\([^" ]*\)"\{0,1\}.*/\1/p' "$chart/values.yaml")"
+  [ "localhost/$repo" = "$IMAGE_REPOSITORY" ] ||
+    die "charts/tollgate/values.yaml image.repository is '$repo'; the image is built as ${IMAGE_REPOSITORY#localhost/}:$tag"
+  local ids
+  ids="$(sed -n 's/^ *\(runAsUser\|runAsGroup\|fsGroup\): *\([0-9]*\).*/\2/p' "$chart/values.yaml")"
+  while read -r id; do
+    [ "$id" = "$IMAGE_UID" ] || die "charts/tollgate/values.yaml runs as $id; the image's user is $IMAGE_UID"
+    n=$((n + 1))
+  done <<<"$ids"
+  [ "$n" -ge 2 ] || die "charts/tollgate/values.yaml: no runAsUser found"
+  for cmd in $(grep -ho '"/usr/local/bin/[^"]*"' "$chart"/templates/*.yaml | tr -d '"' | sort -u); do
+    case " $bins " in *" ${cmd#/usr/local/bin/} "*) ;; *) die "the chart runs $cmd, which $image does not hold" ;; esac
+  done
+  grep -q 'mountPath: /var/lib/tollgate/spool$' "$chart/templates/gateway-deployment.yaml" ||
+    die "the chart mounts the spool elsewhere than the image's /var/lib/tollgate/spool"
+  log "the chart's defaults name this image (${repo}:$tag), its user ($IMAGE_UID), its binaries and its spool"
+}
+
 stage_image() {
   trap '_image_cleanup' EXIT
   trap 'exit 130' INT TERM
@@ -353,6 +377,7 @@ stage_image() {
   bins="$(tg_podman_timeout 60 run --rm --network none "$image" ls /usr/local/bin | tr '\n' ' ')"
   [ "$bins" = "tollgate-control-api tollgate-gateway " ] ||
     die "$image: /usr/local/bin holds '$bins', not just tollgate-control-api and tollgate-gateway"
+  _image_check_chart "$image" "$tag" "$bins"
   _image_check_context "$base"
 
   # The mock upstream on the host (the gateway's upstream), a fresh database, free ports.
