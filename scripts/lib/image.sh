@@ -66,6 +66,10 @@ ensure_podman() {
   if [ "${#pkgs[@]}" -gt 0 ]; then
     (apt_install "${pkgs[@]}") || return 1 # a subshell: apt_install dies when it cannot install
   fi
+  case "$TOLLGATE_PODMAN_DIR" in
+    /*) ;;
+    *) die "TOLLGATE_PODMAN_DIR must be an absolute path (podman's --root and --runroot), got: $TOLLGATE_PODMAN_DIR" ;;
+  esac
   mkdir -p "$TOLLGATE_PODMAN_DIR" || return 1
   # This kind of VM: hard open-files limit 20000, no CAP_SYS_RESOURCE to raise it, and hybrid
   # cgroups that crun rejects.
@@ -229,7 +233,7 @@ image_build() {
     die "podman build of the mock-upstream image failed; see $(rel "$logf")"
   fi
   tg_podman image prune -f >/dev/null 2>&1 || true # the previous builds' untagged images
-  log "built $IMAGE_REPOSITORY:$tag ($(tg_podman image inspect --format '{{.Size}}' "$IMAGE_REPOSITORY:$tag" | numfmt --to=iec) bytes)"
+  log "built $IMAGE_REPOSITORY:$tag ($(tg_podman image inspect --format '{{.Size}}' "$IMAGE_REPOSITORY:$tag" | numfmt --to=iec))"
 }
 
 IMAGE_CONTAINERS=(tollgate-image-gateway tollgate-image-control-api tollgate-image-migrate tollgate-image-mock)
