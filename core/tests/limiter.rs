@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use chrono::NaiveDate;
 use rust_decimal::Decimal;
 use tollgate_core::{
-    limiter::{Demand, Limiter, Reason, RedisConn, RedisLimiter, Scope, ScopeKind, SpendSource},
+    limiter::{Demand, Limiter, Reason, RedisConn, RedisLimiter, Scope, ScopeKind, ScopeSync, SpendSource},
     limits::{BudgetPeriod, Enforcement, Limits},
 };
 use uuid::Uuid;
@@ -199,4 +199,44 @@ impl FirstOfMonth for NaiveDate {
     fn with_day0(self, d: u32) -> Option<NaiveDate> {
         chrono::Datelike::with_day0(&self, d)
     }
+}
+
+/// How many more requests `scope` admits now (up to `max`), each a request of its own.
+async fn admits(l: &RedisLimiter, scope: &Scope, max: usize) -> usize {
+    let mut n = 0;
+    while n < max && l.reserve(std::slice::from_ref(scope), &demand(1, 0)).await.unwrap().refusal.is_none() {
+        n += 1;
+    }
+    n
+}
+
+fn sync(scope: &Scope, windows: Vec<(i64, i64, i64)>, floor: Option<(i64, i64, i64)>) -> ScopeSync {
+    ScopeSync { scope: scope.clone(), id: Uuid::new_v4().to_string(), windows, spend_nanos: 0, settled_from: now(), floor }
+}
+
+#[tokio::test]
+async fn a_lost_window_is_restored_to_the_largest_floor_plus_every_replicas_fallback() {
+    // Redis restarted empty. Two replicas saw the window at 50 and at 60 before the outage, and
+    // each admitted 20 alone meanwhile: 100 in the minute. The first sync's fallback admissions
+    // must not stand in for the second replica's larger floor, whatever the order.
+    for floors in [[50, 60], [60, 50]] {
+        let key = scope(ScopeKind::Key, Limits { rpm: Some(101), ..Default::default() });
+        let l = limiter_at(0, 600, Arc::default()).await;
+        let seen = now() - 5;
+        for floor in floors {
+            l.sync(&sync(&key, vec![(now() - 1, 20, 0)], Some((seen, floor, 0)))).await.unwrap();
+        }
+        assert_eq!(admits(&l, &key, 5).await, 1, "floors in the order {floors:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_window_that_outlived_the_outage_takes_no_floor() {
+    // Redis was only unreachable: the window holds what it counted; a floor would count it twice.
+    let key = scope(ScopeKind::Key, Limits { rpm: Some(50), ..Default::default() });
+    let before = limiter_at(-10, 600, Arc::default()).await;
+    assert_eq!(admits(&before, &key, 30).await, 30);
+    let l = limiter_at(0, 600, Arc::default()).await;
+    l.sync(&sync(&key, vec![(now() - 1, 5, 0)], Some((now() - 5, 30, 0)))).await.unwrap();
+    assert_eq!(admits(&l, &key, 50).await, 15);
 }

@@ -27,7 +27,9 @@
 -- per request, the nano-USD added.
 --
 -- Windows (RPM, TPM): a hash of per-second buckets plus 't' (the total of the buckets inside the
--- window) and 's' (the last second already taken out of 't'). Budget: "<prefix>:nb:<period>"
+-- window), 's' (the last second already taken out of 't'), 'b' (the second the window was made
+-- anew: a window made after a replica's last look at it is not the one it saw) and 'f' (how much
+-- of a lost window floors have restored so far). Budget: "<prefix>:nb:<period>"
 -- holds settled spend; reservations in flight are "<prefix>:nres" (request id -> nano-USD, and
 -- "__total") with leases in "<prefix>:nlease", swept on every call.
 --
@@ -111,9 +113,11 @@ local function window_use(key)
   local swept = tonumber(st[2] or '0')
   local edge = now - WINDOW
   if swept < edge then
+    local anew = false
     if swept <= edge - WINDOW then
       redis.call('DEL', key)
       total = 0
+      anew = true
     else
       for sec = swept + 1, edge do
         local v = redis.call('HGET', key, sec)
@@ -125,6 +129,7 @@ local function window_use(key)
     end
     swept = edge
     redis.call('HSET', key, 't', total, 's', swept)
+    if anew then redis.call('HSET', key, 'b', now) end
     -- Once a second is enough: an idle window disappears two windows after its last use.
     redis.call('EXPIRE', key, WINDOW * 2)
   end
@@ -140,13 +145,30 @@ local function window_add(key, sec, n, swept)
   end
 end
 
+-- Brings a window up to `floor`, what a replica saw it count at second `fsec` before an outage,
+-- if the window was lost since (made anew at or after `fsec`). A lost window holds the floors
+-- restored so far ('f') apart from what replicas admitted without it (their syncs' windows) and
+-- since, so each replica's floor raises only that part: to the largest floor any replica saw.
+-- A window that outlived the outage holds the truth already and is left alone.
+local function restore_floor(key, fsec, floor)
+  local _, _, swept = window_use(key)
+  local st = redis.call('HMGET', key, 'b', 'f')
+  local born = tonumber(st[1] or '0')
+  if born < fsec then return end
+  local restored = tonumber(st[2] or '0')
+  if floor > restored then
+    window_add(key, fsec, floor - restored, swept)
+    redis.call('HSET', key, 'f', floor)
+  end
+end
+
 -- Seconds until `need` units have left the window.
 local function wait_for(key, need)
   local fields = redis.call('HGETALL', key)
   local secs = {}
   for i = 1, #fields, 2 do
     local sec = tonumber(fields[i])
-    if fields[i] ~= 't' and fields[i] ~= 's' and sec > now - WINDOW then
+    if sec and sec > now - WINDOW then
       table.insert(secs, {sec, tonumber(fields[i + 1])})
     end
   end
@@ -359,14 +381,8 @@ for _, r in ipairs(requests) do
         local fsec, frpm, ftpm = string.match(s.c, '^(%-?%d+):(%-?%d+):(%-?%d+)$')
         if fsec then
           fsec, frpm, ftpm = tonumber(fsec), tonumber(frpm), tonumber(ftpm)
-          if s.rpm >= 0 then
-            local total, _, swept = window_use(s.rpm_key)
-            if total < frpm then window_add(s.rpm_key, fsec, frpm - total, swept) end
-          end
-          if s.tpm >= 0 then
-            local total, _, swept = window_use(s.tpm_key)
-            if total < ftpm then window_add(s.tpm_key, fsec, ftpm - total, swept) end
-          end
+          if s.rpm >= 0 then restore_floor(s.rpm_key, fsec, frpm) end
+          if s.tpm >= 0 then restore_floor(s.tpm_key, fsec, ftpm) end
         end
         for sec, n, tokens in string.gmatch(s.b, '(%-?%d+):(%-?%d+):(%-?%d+)') do
           sec, n, tokens = tonumber(sec), tonumber(n), tonumber(tokens)
