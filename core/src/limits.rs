@@ -17,6 +17,11 @@ pub const MAX_TPM: i64 = 1_000_000_000_000;
 /// One million USD per period: in nano-USD that is 10^15, which Redis's Lua (doubles) still counts
 /// exactly.
 pub const MAX_BUDGET_USD: i64 = 1_000_000;
+/// Alert thresholds are fractions of `max_budget` in (0, this]: 10 is ten times the budget, for
+/// soft and monitor budgets that may be overspent.
+pub const MAX_ALERT_THRESHOLD: f64 = 10.0;
+/// At most this many alert thresholds per budget.
+pub const MAX_ALERT_THRESHOLDS: usize = 10;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
@@ -59,6 +64,12 @@ pub struct Limits {
     pub budget_period: BudgetPeriod,
     #[serde(default)]
     pub enforcement: Enforcement,
+    /// Fractions of `max_budget` at which a `budget.threshold` event is sent once per period
+    /// (e.g. `[0.5, 0.9, 1.0]`); each in (0, 10], at most 10, read sorted with duplicates
+    /// dropped. Absent: the control API's global default (0.8 and 1.0); `[]`: none.
+    #[serde(default, deserialize_with = "thresholds", skip_serializing_if = "Option::is_none")]
+    #[schema(schema_with = thresholds_schema)]
+    pub alert_thresholds: Option<Vec<f64>>,
 }
 
 /// A validation failure naming the offending field (relative to the limits object).
@@ -94,6 +105,9 @@ impl Limits {
                 return Err(FieldError::new("max_budget", "at most 6 decimal places (micro-USD)"));
             }
         }
+        if let Some(t) = &self.alert_thresholds {
+            check_thresholds(t).map_err(|m| FieldError::new("alert_thresholds", m))?;
+        }
         Ok(())
     }
 
@@ -108,6 +122,53 @@ impl Limits {
 fn micro_usd<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Decimal>, D::Error> {
     let value = Option::<Decimal>::deserialize(d)?;
     Ok(value.map(|v| v.round_dp_with_strategy(6, rust_decimal::RoundingStrategy::MidpointNearestEven).normalize()))
+}
+
+/// Checks alert thresholds as [`Limits::alert_thresholds`] holds them (and the control API's
+/// global default): each in (0, [`MAX_ALERT_THRESHOLD`]], at most [`MAX_ALERT_THRESHOLDS`],
+/// strictly increasing. The message says what is wrong; the caller names the field.
+pub fn check_thresholds(thresholds: &[f64]) -> Result<(), String> {
+    if thresholds.len() > MAX_ALERT_THRESHOLDS {
+        return Err(format!("at most {MAX_ALERT_THRESHOLDS} thresholds"));
+    }
+    if let Some(t) = thresholds.iter().find(|t| !(**t > 0.0 && **t <= MAX_ALERT_THRESHOLD)) {
+        return Err(format!(
+            "{t} is not a fraction of max_budget in (0, {MAX_ALERT_THRESHOLD}] (0.8 = 80% of the budget)"
+        ));
+    }
+    if thresholds.windows(2).any(|w| w[0] >= w[1]) {
+        return Err("must be sorted, without duplicates".into());
+    }
+    Ok(())
+}
+
+/// Reads alert thresholds sorted, duplicates dropped; `null` is none (the global default).
+fn thresholds<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<f64>>, D::Error> {
+    Ok(Option::<Vec<f64>>::deserialize(d)?.map(|mut t| {
+        t.sort_by(f64::total_cmp);
+        t.dedup();
+        t
+    }))
+}
+
+fn thresholds_schema() -> utoipa::openapi::schema::Array {
+    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, Type};
+    ArrayBuilder::new()
+        .items(
+            ObjectBuilder::new()
+                .schema_type(Type::Number)
+                .format(Some(utoipa::openapi::SchemaFormat::KnownFormat(utoipa::openapi::KnownFormat::Double)))
+                .exclusive_minimum(Some(0.0))
+                .maximum(Some(MAX_ALERT_THRESHOLD)),
+        )
+        .max_items(Some(MAX_ALERT_THRESHOLDS))
+        .unique_items(true)
+        .description(Some(
+            "Fractions of max_budget at which a budget.threshold event is sent, once per period (e.g. \
+             [0.5, 0.9, 1.0]); read sorted, duplicates dropped. Absent: the global default (0.8, 1.0); \
+             empty: none.",
+        ))
+        .build()
 }
 
 fn check_range(field: &str, value: Option<i64>, max: i64) -> Result<(), FieldError> {
@@ -171,6 +232,29 @@ mod tests {
             Some(Decimal::from_str("0.000002").unwrap())
         );
         assert_eq!(parse(r#"{"max_budget":null}"#).unwrap().max_budget, None);
+    }
+
+    #[test]
+    fn alert_thresholds_are_read_sorted_and_checked() {
+        let l = parse(r#"{"max_budget":1,"alert_thresholds":[1.0,0.5,0.9,0.5]}"#).unwrap();
+        assert_eq!(l.alert_thresholds, Some(vec![0.5, 0.9, 1.0]));
+        l.validate().unwrap();
+        let back = serde_json::to_value(&l).unwrap();
+        assert_eq!(back["alert_thresholds"], serde_json::json!([0.5, 0.9, 1.0]));
+        // Absent: not echoed (the global default applies); empty: no alerts.
+        assert!(serde_json::to_value(parse("{}").unwrap()).unwrap().get("alert_thresholds").is_none());
+        assert_eq!(parse(r#"{"alert_thresholds":null}"#).unwrap().alert_thresholds, None);
+        parse(r#"{"alert_thresholds":[]}"#).unwrap().validate().unwrap();
+        parse(r#"{"alert_thresholds":[10]}"#).unwrap().validate().unwrap();
+        for bad in ["[0]", "[-0.5]", "[10.01]", "[0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0,1.1]"] {
+            let e = parse(&format!(r#"{{"alert_thresholds":{bad}}}"#)).unwrap().validate().unwrap_err();
+            assert_eq!(e.field, "alert_thresholds", "{bad}");
+        }
+        assert!(parse(r#"{"alert_thresholds":["0.8"]}"#).is_err(), "strings are a type error");
+        assert!(parse(r#"{"alert_thresholds":0.8}"#).is_err(), "a number is not a list");
+        assert!(check_thresholds(&[0.9, 0.8]).is_err(), "the global default must be sorted");
+        assert!(check_thresholds(&[0.8, 0.8]).is_err());
+        check_thresholds(&[0.8, 1.0]).unwrap();
     }
 
     #[test]
