@@ -149,6 +149,11 @@ impl RedisLimiter {
     /// requests and tokens go into the windows (seconds still in them), its spend into the
     /// current budget period unless that period was seeded after the spend was settled. A sync is
     /// applied once under its id, however often it is sent.
+    /// How long one call may take before it counts as failed.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     pub async fn sync(&self, sync: &ScopeSync) -> Result<(), LimiterError> {
         let windows: Vec<String> = sync.windows.iter().map(|(s, r, t)| format!("{s}:{r}:{t}")).collect();
         let floor = sync.floor.map(|(at, r, t)| format!("{at}:{r}:{t}")).unwrap_or_default();

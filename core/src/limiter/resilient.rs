@@ -164,7 +164,18 @@ impl Limiter for ResilientLimiter {
                     return Ok(local);
                 }
             }
+            let asked = Instant::now();
             let mut result = primary.reserve(scopes, demand).await;
+            if result.is_err() && stalled(asked.elapsed(), primary.timeout()) {
+                // The call failed long after its timeout: this process did not run meanwhile
+                // (paused, starved), Redis did not fail. Falling back now would judge from a view
+                // as old as the pause while the other replicas kept admitting; ask Redis again.
+                tracing::info!(
+                    elapsed_ms = asked.elapsed().as_millis() as u64,
+                    "limiter call outlived its timeout; asking again"
+                );
+                result = primary.reserve(scopes, demand).await;
+            }
             if matches!(result, Err(LimiterError::Lost)) {
                 // Redis restarted empty: bring every scope seen in the last minute back up to
                 // what Redis had counted (and what was admitted without it), then ask again.
@@ -216,6 +227,13 @@ impl Limiter for ResilientLimiter {
     }
 }
 
+/// Whether a Redis call that took `elapsed` failed because this process was not running rather
+/// than because Redis did not answer: a call is abandoned after its timeout (twice that for a
+/// coalesced batch), so one that ends much later was not being waited for.
+fn stalled(elapsed: Duration, timeout: Duration) -> bool {
+    elapsed > timeout * 3 + Duration::from_millis(500)
+}
+
 impl ResilientLimiter {
     /// Sends again a Redis settlement (`Some(cost)`) or release (`None`) whose call failed.
     pub async fn resettle(&self, reservation: &Reservation, cost_nanos: Option<i64>) -> Result<(), LimiterError> {
@@ -223,5 +241,22 @@ impl ResilientLimiter {
             Some(p) => p.resettle(reservation, cost_nanos).await,
             None => Err(LimiterError::Timeout),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_call_ending_long_after_its_timeout_was_not_being_waited_for() {
+        let timeout = Duration::from_millis(50);
+        // A timeout, even a coalesced batch's (twice the timeout) on a busy runtime, is Redis.
+        assert!(!stalled(Duration::from_millis(50), timeout));
+        assert!(!stalled(Duration::from_millis(400), timeout));
+        // Five seconds for a 50 ms call: the process was paused (SIGSTOP) or starved.
+        assert!(stalled(Duration::from_secs(5), timeout));
+        assert!(!stalled(Duration::from_millis(3400), Duration::from_secs(1)));
+        assert!(stalled(Duration::from_secs(4), Duration::from_secs(1)));
     }
 }
