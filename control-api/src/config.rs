@@ -35,6 +35,8 @@ pub struct ControlApiConfig {
     pub trusted_proxies: Vec<String>,
     pub jwt: JwtConfig,
     pub litellm: LitellmConfig,
+    pub alerts: AlertsConfig,
+    pub webhook: WebhookConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -72,6 +74,48 @@ pub struct LitellmConfig {
     pub sync_interval_seconds: u64,
 }
 
+/// Budget alerts: the scanner that turns spend into `budget.threshold` and `limit.exceeded`
+/// events (see alerts.rs).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertsConfig {
+    /// How often one replica (under an advisory lock) compares every budget's spend with its
+    /// thresholds, in seconds (0: never; no events are made).
+    pub scan_interval_seconds: u64,
+    /// Fractions of max_budget at which `budget.threshold` is sent, for budgets whose limits
+    /// name no `alert_thresholds`.
+    #[serde(deserialize_with = "threshold_list")]
+    pub thresholds: Vec<f64>,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        Self { scan_interval_seconds: 5, thresholds: vec![0.8, 1.0] }
+    }
+}
+
+/// Where events are delivered (see webhooks.rs).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhookConfig {
+    /// The receiver (`http` or `https`); unset: events are recorded and listed, not delivered.
+    #[serde(deserialize_with = "optional_url")]
+    pub url: Option<Url>,
+    /// HMAC-SHA256 key of `x-tollgate-signature` (environment only; required with a url).
+    pub secret: Option<String>,
+    /// Per delivery attempt.
+    pub timeout_seconds: u64,
+    /// The wait after the first failed attempt, doubling with each failure up to an hour;
+    /// attempts go on for 24 hours after the event, then it is marked failed.
+    pub retry_base_ms: u64,
+}
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        Self { url: None, secret: None, timeout_seconds: 10, retry_base_ms: 10_000 }
+    }
+}
+
 impl Default for LitellmConfig {
     fn default() -> Self {
         Self { url: None, api_key: None, timeout_seconds: 10, sync_interval_seconds: 300 }
@@ -90,6 +134,8 @@ impl Default for ControlApiConfig {
             trusted_proxies: Vec::new(),
             jwt: JwtConfig::default(),
             litellm: LitellmConfig::default(),
+            alerts: AlertsConfig::default(),
+            webhook: WebhookConfig::default(),
         }
     }
 }
@@ -135,8 +181,14 @@ pub const SPEC: ConfigSpec<'static> = ConfigSpec {
         ("LITELLM_URL", "litellm.url"),
         ("LITELLM_API_KEY", "litellm.api_key"),
         ("MODEL_SYNC_INTERVAL_SECONDS", "litellm.sync_interval_seconds"),
+        ("ALERT_SCAN_INTERVAL_SECONDS", "alerts.scan_interval_seconds"),
+        ("ALERT_THRESHOLDS", "alerts.thresholds"),
+        ("WEBHOOK_URL", "webhook.url"),
+        ("WEBHOOK_SECRET", "webhook.secret"),
+        ("WEBHOOK_TIMEOUT_SECONDS", "webhook.timeout_seconds"),
+        ("WEBHOOK_RETRY_BASE_MS", "webhook.retry_base_ms"),
     ],
-    secrets: &["admin_api_keys", "jwt.secret", "litellm.api_key"],
+    secrets: &["admin_api_keys", "jwt.secret", "litellm.api_key", "webhook.secret"],
 };
 
 impl ControlApiConfig {
@@ -159,12 +211,60 @@ impl ControlApiConfig {
         if config.jwt.jwks_refresh_seconds == 0 {
             return Err(SPEC.invalid("jwt.jwks_refresh_seconds", "must be at least 1"));
         }
+        config.check_alerts()?;
         Ok(config)
+    }
+
+    /// The alert and webhook settings: a year at most between scans, thresholds as a budget's
+    /// own `alert_thresholds`, an http(s) webhook with its secret, a timeout, a retry base of at
+    /// most an hour.
+    pub fn check_alerts(&self) -> Result<(), ConfigError> {
+        if self.alerts.scan_interval_seconds > MAX_SYNC_INTERVAL_SECONDS {
+            let reason = format!("must be at most {MAX_SYNC_INTERVAL_SECONDS} (a year); 0 turns the scanner off");
+            return Err(SPEC.invalid("alerts.scan_interval_seconds", reason));
+        }
+        tollgate_core::limits::check_thresholds(&self.alerts.thresholds)
+            .map_err(|e| SPEC.invalid("alerts.thresholds", e))?;
+        if let Some(url) = &self.webhook.url {
+            SPEC.url("webhook.url", url.as_str(), &["http", "https"])?;
+            if self.webhook.secret.as_deref().is_none_or(|s| s.trim().is_empty()) {
+                return Err(SPEC.invalid("webhook.secret", "is required with webhook.url: events are signed with it"));
+            }
+        }
+        if !(1..=300).contains(&self.webhook.timeout_seconds) {
+            return Err(SPEC.invalid("webhook.timeout_seconds", "must be between 1 and 300"));
+        }
+        if !(1..=3_600_000).contains(&self.webhook.retry_base_ms) {
+            return Err(SPEC.invalid("webhook.retry_base_ms", "must be between 1 and 3600000 (an hour)"));
+        }
+        Ok(())
     }
 
     /// The parsed `trusted_proxies`.
     pub fn trusted_proxy_ranges(&self) -> Result<Vec<Cidr>, ConfigError> {
         self.trusted_proxies.iter().map(|c| c.parse().map_err(|e| SPEC.invalid("trusted_proxies", e))).collect()
+    }
+}
+
+/// Thresholds given as a list of numbers, or as one comma-separated string (the form an
+/// environment variable takes: `TOLLGATE_ALERT_THRESHOLDS=0.5,0.8,1`).
+fn threshold_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        One(f64),
+        Text(String),
+        Many(Vec<f64>),
+    }
+    match Raw::deserialize(d)? {
+        Raw::One(t) => Ok(vec![t]),
+        Raw::Many(v) => Ok(v),
+        Raw::Text(s) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(|t| t.parse::<f64>().map_err(|e| serde::de::Error::custom(format!("{e} in {t:?}"))))
+            .collect(),
     }
 }
 

@@ -75,6 +75,9 @@ fn print_config_shows_every_setting_and_hides_secrets() {
         .env("TOLLGATE_LITELLM_API_KEY", "sk-litellm-do-not-show")
         .env("TOLLGATE_REDIS_URL", "redis://:redis-password-do-not-show@cache:6379")
         .env("TOLLGATE_METRICS_LISTEN", "0.0.0.0:9091")
+        .env("TOLLGATE_WEBHOOK_URL", "https://hooks.example.com/tollgate")
+        .env("TOLLGATE_WEBHOOK_SECRET", "whsec-do-not-show")
+        .env("TOLLGATE_ALERT_THRESHOLDS", "0.5, 0.9,1")
         .args(["--config", example_path.to_str().unwrap(), "--print-config"])
         .output()
         .unwrap();
@@ -86,4 +89,41 @@ fn print_config_shows_every_setting_and_hides_secrets() {
     assert_eq!(table["litellm"]["api_key"].as_str(), redacted);
     assert_eq!(table["redis_url"].as_str(), Some("redis://:%3Credacted%3E@cache:6379"));
     assert_eq!(table["metrics_listen"].as_str(), Some("0.0.0.0:9091"));
+    assert_eq!(table["webhook"]["secret"].as_str(), redacted);
+    assert_eq!(table["webhook"]["url"].as_str(), Some("https://hooks.example.com/tollgate"));
+    let thresholds: Vec<f64> =
+        table["alerts"]["thresholds"].as_array().unwrap().iter().map(|t| t.as_float().unwrap()).collect();
+    assert_eq!(thresholds, vec![0.5, 0.9, 1.0]);
+}
+
+fn with_all(pairs: &[(&str, &str)]) -> Result<ControlApiConfig, String> {
+    let flags = pairs.iter().fold(Figment::new(), |f, (k, v)| f.merge(Serialized::default(k, v)));
+    ControlApiConfig::load(None, flags).map_err(|e| e.to_string())
+}
+
+#[test]
+fn alert_and_webhook_settings_are_checked_naming_the_setting() {
+    let config = with_all(&[]).unwrap();
+    assert_eq!(config.alerts.thresholds, vec![0.8, 1.0]);
+    assert_eq!(config.alerts.scan_interval_seconds, 5);
+    assert!(config.webhook.url.is_none());
+    assert_eq!(with("alerts.thresholds", "0.5,0.75, 1").unwrap().alerts.thresholds, vec![0.5, 0.75, 1.0]);
+    for (pairs, named) in [
+        (vec![("alerts.thresholds", "0.8,0.5")], "alerts.thresholds"),
+        (vec![("alerts.thresholds", "0,1")], "alerts.thresholds"),
+        (vec![("alerts.thresholds", "11")], "alerts.thresholds"),
+        (vec![("alerts.thresholds", "lots")], "lots"),
+        (vec![("alerts.scan_interval_seconds", "99999999999")], "alerts.scan_interval_seconds"),
+        (vec![("webhook.url", "ftp://hooks.example.com/x"), ("webhook.secret", "s")], "webhook.url"),
+        (vec![("webhook.url", "not a url")], "webhook.url"),
+        (vec![("webhook.url", "https://hooks.example.com/x")], "TOLLGATE_WEBHOOK_SECRET"),
+        (vec![("webhook.timeout_seconds", "0")], "webhook.timeout_seconds"),
+        (vec![("webhook.retry_base_ms", "0")], "webhook.retry_base_ms"),
+    ] {
+        let err = with_all(&pairs).expect_err(&format!("{pairs:?} was accepted"));
+        assert!(err.contains(named), "{pairs:?} gave: {err}");
+    }
+    let ok = with_all(&[("webhook.url", "http://127.0.0.1:9/hook"), ("webhook.secret", "s")]).unwrap();
+    assert_eq!(ok.webhook.url.unwrap().as_str(), "http://127.0.0.1:9/hook");
+    assert!(with("webhook.url", "").unwrap().webhook.url.is_none());
 }
