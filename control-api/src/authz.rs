@@ -90,6 +90,7 @@ pub enum Op {
     KeysRevoke,
     Usage,
     Audit,
+    Events,
     Health,
     Ready,
 }
@@ -184,6 +185,7 @@ pub const RULES: &[Rule] = &[
     row(KeysRevoke,              "POST",   "/api/v1/keys/{id}/revoke",                     [Y,   N,       Y,    Y,         H]),
     row(Usage,                   "GET",    "/api/v1/usage",                                [Y,   Y,       Y,    Y,         Y]),
     row(Audit,                   "GET",    "/api/v1/audit",                                [Y,   Y,       N,    N,         N]),
+    row(Events,                  "GET",    "/api/v1/events",                               [Y,   Y,       N,    N,         N]),
     public(Health, "/health"),
     public(Ready, "/ready"),
 ];
@@ -318,7 +320,7 @@ fn noun(op: Op) -> &'static str {
         KeysCreate => "user",
         KeysList | KeysGet | KeysUpdate | KeysRotate | KeysRevoke => "key",
         Usage => "user",
-        Audit | Health | Ready => "route",
+        Audit | Events | Health | Ready => "route",
     }
 }
 

@@ -2,6 +2,7 @@
 //! models, subscriptions and keys, reports usage and keeps the audit trail. Every write that
 //! changes what the gateway enforces is announced on Redis after its commit.
 
+pub mod alerts;
 pub mod audit;
 pub mod auth;
 pub mod authz;
@@ -17,6 +18,7 @@ pub mod pagination;
 pub mod routes;
 pub mod state;
 pub mod validate;
+pub mod webhooks;
 pub mod write;
 
 use std::{future::Future, net::SocketAddr, time::Duration};
@@ -56,6 +58,15 @@ pub fn app_with(state: AppState, metrics_here: bool) -> Router {
         .layer(TraceLayer::new_for_http().on_failure(DefaultOnFailure::new().level(tracing::Level::WARN)))
         .layer(middleware::from_fn(audit::request_ids))
         .with_state(state)
+}
+
+/// The budget alert scanner (unless `alerts.scan_interval_seconds` is 0) and the webhook
+/// delivery worker (which also keeps the pending-events gauge).
+pub fn spawn_events(config: &ControlApiConfig, state: &AppState) {
+    if config.alerts.scan_interval_seconds > 0 {
+        tokio::spawn(alerts::run(state.clone(), config.alerts.clone()));
+    }
+    tokio::spawn(webhooks::run(state.clone(), config.webhook.clone()));
 }
 
 pub async fn connect_db(url: &str) -> anyhow::Result<PgPool> {
@@ -107,6 +118,7 @@ pub async fn run(config: ControlApiConfig) -> anyhow::Result<()> {
         let interval = Duration::from_secs(config.litellm.sync_interval_seconds);
         tokio::spawn(model_sync::run(state.clone(), interval));
     }
+    spawn_events(&config, &state);
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     tracing::info!(listen = %listener.local_addr()?, "control API listening");
     if let Some(addr) = config.metrics_listen {

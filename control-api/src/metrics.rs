@@ -8,7 +8,7 @@ use axum::{
     middleware::Next,
     response::{IntoResponse, Response},
 };
-use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder};
+use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
 
 use tollgate_core::roles::Role;
 
@@ -20,6 +20,11 @@ pub struct Metrics {
     pub latency: HistogramVec,
     pub sync_runs: IntCounterVec,
     pub invalidations: IntCounterVec,
+    /// Budget events by type and outcome: recorded (by the scanner), delivered, retried (an
+    /// attempt failed, another follows), failed (given up after 24 hours).
+    pub events: IntCounterVec,
+    /// Events not delivered yet (the whole outbox's, as this replica last counted it).
+    pub events_pending: IntGauge,
 }
 
 impl Metrics {
@@ -42,11 +47,17 @@ impl Metrics {
             Opts::new("invalidations_published_total", "Invalidation messages by outcome"),
             &["outcome"],
         )?;
-        for c in [&requests, &sync_runs, &invalidations] {
+        let events = IntCounterVec::new(
+            Opts::new("events_total", "Budget events by type and outcome (recorded, delivered, retried, failed)"),
+            &["type", "outcome"],
+        )?;
+        let events_pending = IntGauge::new("events_pending", "Budget events not delivered yet")?;
+        registry.register(Box::new(events_pending.clone()))?;
+        for c in [&requests, &sync_runs, &invalidations, &events] {
             registry.register(Box::new(c.clone()))?;
         }
         registry.register(Box::new(latency.clone()))?;
-        Ok(Self { registry, requests, latency, sync_runs, invalidations })
+        Ok(Self { registry, requests, latency, sync_runs, invalidations, events, events_pending })
     }
 
     pub fn render(&self) -> String {

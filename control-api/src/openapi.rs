@@ -30,7 +30,7 @@ use crate::{audit, error, routes::*};
         subscriptions::list, subscriptions::create, subscriptions::fetch, subscriptions::update,
         subscriptions::approve, subscriptions::suspend, subscriptions::reactivate, subscriptions::cancel,
         keys::list, keys::create, keys::fetch, keys::update, keys::rotate, keys::revoke,
-        usage::report, audit_log::list, health::health, health::ready,
+        usage::report, audit_log::list, events::list, health::health, health::ready,
     ),
     components(schemas(error::ErrorBody, error::ErrorDetail, audit::AuditEntry, usage::ReportTime)),
     modifiers(&BearerAndErrors, &OperationIds, &Links),

@@ -3,6 +3,7 @@
 //! [`crate::pagination::ListQuery`].
 
 pub mod audit_log;
+pub mod events;
 pub mod health;
 pub mod keys;
 pub mod models;
@@ -30,6 +31,7 @@ pub fn api_router() -> Router<AppState> {
         .merge(keys::router())
         .merge(usage::router())
         .merge(audit_log::router())
+        .merge(events::router())
 }
 
 /// Validates optional limits, defaulting to none; errors name `field.<limit>`.

@@ -159,6 +159,28 @@ impl Gateway {
     }
 }
 
+/// Applies the control API's alert and webhook settings among `env` (`TOLLGATE_ALERT_*`,
+/// `TOLLGATE_WEBHOOK_*`; the gateway ignores them) to `config`: true when there were any, and the
+/// in-process control API then runs its alert scanner and webhook worker.
+pub fn control_api_env(config: &mut ControlApiConfig, env: &[(&str, &str)]) -> bool {
+    let mut any = false;
+    for (k, v) in env {
+        match *k {
+            "TOLLGATE_WEBHOOK_URL" => config.webhook.url = Some(v.parse().unwrap()),
+            "TOLLGATE_WEBHOOK_SECRET" => config.webhook.secret = Some(v.to_string()),
+            "TOLLGATE_WEBHOOK_RETRY_BASE_MS" => config.webhook.retry_base_ms = v.parse().unwrap(),
+            "TOLLGATE_WEBHOOK_TIMEOUT_SECONDS" => config.webhook.timeout_seconds = v.parse().unwrap(),
+            "TOLLGATE_ALERT_SCAN_INTERVAL_SECONDS" => config.alerts.scan_interval_seconds = v.parse().unwrap(),
+            "TOLLGATE_ALERT_THRESHOLDS" => {
+                config.alerts.thresholds = v.split(',').map(|t| t.trim().parse().unwrap()).collect();
+            }
+            _ => continue,
+        }
+        any = true;
+    }
+    any
+}
+
 pub async fn start_mock() -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -184,14 +206,18 @@ impl Stack {
         let admin_key = tollgate_core::keys::generate_key();
         let redis =
             env.iter().find(|(k, _)| *k == "TOLLGATE_REDIS_URL").map(|(_, v)| v.to_string()).unwrap_or_else(redis_url);
-        let config = ControlApiConfig {
+        let mut config = ControlApiConfig {
             redis_url: redis.clone(),
             admin_api_keys: vec![admin_key.clone()],
             ..Default::default()
         };
+        let events = control_api_env(&mut config, &env);
         let state = AppState::new(&config, db.clone()).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let api = format!("http://{}", listener.local_addr().unwrap());
+        if events {
+            tollgate_control_api::spawn_events(&config, &state);
+        }
         tokio::spawn(tollgate_control_api::serve(listener, state, std::future::pending()));
         let gateway = Gateway::start(GatewayOptions {
             database_url: database_url(&db),
