@@ -67,7 +67,8 @@ pub fn periods(now: DateTime<Utc>) -> Vec<Period> {
         start: NaiveDate::from_ymd_opt(1970, 1, 1).unwrap_or(NaiveDate::MIN),
         end: far,
     }];
-    for (kind, name) in [(BudgetPeriod::Daily, "daily"), (BudgetPeriod::Weekly, "weekly"), (BudgetPeriod::Monthly, "monthly")]
+    for (kind, name) in
+        [(BudgetPeriod::Daily, "daily"), (BudgetPeriod::Weekly, "weekly"), (BudgetPeriod::Monthly, "monthly")]
     {
         let id = period_id(kind, now);
         let Some(start) = period_start(&id) else { continue };
@@ -165,16 +166,14 @@ pub async fn scan(state: &AppState, default_thresholds: &[f64], now: DateTime<Ut
     if !held {
         return Ok(None);
     }
-    let adjustments: bool = sqlx::query_scalar("SELECT to_regclass('budget_adjustments') IS NOT NULL")
-        .fetch_one(&mut *tx)
-        .await?;
+    let adjustments: bool =
+        sqlx::query_scalar("SELECT to_regclass('budget_adjustments') IS NOT NULL").fetch_one(&mut *tx).await?;
     let periods = periods(now);
     let names: Vec<&str> = periods.iter().map(|p| p.budget_period).collect();
     let ids: Vec<&str> = periods.iter().map(|p| p.id.as_str()).collect();
     let starts: Vec<NaiveDate> = periods.iter().map(|p| p.start).collect();
     let ends: Vec<NaiveDate> = periods.iter().map(|p| p.end).collect();
-    let mut rows: (Vec<&str>, Vec<&str>, Vec<Uuid>, Vec<String>, Vec<Decimal>, Vec<Decimal>, Vec<Decimal>) =
-        Default::default();
+    let mut found: Vec<(ScopeKind, Uuid, String, Candidate)> = Vec::new();
     for kind in [ScopeKind::Key, ScopeKind::User, ScopeKind::Team, ScopeKind::Subscription] {
         let spends: Vec<Spend> = sqlx::query_as(&spend_sql(kind, adjustments))
             .bind(&names)
@@ -187,16 +186,11 @@ pub async fn scan(state: &AppState, default_thresholds: &[f64], now: DateTime<Ut
             // Limits were checked when written; one that no longer reads is skipped, not fatal.
             let Ok(limits) = serde_json::from_value::<Limits>(s.limits) else { continue };
             for c in candidates(&limits, s.spent, default_thresholds) {
-                rows.0.push(c.kind);
-                rows.1.push(kind.as_str());
-                rows.2.push(s.id);
-                rows.3.push(s.period.clone());
-                rows.4.push(c.threshold);
-                rows.5.push(c.spent);
-                rows.6.push(c.max_budget);
+                found.push((kind, s.id, s.period.clone(), c));
             }
         }
     }
+    let column = |f: fn(&(ScopeKind, Uuid, String, Candidate)) -> Decimal| found.iter().map(f).collect::<Vec<_>>();
     let recorded: Vec<String> = sqlx::query_scalar(
         "INSERT INTO events (type, scope, scope_id, period, threshold, spent, max_budget)
          SELECT * FROM unnest($1::text[], $2::text[], $3::uuid[], $4::text[], $5::numeric[], $6::numeric[],
@@ -204,13 +198,13 @@ pub async fn scan(state: &AppState, default_thresholds: &[f64], now: DateTime<Ut
          ON CONFLICT (type, scope, scope_id, period, threshold) DO NOTHING
          RETURNING type",
     )
-    .bind(&rows.0)
-    .bind(&rows.1)
-    .bind(&rows.2)
-    .bind(&rows.3)
-    .bind(&rows.4)
-    .bind(&rows.5)
-    .bind(&rows.6)
+    .bind(found.iter().map(|f| f.3.kind).collect::<Vec<_>>())
+    .bind(found.iter().map(|f| f.0.as_str()).collect::<Vec<_>>())
+    .bind(found.iter().map(|f| f.1).collect::<Vec<_>>())
+    .bind(found.iter().map(|f| f.2.as_str()).collect::<Vec<_>>())
+    .bind(column(|f| f.3.threshold))
+    .bind(column(|f| f.3.spent))
+    .bind(column(|f| f.3.max_budget))
     .fetch_all(&mut *tx)
     .await?;
     tx.commit().await?;
@@ -263,12 +257,12 @@ mod tests {
         let ids = |now| periods(at(now)).into_iter().map(|p| p.id).collect::<Vec<_>>();
         assert_eq!(ids("2026-12-09T12:00:00Z"), ["all", "d20261209", "w20261207", "m202612"]);
         // 5 minutes into Monday 2026-12-07: the previous day and week too, not the month.
-        assert_eq!(
-            ids("2026-12-07T00:05:00Z"),
-            ["all", "d20261206", "d20261207", "w20261130", "w20261207", "m202612"]
-        );
+        assert_eq!(ids("2026-12-07T00:05:00Z"), ["all", "d20261206", "d20261207", "w20261130", "w20261207", "m202612"]);
         let p = periods(at("2027-01-01T00:01:00Z"));
         let dec = p.iter().find(|p| p.id == "m202612").unwrap();
-        assert_eq!((dec.start, dec.end), (NaiveDate::from_ymd_opt(2026, 12, 1).unwrap(), NaiveDate::from_ymd_opt(2027, 1, 1).unwrap()));
+        assert_eq!(
+            (dec.start, dec.end),
+            (NaiveDate::from_ymd_opt(2026, 12, 1).unwrap(), NaiveDate::from_ymd_opt(2027, 1, 1).unwrap())
+        );
     }
 }
