@@ -5,6 +5,7 @@
 pub mod config;
 pub mod invalidation;
 pub mod keys;
+pub mod latency;
 pub mod limiter;
 pub mod limits;
 pub mod net;

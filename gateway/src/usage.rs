@@ -1,8 +1,9 @@
 //! Recording: every proxied request becomes one usage row. Requests hand rows to a bounded
 //! queue; the [`UsageWriter`] batches them into usage_logs with one multi-row INSERT and folds the
 //! rows actually inserted into usage_daily and usage_hourly in the same statement, so a flush
-//! touches each rollup row once and a replayed row is never counted twice. While PostgreSQL is
-//! unreachable (or the queue is full) rows go to the [`Spool`], replayed later.
+//! touches each rollup row once and a replayed row is never counted twice. The rollups also keep
+//! errors and a fixed-bucket latency histogram, so that reports give percentiles from them.
+//! While PostgreSQL is unreachable (or the queue is full) rows go to the [`Spool`], replayed later.
 
 use std::{
     sync::{Arc, LazyLock},
@@ -14,6 +15,7 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
+use tollgate_core::latency;
 use uuid::Uuid;
 
 use crate::{context::RequestCtx, meter::Usage, metrics::Metrics, outcome::ErrorKind, spool::Spool};
@@ -297,20 +299,25 @@ SELECT (SELECT count(*) FROM ins), (SELECT count(*) FROM daily), (SELECT count(*
     )
 });
 
-/// Adds the inserted rows (`ins`) to a rollup table keyed by `(bucket, key_id, model_id)`.
+/// Adds the inserted rows (`ins`) to a rollup table keyed by `(bucket, key_id, model_id)`: counts,
+/// tokens, cost, and each row's latency in the rollup's histogram (`latency_hist`, the buckets of
+/// [`latency`], whose lower bounds are bound as `$17`).
 fn rollup(table: &str, bucket: &str, bucket_expr: &str) -> String {
     format!(
         "INSERT INTO {table} AS t ({bucket}, key_id, model_id, user_id, team_id, subscription_id, requests, errors,
-                             prompt_tokens, completion_tokens, cost)
+                             prompt_tokens, completion_tokens, cost, latency_hist)
     SELECT {bucket_expr}, key_id, model_id,
            (array_agg(user_id))[1], (array_agg(team_id))[1], (array_agg(subscription_id))[1],
-           count(*), count(*) FILTER (WHERE status >= 400), sum(prompt_tokens), sum(completion_tokens), sum(cost)
+           count(*), count(*) FILTER (WHERE status >= 400), sum(prompt_tokens), sum(completion_tokens), sum(cost),
+           tollgate_hist_of(array_agg(width_bucket(GREATEST(latency_ms, 0)::bigint, $17::bigint[])), {buckets})
     FROM ins GROUP BY 1, 2, 3
     ON CONFLICT ({bucket}, key_id, model_id) DO UPDATE SET
         requests = t.requests + EXCLUDED.requests, errors = t.errors + EXCLUDED.errors,
         prompt_tokens = t.prompt_tokens + EXCLUDED.prompt_tokens,
-        completion_tokens = t.completion_tokens + EXCLUDED.completion_tokens, cost = t.cost + EXCLUDED.cost
-    RETURNING 1"
+        completion_tokens = t.completion_tokens + EXCLUDED.completion_tokens, cost = t.cost + EXCLUDED.cost,
+        latency_hist = tollgate_hist_add(t.latency_hist, EXCLUDED.latency_hist)
+    RETURNING 1",
+        buckets = latency::BUCKETS,
     )
 }
 
@@ -337,6 +344,7 @@ pub async fn insert(db: &PgPool, rows: &[UsageRow]) -> Result<(), sqlx::Error> {
         .bind(col!(ttfb_ms))
         .bind(col!(stream))
         .bind(col!(error_kind))
+        .bind(&latency::LATENCY_BOUNDS_MS[..])
         .execute(db)
         .await?;
     Ok(())
