@@ -13,13 +13,13 @@ use std::{
 };
 
 use async_trait::async_trait;
-use chrono::NaiveDate;
+use chrono::{NaiveDate, NaiveTime};
 use rust_decimal::Decimal;
 use sqlx::PgPool;
 use tollgate_core::{
     limiter::{
-        nanos_ceil, Demand, Limiter, Observations, Reason, RedisConn, RedisLimiter, Reservation, ResilientLimiter,
-        Scope, ScopeKind, SpendSource, Standing,
+        nanos_ceil, period_id, Demand, Limiter, Observations, Reason, RedisConn, RedisLimiter, Reservation,
+        ResilientLimiter, Scope, ScopeKind, SpendSource, Standing,
     },
     limits::Enforcement,
 };
@@ -166,7 +166,9 @@ pub fn settle(state: &GatewayState, reservation: Reservation, used: Option<(u64,
     });
 }
 
-/// Spend so far in a period, from the usage_daily rollups (used to re-seed Redis).
+/// Spend so far in a period, from the usage_daily rollups plus the period's budget adjustments
+/// (used to re-seed Redis, and by the budget reconcile: both must count adjustments, or a
+/// reconcile would undo a credit).
 pub struct PgSpend {
     pub db: PgPool,
     pub support: tokio::runtime::Handle,
@@ -181,15 +183,23 @@ impl SpendSource for PgSpend {
             ScopeKind::Team => "team_id",
             ScopeKind::Subscription => "subscription_id",
         };
-        let sql = format!("SELECT coalesce(sum(cost), 0) FROM usage_daily WHERE {column} = $1 AND day >= $2");
-        let (db, id) = (self.db.clone(), scope.id);
-        let spent: Decimal = self
+        let sql = format!(
+            "SELECT (SELECT coalesce(sum(cost), 0) FROM usage_daily WHERE {column} = $1 AND day >= $2),
+                    (SELECT coalesce(sum(amount_nanos), 0)::bigint FROM budget_adjustments
+                     WHERE scope = $3 AND scope_id = $1 AND period = $4)"
+        );
+        // The period starting on `since`, named as the limiter and the adjustments name it.
+        let period = period_id(scope.limits.budget_period, since.and_time(NaiveTime::MIN).and_utc());
+        let (db, id, kind) = (self.db.clone(), scope.id, scope.kind.as_str());
+        let (spent, adjusted): (Decimal, i64) = self
             .support
-            .spawn(async move { sqlx::query_scalar(&sql).bind(id).bind(since).fetch_one(&db).await })
+            .spawn(
+                async move { sqlx::query_as(&sql).bind(id).bind(since).bind(kind).bind(period).fetch_one(&db).await },
+            )
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
-        Ok(tollgate_core::limiter::nanos_round(spent))
+        Ok(tollgate_core::limiter::nanos_round(spent).saturating_add(adjusted))
     }
 }
 
