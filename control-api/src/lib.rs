@@ -16,6 +16,7 @@ pub mod model_sync;
 pub mod openapi;
 pub mod pagination;
 pub mod routes;
+pub mod standing;
 pub mod state;
 pub mod validate;
 pub mod webhooks;

@@ -5,7 +5,12 @@ use std::sync::Arc;
 use sqlx::PgPool;
 
 use crate::{
-    auth::Authenticator, config::ControlApiConfig, events::EventPublisher, litellm::LitellmClient, metrics::Metrics,
+    auth::Authenticator,
+    config::ControlApiConfig,
+    events::EventPublisher,
+    litellm::LitellmClient,
+    metrics::Metrics,
+    standing::{Clock, LimiterRedis},
 };
 
 #[derive(Clone)]
@@ -15,6 +20,10 @@ pub struct AppState {
     pub events: EventPublisher,
     pub metrics: Arc<Metrics>,
     pub litellm: Arc<LitellmClient>,
+    /// The limiter's Redis, read for budget standings and told of adjustments.
+    pub limiter_redis: Arc<LimiterRedis>,
+    /// The clock budget periods are read by (offset in tests).
+    pub clock: Arc<Clock>,
 }
 
 impl AppState {
@@ -24,6 +33,8 @@ impl AppState {
             events: EventPublisher::new(&config.redis_url)?,
             metrics: Arc::new(Metrics::new()?),
             litellm: Arc::new(LitellmClient::new(&config.litellm)?),
+            limiter_redis: Arc::new(LimiterRedis::new(&config.redis_url)),
+            clock: Arc::default(),
             db,
         })
     }

@@ -117,6 +117,17 @@ impl PartialSchema for Email {
 
 impl ToSchema for Email {}
 
+/// Why a budget was adjusted ([`text`], 500 characters).
+pub struct AdjustmentReason;
+
+impl PartialSchema for AdjustmentReason {
+    fn schema() -> RefOr<Schema> {
+        text_schema(500, "1-500 characters, not blank, no control characters; surrounding whitespace is trimmed.")
+    }
+}
+
+impl ToSchema for AdjustmentReason {}
+
 /// Free-form metadata ([`metadata`]).
 pub struct Metadata;
 

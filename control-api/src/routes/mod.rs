@@ -3,6 +3,7 @@
 //! [`crate::pagination::ListQuery`].
 
 pub mod audit_log;
+pub mod budgets;
 pub mod events;
 pub mod health;
 pub mod keys;
@@ -32,6 +33,7 @@ pub fn api_router() -> Router<AppState> {
         .merge(usage::router())
         .merge(audit_log::router())
         .merge(events::router())
+        .merge(budgets::router())
 }
 
 /// Validates optional limits, defaulting to none; errors name `field.<limit>`.

@@ -35,6 +35,8 @@ pub struct TestApp {
     pub db: PgPool,
     pub admin_key: String,
     pub model_info: ModelInfoReply,
+    /// The control API's clock (tests move it across budget periods).
+    pub clock: Arc<tollgate_control_api::standing::Clock>,
 }
 
 async fn serve_router(router: Router) -> SocketAddr {
@@ -91,10 +93,11 @@ impl TestApp {
         };
         configure(&mut config);
         let state = AppState::new(&config, db.clone()).unwrap();
+        let clock = state.clock.clone();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(tollgate_control_api::serve(listener, state, std::future::pending()));
-        TestApp { base: format!("http://{addr}"), http: reqwest::Client::new(), db, admin_key, model_info }
+        TestApp { base: format!("http://{addr}"), http: reqwest::Client::new(), db, admin_key, model_info, clock }
     }
 
     /// A request to `path` with `token` as bearer, for tests that set more than [`TestApp::call`] does.

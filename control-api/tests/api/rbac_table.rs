@@ -116,6 +116,7 @@ impl World {
                 json!({"user_id": self.owner, "team_id": self.team, "name": "made", "models": [self.model]})
             }
             ("PATCH", "/api/v1/keys/{id}") => json!({"name": "renamed"}),
+            ("POST", path) if path.ends_with("/budget/adjustments") => json!({"amount": 1, "reason": "rbac"}),
             ("POST", path) if path.ends_with("/sync") || path.contains("/{id}/") => json!({}),
             (method, path) => panic!("no sample body for {method} {path}: add one here"),
         };
