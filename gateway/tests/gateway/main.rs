@@ -5,6 +5,7 @@
 mod harness;
 
 mod alerts;
+mod budgets;
 mod downstream;
 mod errors;
 mod faults;
