@@ -7,6 +7,7 @@ pub mod audit;
 pub mod auth;
 pub mod authz;
 pub mod config;
+pub mod csv;
 pub mod error;
 pub mod events;
 pub mod extract;

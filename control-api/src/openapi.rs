@@ -36,7 +36,8 @@ use crate::{audit, error, routes::*};
         budgets::subscription_adjust, budgets::key_adjustments, budgets::user_adjustments,
         budgets::team_adjustments, budgets::subscription_adjustments,
     ),
-    components(schemas(error::ErrorBody, error::ErrorDetail, audit::AuditEntry, usage::ReportTime)),
+    components(schemas(error::ErrorBody, error::ErrorDetail, audit::AuditEntry, usage::ReportTime,
+        usage::GroupByList)),
     modifiers(&BearerAndErrors, &OperationIds, &Links),
     security(("bearer" = [])),
 )]

@@ -19,6 +19,7 @@ mod lists;
 mod models;
 mod rbac;
 mod rbac_table;
+mod reports;
 mod service;
 mod subscriptions;
 mod teams;

@@ -60,8 +60,8 @@ async fn usage_groups_and_filters_rollups(db: PgPool) {
     assert_eq!(
         r["data"],
         json!([
-            {"group": "2026-03-01", "requests": 4, "errors": 0, "prompt_tokens": 110, "completion_tokens": 55, "total_tokens": 165, "cost": 0.0031},
-            {"group": "2026-03-02", "requests": 2, "errors": 0, "prompt_tokens": 40, "completion_tokens": 20, "total_tokens": 60, "cost": 0.5},
+            {"kind": "usage", "group": "2026-03-01", "requests": 4, "errors": 0, "prompt_tokens": 110, "completion_tokens": 55, "total_tokens": 165, "cost": 0.0031},
+            {"kind": "usage", "group": "2026-03-02", "requests": 2, "errors": 0, "prompt_tokens": 40, "completion_tokens": 20, "total_tokens": 60, "cost": 0.5},
         ])
     );
     assert_eq!(r["totals"]["requests"], 6);
@@ -82,7 +82,7 @@ async fn usage_groups_and_filters_rollups(db: PgPool) {
     let (_, bob) = app.get(&format!("/api/v1/users/{bob_id}"), &admin).await;
     assert_eq!(
         r["data"],
-        json!([{"group": bob_id.to_string(), "name": bob["name"], "email": "bob@example.com", "requests": 2, "errors": 0, "prompt_tokens": 40, "completion_tokens": 20, "total_tokens": 60, "cost": 0.5}])
+        json!([{"kind": "usage", "group": bob_id.to_string(), "name": bob["name"], "email": "bob@example.com", "requests": 2, "errors": 0, "prompt_tokens": 40, "completion_tokens": 20, "total_tokens": 60, "cost": 0.5}])
     );
     let (_, r) =
         app.get(&format!("/api/v1/usage?group_by=team&from=2026-01-01&to=2026-12-31&team_id={team}"), &admin).await;
@@ -92,7 +92,7 @@ async fn usage_groups_and_filters_rollups(db: PgPool) {
     let (_, r) = app.get("/api/v1/usage?group_by=hour&from=2026-03-01T11:00:00Z&to=2026-03-02T00:00:00Z", &admin).await;
     assert_eq!(
         r["data"],
-        json!([{"group": "2026-03-01T11:00:00Z", "requests": 1, "errors": 0, "prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15, "cost": 0.0001}])
+        json!([{"kind": "usage", "group": "2026-03-01T11:00:00Z", "requests": 1, "errors": 0, "prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15, "cost": 0.0001}])
     );
 
     // A user sees only their own usage, whatever they ask for.

@@ -14,5 +14,6 @@ mod limits;
 mod load;
 mod observability;
 mod proxying;
+mod reports;
 mod resilience;
 mod tls;
