@@ -74,6 +74,7 @@ pub enum Op {
     ModelsUpdate,
     ModelsDelete,
     ModelsSync,
+    ModelsSyncStatus,
     SubscriptionsList,
     SubscriptionsCreate,
     SubscriptionsGet,
@@ -180,6 +181,7 @@ pub const RULES: &[Rule] = &[
     row(ModelsUpdate,            "PATCH",  "/api/v1/models/{id}",                          [Y,   N,       N,    N,         N]),
     row(ModelsDelete,            "DELETE", "/api/v1/models/{id}",                          [Y,   N,       N,    N,         N]),
     row(ModelsSync,              "POST",   "/api/v1/models/sync",                          [Y,   N,       N,    N,         N]),
+    row(ModelsSyncStatus,        "GET",    "/api/v1/models/sync",                          [Y,   Y,       N,    N,         N]),
     row(SubscriptionsList,       "GET",    "/api/v1/subscriptions",                        [Y,   Y,       Y,    Y,         Y]),
     row(SubscriptionsCreate,     "POST",   "/api/v1/subscriptions",                        [Y,   N,       Y,    H,         H]),
     row(SubscriptionsGet,        "GET",    "/api/v1/subscriptions/{id}",                   [Y,   Y,       Y,    H,         H]),
@@ -336,7 +338,7 @@ fn noun(op: Op) -> &'static str {
         UsersList | UsersCreate | UsersMe | UsersGet | UsersUpdate => "user",
         TeamsList | TeamsCreate | TeamsGet | TeamsUpdate | TeamsDelete => "team",
         MembersList | MembersAdd | MembersRemove => "team",
-        ModelsList | ModelsCreate | ModelsGet | ModelsUpdate | ModelsDelete | ModelsSync => "model",
+        ModelsList | ModelsCreate | ModelsGet | ModelsUpdate | ModelsDelete | ModelsSync | ModelsSyncStatus => "model",
         SubscriptionsCreate => "user",
         SubscriptionsList
         | SubscriptionsGet

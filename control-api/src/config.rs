@@ -11,6 +11,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use tollgate_core::{
     config::{comma_list, load, ConfigError, ConfigSpec},
     net::Cidr,
+    limits::Limits,
     roles::Role,
 };
 
@@ -37,6 +38,22 @@ pub struct ControlApiConfig {
     pub litellm: LitellmConfig,
     pub alerts: AlertsConfig,
     pub webhook: WebhookConfig,
+    /// Limits given to new users and keys whose request names none.
+    pub defaults: DefaultsConfig,
+}
+
+/// Limits applied when a request creating a user or a key gives no `limits` (an explicit
+/// `limits`, even `{}`, wins). Empty (the default): none.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DefaultsConfig {
+    /// A new user's limits: `POST /users` without `limits`, and users created on first sight of
+    /// a JWT.
+    pub user_limits: Limits,
+    /// A new key's limits: `POST /keys` without `limits`. They are an administrator's (the
+    /// operator's), so they become the key's `admin_limits` too: its owner may tighten them,
+    /// only an administrator may lift them.
+    pub key_limits: Limits,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -136,6 +153,7 @@ impl Default for ControlApiConfig {
             litellm: LitellmConfig::default(),
             alerts: AlertsConfig::default(),
             webhook: WebhookConfig::default(),
+            defaults: DefaultsConfig::default(),
         }
     }
 }
@@ -181,6 +199,8 @@ pub const SPEC: ConfigSpec<'static> = ConfigSpec {
         ("LITELLM_URL", "litellm.url"),
         ("LITELLM_API_KEY", "litellm.api_key"),
         ("MODEL_SYNC_INTERVAL_SECONDS", "litellm.sync_interval_seconds"),
+        ("DEFAULT_USER_LIMITS", "defaults.user_limits"),
+        ("DEFAULT_KEY_LIMITS", "defaults.key_limits"),
         ("ALERT_SCAN_INTERVAL_SECONDS", "alerts.scan_interval_seconds"),
         ("ALERT_THRESHOLDS", "alerts.thresholds"),
         ("WEBHOOK_URL", "webhook.url"),
@@ -210,6 +230,11 @@ impl ControlApiConfig {
         }
         if config.jwt.jwks_refresh_seconds == 0 {
             return Err(SPEC.invalid("jwt.jwks_refresh_seconds", "must be at least 1"));
+        }
+        for (key, limits) in
+            [("defaults.user_limits", &config.defaults.user_limits), ("defaults.key_limits", &config.defaults.key_limits)]
+        {
+            limits.validate().map_err(|e| SPEC.invalid(key, format!("{}: {}", e.field, e.message)))?;
         }
         config.check_alerts()?;
         Ok(config)

@@ -13,7 +13,7 @@ use tokio::time::MissedTickBehavior;
 use crate::{
     audit::{self, Change, Origin},
     auth::{Caller, Principal},
-    routes::models::run_sync,
+    routes::{models::run_sync, sync_runs},
     state::AppState,
 };
 
@@ -54,7 +54,9 @@ pub async fn attempt(state: &AppState, interval: Duration) -> Result<bool, sqlx:
         return Ok(false);
     }
     let caller = Caller { principal: Principal::AdminKey { label: ACTOR.into() }, origin: Origin::default() };
+    let started = chrono::Utc::now();
     let result = run_sync(state, &caller).await;
+    sync_runs::record(&state.db, sync_runs::Trigger::Scheduled, ACTOR, started, &result).await;
     let outcome = if result.is_ok() { "success" } else { "failure" };
     state.metrics.sync_runs.with_label_values(&[outcome]).inc();
     match result {

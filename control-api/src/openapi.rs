@@ -27,6 +27,7 @@ use crate::{audit, error, routes::*};
         teams::list, teams::create, teams::fetch, teams::update, teams::remove,
         teams::list_members, teams::add_member, teams::remove_member,
         models::list, models::create, models::fetch, models::update, models::remove, models::sync,
+        sync_runs::sync_status,
         subscriptions::list, subscriptions::create, subscriptions::fetch, subscriptions::update,
         subscriptions::approve, subscriptions::suspend, subscriptions::reactivate, subscriptions::cancel,
         keys::list, keys::create, keys::fetch, keys::update, keys::rotate, keys::revoke,

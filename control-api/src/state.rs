@@ -6,7 +6,7 @@ use sqlx::PgPool;
 
 use crate::{
     auth::Authenticator,
-    config::ControlApiConfig,
+    config::{ControlApiConfig, DefaultsConfig},
     events::EventPublisher,
     litellm::LitellmClient,
     metrics::Metrics,
@@ -20,6 +20,8 @@ pub struct AppState {
     pub events: EventPublisher,
     pub metrics: Arc<Metrics>,
     pub litellm: Arc<LitellmClient>,
+    /// Limits for new users and keys created without any.
+    pub defaults: Arc<DefaultsConfig>,
     /// The limiter's Redis, read for budget standings and told of adjustments.
     pub limiter_redis: Arc<LimiterRedis>,
     /// The clock budget periods are read by (offset in tests).
@@ -33,6 +35,7 @@ impl AppState {
             events: EventPublisher::new(&config.redis_url)?,
             metrics: Arc::new(Metrics::new()?),
             litellm: Arc::new(LitellmClient::new(&config.litellm)?),
+            defaults: Arc::new(config.defaults.clone()),
             limiter_redis: Arc::new(LimiterRedis::new(&config.redis_url)),
             clock: Arc::default(),
             db,

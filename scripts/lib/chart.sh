@@ -158,7 +158,8 @@ for binary, src_path, top in [("tollgate-gateway", "gateway/src/config.rs", "Gat
                               ("tollgate-control-api", "control-api/src/config.rs", "ControlApiConfig")]:
     src = (root / src_path).read_text()
     env, secrets = spec(src)
-    all_structs = structs(src)
+    # Limits tables (defaults.*_limits) are tollgate-core's Limits.
+    all_structs = structs(src + (root / "core/src/limits.rs").read_text())
     if top not in all_structs:
         sys.exit(f"{src_path}: no pub struct {top}")
     binaries[binary] = (env, secrets, all_structs, top)

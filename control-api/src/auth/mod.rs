@@ -108,6 +108,8 @@ pub struct Authenticator {
     pub trusted_proxies: Vec<Cidr>,
     jwt: JwtVerifier,
     db: PgPool,
+    /// The limits of a user provisioned on first sight (`defaults.user_limits`).
+    default_user_limits: tollgate_core::limits::Limits,
 }
 
 impl Authenticator {
@@ -117,6 +119,7 @@ impl Authenticator {
             trusted_proxies: config.trusted_proxy_ranges()?,
             jwt: JwtVerifier::new(&config.jwt)?,
             db,
+            default_user_limits: config.defaults.user_limits.clone(),
         })
     }
 
@@ -125,7 +128,7 @@ impl Authenticator {
     pub async fn authenticate(&self, token: &str, origin: &Origin) -> ApiResult<Principal> {
         if token.bytes().filter(|b| *b == b'.').count() == 2 {
             let identity = self.jwt.identity(token).await?;
-            return provision::principal(&self.db, identity, origin).await;
+            return provision::principal(&self.db, identity, origin, &self.default_user_limits).await;
         }
         let presented = hash_key(token);
         // Compare against every configured key without stopping early.

@@ -8,7 +8,7 @@
 //! the identity provider alone decides, so removing a group there takes its role away.
 
 use sqlx::PgPool;
-use tollgate_core::{roles::Role, DEFAULT_TEAM_ID};
+use tollgate_core::{limits::Limits, roles::Role, DEFAULT_TEAM_ID};
 use uuid::Uuid;
 
 use super::{
@@ -30,8 +30,8 @@ struct Found {
 
 /// The principal for `identity`, provisioning its user if need be; 403 for a suspended user or
 /// one with no role from either the token or Tollgate.
-pub async fn principal(db: &PgPool, identity: Identity, origin: &Origin) -> ApiResult<Principal> {
-    let user = resolve_user(db, &identity, origin).await?;
+pub async fn principal(db: &PgPool, identity: Identity, origin: &Origin, limits: &Limits) -> ApiResult<Principal> {
+    let user = resolve_user(db, &identity, origin, limits).await?;
     if user.status != "active" {
         return Err(ApiError::forbidden("user is suspended"));
     }
@@ -44,7 +44,8 @@ fn no_role() -> ApiError {
     ApiError::forbidden("token carries no Tollgate role (roles claim or mapped group) and none was granted in Tollgate")
 }
 
-async fn resolve_user(db: &PgPool, identity: &Identity, origin: &Origin) -> ApiResult<Found> {
+/// A user created here gets `limits` (the configured `defaults.user_limits`).
+async fn resolve_user(db: &PgPool, identity: &Identity, origin: &Origin, limits: &Limits) -> ApiResult<Found> {
     let Identity { subject, email, email_verified, name, roles } = identity;
     let found: Option<Found> = sqlx::query_as("SELECT id, email, status, roles FROM users WHERE oidc_subject = $1")
         .bind(subject)
@@ -79,12 +80,13 @@ async fn resolve_user(db: &PgPool, identity: &Identity, origin: &Origin) -> ApiR
     }
     let email = email.as_deref().unwrap_or(subject);
     let created: Option<Found> = sqlx::query_as(
-        "INSERT INTO users (email, name, roles, oidc_subject) VALUES ($1, $2, '{}', $3)
+        "INSERT INTO users (email, name, roles, oidc_subject, limits) VALUES ($1, $2, '{}', $3, $4)
          ON CONFLICT DO NOTHING RETURNING id, email, status, roles",
     )
     .bind(email)
     .bind(name)
     .bind(subject)
+    .bind(sqlx::types::Json(limits))
     .fetch_optional(&mut *tx)
     .await?;
     let Some(created) = created else {

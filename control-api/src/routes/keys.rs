@@ -78,6 +78,7 @@ pub struct CreateKey {
     /// by the team. Empty or absent means every model of the user's active subscriptions.
     #[schema(value_type = Option<Vec<validate::ModelId>>)]
     pub models: Option<Vec<String>>,
+    /// Absent: the configured `defaults.key_limits` (which become the key's `admin_limits` too).
     pub limits: Option<Limits>,
     /// Must be in the future.
     pub expires_at: Option<DateTime<Utc>>,
@@ -228,7 +229,13 @@ async fn create(
     let relation = caller.authorize(&state.db, Op::KeysCreate, Target::owned(user_id, Some(team_id))).await?;
     let name = validate::text("name", &body.name, 200)?;
     let models = normalize_models(body.models.unwrap_or_default())?;
-    let limits = validate_limits("limits", body.limits)?;
+    // No `limits`: the configured defaults, which are the operator's (an administrator's) and so
+    // the key's ceiling too; an explicit object, even `{}`, wins.
+    let defaulted = body.limits.is_none();
+    let limits = match body.limits {
+        Some(limits) => validate_limits("limits", Some(limits))?,
+        None => state.defaults.key_limits.clone(),
+    };
     check_expiry(body.expires_at)?;
     let metadata = body.metadata.unwrap_or_else(|| json!({}));
     validate::metadata("metadata", &metadata)?;
@@ -246,11 +253,12 @@ async fn create(
         return Err(ApiError::invalid("team_id", "the user is not a member of this team"));
     }
     check_entitlement(&mut tx, user_id, team_id, &models).await?;
-    if !admin {
+    if !admin && !defaulted {
         check_limits(&mut tx, &limits, None, user_id, team_id).await?;
     }
-    // An administrator's limits are the key's ceiling; anyone else's are only what is enforced.
-    let admin_limits = if admin { limits.clone() } else { Limits::default() };
+    // An administrator's limits (and the configured defaults) are the key's ceiling; anyone
+    // else's are only what is enforced.
+    let admin_limits = if admin || defaulted { limits.clone() } else { Limits::default() };
     let key = generate_key();
     let api_key: ApiKey = sqlx::query_as(&format!(
         "INSERT INTO api_keys (key_hash, key_prefix, name, user_id, team_id, models, limits, admin_limits,

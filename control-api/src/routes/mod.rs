@@ -10,6 +10,7 @@ pub mod keys;
 pub mod models;
 mod prelude;
 pub mod subscriptions;
+pub mod sync_runs;
 pub mod teams;
 pub mod usage;
 pub mod users;

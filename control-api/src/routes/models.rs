@@ -13,7 +13,7 @@ use super::prelude::*;
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/models", get(list).post(create))
-        .route("/models/sync", post(sync))
+        .route("/models/sync", get(super::sync_runs::sync_status).post(sync))
         .route("/models/{id}", get(fetch).patch(update).delete(remove))
 }
 
@@ -279,9 +279,12 @@ async fn remove(State(state): State<AppState>, caller: Caller, Path(id): Path<St
 #[utoipa::path(post, path = "/api/v1/models/sync", tag = "models", responses((status = 200, body = SyncReport)))]
 async fn sync(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<SyncReport>> {
     caller.authorize(&state.db, Op::ModelsSync, Target::NONE).await?;
+    let started = Utc::now();
     let result = run_sync(&state, &caller).await;
     let outcome = if result.is_ok() { "success" } else { "failure" };
     state.metrics.sync_runs.with_label_values(&[outcome]).inc();
+    super::sync_runs::record(&state.db, super::sync_runs::Trigger::Manual, &caller.actor().label, started, &result)
+        .await;
     result.map(Json)
 }
 

@@ -53,6 +53,7 @@ pub struct CreateUser {
     /// Defaults to `["user"]`.
     #[schema(min_items = 1)]
     pub roles: Option<Vec<Role>>,
+    /// Absent: the configured `defaults.user_limits`.
     pub limits: Option<Limits>,
 }
 
@@ -143,7 +144,11 @@ async fn create(
     let email = validate::email("email", &body.email)?;
     let name = validate::text("name", &body.name, 200)?;
     let roles = roles_vec(body.roles)?;
-    let limits = validate_limits("limits", body.limits)?;
+    // No `limits`: the configured defaults (an explicit object, even `{}`, wins).
+    let limits = match body.limits {
+        Some(limits) => validate_limits("limits", Some(limits))?,
+        None => state.defaults.user_limits.clone(),
+    };
     let mut tx = Write::begin(&state, &caller).await?;
     let user: User = sqlx::query_as(&format!(
         "INSERT INTO users (email, name, roles, limits) VALUES ($1, $2, $3, $4) RETURNING {COLUMNS}"

@@ -11,6 +11,7 @@ mod audit;
 mod auth;
 mod authorization;
 mod bad_input;
+mod defaults;
 mod budgets;
 mod invalidation;
 mod jwt;
