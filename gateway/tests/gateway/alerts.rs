@@ -209,6 +209,19 @@ async fn a_soft_budget_passed_sends_one_limit_exceeded(db: PgPool) {
         json!({"max_budget": 0.06, "budget_period": "daily", "enforcement": "soft", "alert_thresholds": [0.5]});
     let user = stack.patch(&format!("/users/{uid}"), json!({"limits": limits})).await;
     assert_eq!(user["limits"]["alert_thresholds"], json!([0.5]), "echoed");
+    for bad in [json!([0]), json!([11]), json!([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1, 2]), json!(["0.5"])] {
+        let resp = stack
+            .http
+            .patch(format!("{}/api/v1/users/{uid}", stack.api))
+            .bearer_auth(&stack.admin_key)
+            .json(&json!({"limits": {"max_budget": 1, "alert_thresholds": bad}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::UNPROCESSABLE_ENTITY, "{bad}");
+        let err: Value = resp.json().await.unwrap();
+        assert!(err["error"]["field"].as_str().unwrap().starts_with("limits.alert_thresholds"), "{bad}: {err}");
+    }
     let r2 = stack.replica(vec![]).await;
     let bases = [stack.gateway.base.as_str(), r2.base.as_str()];
 
