@@ -367,8 +367,8 @@ async fn audit_filters_by_time_records_user_agents_and_exports_csv(db: PgPool) {
     assert_eq!(rfc["total"], 1);
 
     for (query, field, status) in [
-        ("from=yesterday", "from", StatusCode::BAD_REQUEST),
-        ("to=2026-13-01", "to", StatusCode::BAD_REQUEST),
+        ("from=yesterday", "from", StatusCode::UNPROCESSABLE_ENTITY),
+        ("to=2026-13-01", "to", StatusCode::UNPROCESSABLE_ENTITY),
         ("from=2026-03-02&to=2026-03-01", "from", StatusCode::UNPROCESSABLE_ENTITY),
         ("to=1999-01-01", "to", StatusCode::UNPROCESSABLE_ENTITY),
     ] {
