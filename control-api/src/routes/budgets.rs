@@ -234,7 +234,7 @@ pub struct AdjustmentPage {
 #[into_params(parameter_in = Query)]
 pub struct AdjustmentFilter {
     /// Only those applying to this period (`m202612`, `d20261206`, `w20261130`, `all`).
-    #[param(max_length = 16)]
+    #[param(pattern = "^[a-z0-9]{1,16}$")]
     pub period: Option<String>,
 }
 
@@ -340,7 +340,15 @@ async fn list_adjustments(
 ) -> ApiResult<Json<AdjustmentPage>> {
     authorized(&state, &caller, kind, id, Action::List).await?;
     let (limit, offset) = page.bounds()?;
-    let period = filter.period.map(|p| validate::identifier("period", &p, 16)).transpose()?;
+    let period = filter.period;
+    let well_formed =
+        |p: &str| (1..=16).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    if period.as_deref().is_some_and(|p| !well_formed(p)) {
+        return Err(ApiError::BadRequest {
+            field: Some("period".into()),
+            message: "period must be a period id such as m202612, d20261206, w20261130 or all".into(),
+        });
+    }
     let condition = "scope = $1 AND scope_id = $2 AND ($3::text IS NULL OR period = $3)";
     let total: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM budget_adjustments WHERE {condition}"))
         .bind(kind.as_str())

@@ -84,11 +84,15 @@ for model in spare:
     for user in users:
         sub = call("POST", "/subscriptions", {"user_id": user, "model_id": model})
         suspended.append(call("POST", f"/subscriptions/{sub['id']}/suspend")["id"])
-teams = [call("POST", "/teams", {"name": f"fuzz-{RUN}-{i}"})["id"] for i in range(COUNT)]
+# Budgets (for the budget standings and adjustments): on the teams, and on one key of each user.
+teams = [call("POST", "/teams", {"name": f"fuzz-{RUN}-{i}",
+                                 "limits": {"max_budget": 1000, "budget_period": "daily"}})["id"] for i in range(COUNT)]
 for team in teams:
     for user in users:
         call("POST", f"/teams/{team}/members", {"user_id": user})
-keys = [call("POST", "/keys", {"user_id": u, "name": f"fuzz-{RUN}"})["id"] for u in users for _ in range(2)]
+key_limits = [{}, {"max_budget": 100, "budget_period": "monthly", "rpm": 1000, "tpm": 1000000}]
+keys = [call("POST", "/keys", {"user_id": u, "name": f"fuzz-{RUN}", "limits": limits})["id"]
+        for u in users for limits in key_limits]
 
 dictionaries = {
     "models": models,
