@@ -193,6 +193,7 @@ pub const SPEC: ConfigSpec<'static> = ConfigSpec {
         ("HEADER_READ_TIMEOUT_MS", "header_read_timeout_ms"),
         ("KEEPALIVE_IDLE_SECONDS", "keepalive_idle_seconds"),
         ("MAX_CONNECTIONS", "max_connections"),
+        ("USAGE_FLUSH_INTERVAL_MS", "usage_flush_interval_ms"),
         ("SPOOL_DIR", "spool_dir"),
         ("SPOOL_MAX_BYTES", "spool_max_bytes"),
         ("REDIS_TIMEOUT_MS", "redis_timeout_ms"),

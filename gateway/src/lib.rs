@@ -16,6 +16,7 @@ pub mod context;
 pub mod downstream;
 pub mod error;
 pub mod invalidation;
+pub mod journal;
 pub mod key_cache;
 pub mod limits;
 pub mod meter;
@@ -44,6 +45,7 @@ use crate::{
     catalog::ModelCatalog,
     config::GatewayConfig,
     invalidation::Invalidator,
+    journal::Journal,
     key_cache::{KeyCache, KeyLoads},
     metrics::Metrics,
     spool::Spool,
@@ -120,10 +122,12 @@ pub fn run(config: GatewayConfig) -> anyhow::Result<()> {
         metrics.key_cache_evictions.clone(),
     ));
     let spool = Spool::start(&config.spool_dir, config.spool_max_bytes, metrics.clone())?;
+    let journal = Arc::new(Journal::new(std::path::Path::new(&config.spool_dir)));
     let (sink, writer) = support.block_on(async {
         usage::channel(
             db.clone(),
             spool,
+            journal,
             metrics.clone(),
             config.usage_queue_capacity,
             config.usage_batch_size,

@@ -41,6 +41,8 @@ pub struct Metrics {
     /// Rows waiting in memory because the spool could not take them (full disk, or at its cap).
     pub usage_spool_memory_rows: IntGauge,
     pub usage_spool_write_errors: IntCounter,
+    /// Rows the usage journal could not take (they are queued all the same).
+    pub usage_journal_errors: IntCounter,
     /// Spool lines that could not be read, moved to the quarantine file.
     pub usage_spool_corrupt_lines: IntCounter,
     /// Rows given up: more than the spool's memory holds while it cannot write.
@@ -167,6 +169,10 @@ impl Metrics {
                 "Usage rows held in memory because the spool cannot write (full disk or spool_max_bytes)",
             ),
             usage_spool_write_errors: counter("usage_spool_write_errors_total", "Failed writes to the usage spool"),
+            usage_journal_errors: counter(
+                "usage_journal_errors_total",
+                "Usage rows the journal could not take (a process killed before they are written loses them)",
+            ),
             usage_spool_corrupt_lines: counter(
                 "usage_spool_corrupt_lines_total",
                 "Unreadable usage spool lines moved to quarantine-usage.jsonl",

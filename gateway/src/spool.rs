@@ -63,7 +63,7 @@ impl Spool {
     pub fn start(dir: &str, max_bytes: u64, metrics: Arc<Metrics>) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let dir = PathBuf::from(dir);
-        let waiting = Arc::new(AtomicBool::new(!segments(&dir).is_empty()));
+        let waiting = Arc::new(AtomicBool::new(!replayable(&dir).is_empty()));
         let (tx, rx) = std_mpsc::channel();
         let mut thread = SpoolThread {
             instance: uuid::Uuid::new_v4().simple().to_string(),
@@ -118,12 +118,23 @@ impl Spool {
 
 /// Usage segment files in `dir`, oldest first.
 fn segments(dir: &Path) -> Vec<PathBuf> {
+    files(dir, &["usage-"])
+}
+
+/// Files to replay: segments, and the usage journals processes left (see journal.rs; a live
+/// process holds its own locked).
+fn replayable(dir: &Path) -> Vec<PathBuf> {
+    files(dir, &["usage-", "journal-"])
+}
+
+/// `.jsonl` files in `dir` whose names start with one of `prefixes`, oldest first.
+fn files(dir: &Path, prefixes: &[&str]) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
     let mut found: Vec<(SystemTime, PathBuf)> = entries
         .flatten()
         .filter(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
-            name.starts_with("usage-") && name.ends_with(".jsonl")
+            prefixes.iter().any(|p| name.starts_with(p)) && name.ends_with(".jsonl")
         })
         .map(|e| (e.metadata().and_then(|m| m.modified()).unwrap_or(SystemTime::UNIX_EPOCH), e.path()))
         .collect();
@@ -256,7 +267,7 @@ impl SpoolThread {
         // The segment being written is replayed too: close it, the next rows start another.
         self.current = None;
         let claimed: HashSet<PathBuf> = self.claimed.iter().map(|(p, _)| p.clone()).collect();
-        for path in segments(&self.dir).into_iter().filter(|p| !claimed.contains(p)) {
+        for path in replayable(&self.dir).into_iter().filter(|p| !claimed.contains(p)) {
             let Ok(file) = OpenOptions::new().read(true).write(true).open(&path) else { continue };
             if file.try_lock().is_err() {
                 continue; // written or replayed by another process

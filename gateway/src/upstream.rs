@@ -113,7 +113,7 @@ impl Upstream {
 
     /// The addresses requests currently go to.
     pub fn addrs(&self) -> Arc<[SocketAddr]> {
-        self.addrs.read().map(|a| a.clone()).unwrap_or_else(|poisoned| poisoned.into_inner().clone())
+        tollgate_core::sync::read(&self.addrs).clone()
     }
 
     /// Resolves the host again (blocking: call it off the request path) and takes the answer if
@@ -124,7 +124,7 @@ impl Upstream {
 
     fn take(&self, answer: std::io::Result<Arc<[SocketAddr]>>) -> anyhow::Result<bool> {
         let fresh = answer.map_err(|e| anyhow::anyhow!("upstream host {} does not resolve: {e}", self.host))?;
-        let mut addrs = self.addrs.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut addrs = tollgate_core::sync::write(&self.addrs);
         let changed = *addrs != fresh;
         *addrs = fresh;
         Ok(changed)

@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 use tollgate_core::latency;
 use uuid::Uuid;
 
-use crate::{context::RequestCtx, meter::Usage, metrics::Metrics, outcome::ErrorKind, spool::Spool};
+use crate::{context::RequestCtx, journal::Journal, meter::Usage, metrics::Metrics, outcome::ErrorKind, spool::Spool};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UsageRow {
@@ -102,7 +102,8 @@ impl UsageRow {
 // Rows are nearly every message; boxing them would cost an allocation per request.
 #[allow(clippy::large_enum_variant)]
 enum Message {
-    Row(UsageRow),
+    /// A row and its number in the journal (0: not journaled).
+    Row(UsageRow, u64),
     /// Flush everything queued so far, then answer.
     Flush(oneshot::Sender<()>),
 }
@@ -112,19 +113,28 @@ enum Message {
 pub struct UsageSink {
     tx: mpsc::Sender<Message>,
     spool: Spool,
+    journal: Arc<Journal>,
     metrics: Arc<Metrics>,
 }
 
 impl UsageSink {
+    /// Journals the row (so a process killed with it queued does not lose it), then queues it.
     pub fn record(&self, row: UsageRow) {
-        match self.tx.try_send(Message::Row(row)) {
-            Ok(()) => self.metrics.usage_queue_depth.inc(),
-            Err(mpsc::error::TrySendError::Full(Message::Row(row)))
-            | Err(mpsc::error::TrySendError::Closed(Message::Row(row))) => {
-                // Never drop a row: a full queue or a stopped writer spills to disk.
-                self.spool.append(vec![row]);
-            }
-            Err(_) => {}
+        let line = Journal::encode(&row);
+        let (overflow, journaled) =
+            self.journal.record(line.as_deref(), |n| match self.tx.try_send(Message::Row(row, n)) {
+                Ok(()) => None,
+                Err(mpsc::error::TrySendError::Full(Message::Row(row, _)))
+                | Err(mpsc::error::TrySendError::Closed(Message::Row(row, _))) => Some(row),
+                Err(_) => None,
+            });
+        if !journaled {
+            self.metrics.usage_journal_errors.inc();
+        }
+        match overflow {
+            None => self.metrics.usage_queue_depth.inc(),
+            // Never drop a row: a full queue or a stopped writer spills to disk.
+            Some(row) => self.spool.append(vec![row]),
         }
     }
 
@@ -141,6 +151,9 @@ pub struct UsageWriter {
     db: PgPool,
     rx: mpsc::Receiver<Message>,
     spool: Spool,
+    journal: Arc<Journal>,
+    /// The highest journal number among the rows taken from the queue.
+    journaled: u64,
     metrics: Arc<Metrics>,
     batch_size: usize,
     interval: Duration,
@@ -153,6 +166,7 @@ pub struct UsageWriter {
 pub fn channel(
     db: PgPool,
     spool: Spool,
+    journal: Arc<Journal>,
     metrics: Arc<Metrics>,
     capacity: usize,
     batch_size: usize,
@@ -160,11 +174,13 @@ pub fn channel(
 ) -> (UsageSink, UsageWriter) {
     let (tx, rx) = mpsc::channel(capacity.max(1));
     (
-        UsageSink { tx, spool: spool.clone(), metrics: metrics.clone() },
+        UsageSink { tx, spool: spool.clone(), journal: journal.clone(), metrics: metrics.clone() },
         UsageWriter {
             db,
             rx,
             spool,
+            journal,
+            journaled: 0,
             metrics,
             batch_size: batch_size.max(1),
             interval,
@@ -187,8 +203,9 @@ impl UsageWriter {
             let mut waiting: Vec<oneshot::Sender<()>> = Vec::new();
             let closed = loop {
                 match self.rx.try_recv() {
-                    Ok(Message::Row(row)) => {
+                    Ok(Message::Row(row, n)) => {
                         self.metrics.usage_queue_depth.dec();
+                        self.journaled = self.journaled.max(n);
                         batch.push(row);
                         if batch.len() >= self.batch_size {
                             self.flush(&mut batch).await;
@@ -216,20 +233,26 @@ impl UsageWriter {
         }
     }
 
-    /// Inserts the batch, or spools it; false when PostgreSQL refused.
+    /// Inserts the batch, or spools it; false when PostgreSQL refused. Either way the rows are
+    /// then safe without the journal.
     async fn flush(&self, batch: &mut Vec<UsageRow>) -> bool {
         if batch.is_empty() {
+            self.journal.done_through(self.journaled);
             return true;
         }
         let rows = std::mem::take(batch);
         match insert(&self.db, &rows).await {
             Ok(()) => {
                 self.metrics.usage_rows_flushed.inc_by(rows.len() as u64);
+                self.journal.done_through(self.journaled);
                 true
             }
             Err(e) => {
                 tracing::warn!(error = %e, rows = rows.len(), "usage flush failed; spooling");
                 self.spool.append(rows);
+                // On disk (synced) before the journal lets them go.
+                self.spool.sync().await;
+                self.journal.done_through(self.journaled);
                 false
             }
         }

@@ -571,3 +571,51 @@ async fn rows_over_the_spool_cap_wait_in_memory_and_still_arrive(db: PgPool) {
     wait_metric(&stack, "tollgate_gateway_usage_spool_memory_rows", |v| v == 0.0).await;
     assert_eq!(stack.metric("tollgate_gateway_usage_rows_dropped_total").await, Some(0.0));
 }
+
+#[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
+async fn rows_queued_when_a_gateway_is_killed_are_replayed_from_its_journal(db: PgPool) {
+    // The writer flushes once a minute here, so every answered request's row is still queued
+    // in memory when the gateway is SIGKILLed.
+    let spool = TempDir::new();
+    let spool_dir = spool.0.to_str().unwrap().to_string();
+    let env = vec![("TOLLGATE_USAGE_FLUSH_INTERVAL_MS", "60000"), ("TOLLGATE_SPOOL_DIR", spool_dir.as_str())];
+    let mut stack = Stack::start_with(db, env).await;
+    let (key, _, _) = stack.ready_key("killed@example.com", &["m"]).await;
+    for _ in 0..5 {
+        let resp = stack
+            .chat(&key, json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), reqwest::StatusCode::OK);
+    }
+    let count = |db: &PgPool| {
+        let db = db.clone();
+        async move { sqlx::query_scalar::<_, i64>("SELECT count(*) FROM usage_logs").fetch_one(&db).await.unwrap() }
+    };
+    assert_eq!(count(&stack.db).await, 0, "the rows were to wait in the queue");
+    let mut child = stack.gateway.child.take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let journals = std::fs::read_dir(&spool.0)
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("journal-"))
+        .count();
+    assert_eq!(journals, 1);
+
+    // The next gateway on that directory replays the journal: every row once, in the rollups too.
+    let next = stack.replica(vec![("TOLLGATE_SPOOL_DIR", spool_dir.as_str())]).await;
+    stack.wait_usage_rows(5).await;
+    let rolled: i64 = sqlx::query_scalar("SELECT coalesce(sum(requests), 0)::bigint FROM usage_daily")
+        .fetch_one(&stack.db)
+        .await
+        .unwrap();
+    assert_eq!(rolled, 5);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::fs::read_dir(&spool.0).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().starts_with("journal-"))
+    {
+        assert!(std::time::Instant::now() < deadline, "the replayed journal was not removed");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    drop(next);
+}
