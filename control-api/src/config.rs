@@ -10,8 +10,8 @@ use reqwest::Url;
 use serde::{Deserialize, Deserializer, Serialize};
 use tollgate_core::{
     config::{comma_list, load, ConfigError, ConfigSpec},
-    net::Cidr,
     limits::Limits,
+    net::Cidr,
     roles::Role,
 };
 
@@ -231,9 +231,10 @@ impl ControlApiConfig {
         if config.jwt.jwks_refresh_seconds == 0 {
             return Err(SPEC.invalid("jwt.jwks_refresh_seconds", "must be at least 1"));
         }
-        for (key, limits) in
-            [("defaults.user_limits", &config.defaults.user_limits), ("defaults.key_limits", &config.defaults.key_limits)]
-        {
+        for (key, limits) in [
+            ("defaults.user_limits", &config.defaults.user_limits),
+            ("defaults.key_limits", &config.defaults.key_limits),
+        ] {
             limits.validate().map_err(|e| SPEC.invalid(key, format!("{}: {}", e.field, e.message)))?;
         }
         config.check_alerts()?;

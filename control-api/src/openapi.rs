@@ -38,7 +38,7 @@ use crate::{audit, error, routes::*};
         budgets::team_adjustments, budgets::subscription_adjustments,
     ),
     components(schemas(error::ErrorBody, error::ErrorDetail, audit::AuditEntry, usage::ReportTime,
-        usage::GroupByList)),
+        usage::GroupByList, crate::csv::Format)),
     modifiers(&BearerAndErrors, &OperationIds, &Links),
     security(("bearer" = [])),
 )]

@@ -87,8 +87,12 @@ for model in spare:
 # Budgets (for the budget standings and adjustments): on the teams, and on one key of each user.
 teams = [call("POST", "/teams", {"name": f"fuzz-{RUN}-{i}",
                                  "limits": {"max_budget": 1000, "budget_period": "daily"}})["id"] for i in range(COUNT)]
+# Plain members with nothing on the teams, for DELETE /teams/{id}/members/{user_id} to remove: each
+# removal consumes one, and a phase whose every pick was already removed is all 404s.
+extra_members = [call("POST", "/users", {"email": f"fuzz-{RUN}-member-{i}@example.com", "name": f"Member {i}"})["id"]
+                 for i in range(8 * COUNT)]
 for team in teams:
-    for user in users:
+    for user in users + extra_members:
         call("POST", f"/teams/{team}/members", {"user_id": user})
 key_limits = [{}, {"max_budget": 100, "budget_period": "monthly", "rpm": 1000, "tpm": 1000000}]
 keys = [call("POST", "/keys", {"user_id": u, "name": f"fuzz-{RUN}", "limits": limits})["id"]
@@ -102,6 +106,7 @@ dictionaries = {
     "pending_subscriptions": to_approve,
     "suspended_subscriptions": suspended,
     "teams": teams,
+    "members": users + extra_members,
     "keys": keys,
     "future": ["2099-01-01T00:00:00Z", "2100-06-30T12:00:00+02:00"],
 }
