@@ -45,9 +45,12 @@ pub struct AuditFilter {
     pub format: Option<Format>,
 }
 
+/// `[from, to)`, either end open.
+type Range = (Option<DateTime<Utc>>, Option<DateTime<Utc>>);
+
 /// The time range of a filter, checked: 422 naming the field when malformed, out of range or
 /// `from` after `to`.
-fn range(filter: &AuditFilter) -> ApiResult<(Option<DateTime<Utc>>, Option<DateTime<Utc>>)> {
+fn range(filter: &AuditFilter) -> ApiResult<Range> {
     let time = |field: &str, value: &str| {
         parse_time(field, value).map_err(|e| match e {
             ApiError::BadRequest { field: Some(field), message } => ApiError::Invalid { field, message },
@@ -70,11 +73,7 @@ const SELECT: &str = "SELECT id, created_at, actor_id, actor, action, target_typ
 
 /// The list's query with `filter`'s conditions (and, for the pages of an export, entries before
 /// `before`).
-fn query(
-    filter: &AuditFilter,
-    (from, to): (Option<DateTime<Utc>>, Option<DateTime<Utc>>),
-    before: Option<i64>,
-) -> ListQuery<'static> {
+fn query(filter: &AuditFilter, (from, to): Range, before: Option<i64>) -> ListQuery<'static> {
     ListQuery::new(SELECT)
         .filter("actor_id = $", filter.actor_id)
         .filter("action = $", filter.action.clone())

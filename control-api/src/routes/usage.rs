@@ -713,37 +713,29 @@ async fn produce(db: &PgPool, plan: &Plan, sink: &mut Sink) -> Result<(UsageRow,
         sink.emit(row).await?;
     }
     drop(rows);
-    if adjustments_exist(db).await? {
-        let sql = plan.adjustments_sql();
-        let mut rows = plan.bind(sqlx::query_as::<_, AdjustmentAggregate>(&sql)).fetch(db);
-        while let Some(adj) = rows.try_next().await? {
-            let row = UsageRow {
-                kind: LineKind::Adjustment,
-                group: adj.g1,
-                labels: Labels::default(),
-                group2: if two { Some(adj.g2.unwrap_or_default()) } else { None },
-                group2_labels: None,
-                requests: 0,
-                errors: 0,
-                prompt_tokens: 0,
-                completion_tokens: 0,
-                total_tokens: 0,
-                cost: Decimal::from_i128_with_scale(adj.amount_nanos.into(), 9).normalize(),
-                latency_p50_ms: None,
-                latency_p95_ms: None,
-                adjustment: Some(adj.line),
-            };
-            totals.add(&row);
-            sink.emit(row).await?;
-        }
+    let sql = plan.adjustments_sql();
+    let mut rows = plan.bind(sqlx::query_as::<_, AdjustmentAggregate>(&sql)).fetch(db);
+    while let Some(adj) = rows.try_next().await? {
+        let row = UsageRow {
+            kind: LineKind::Adjustment,
+            group: adj.g1,
+            labels: Labels::default(),
+            group2: if two { Some(adj.g2.unwrap_or_default()) } else { None },
+            group2_labels: None,
+            requests: 0,
+            errors: 0,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            total_tokens: 0,
+            cost: Decimal::from_i128_with_scale(adj.amount_nanos.into(), 9).normalize(),
+            latency_p50_ms: None,
+            latency_p95_ms: None,
+            adjustment: Some(adj.line),
+        };
+        totals.add(&row);
+        sink.emit(row).await?;
     }
     Ok(totals.finish())
-}
-
-/// Whether the budget adjustments table is there (it comes with the adjustments feature's
-/// migration).
-async fn adjustments_exist(db: &PgPool) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar("SELECT to_regclass('budget_adjustments') IS NOT NULL").fetch_one(db).await
 }
 
 /// Usage grouped by one or two of day, hour, model, key, user, team and subscription, with the
