@@ -295,6 +295,9 @@ async fn adjustments_refuse_bad_input_naming_the_field(db: PgPool) {
     assert_eq!(app.count("budget_adjustments").await, 0);
 }
 
+/// A caller's token and what it gets: GET (standing and list), POST (an adjustment).
+type Expect<'a> = (&'a str, StatusCode, StatusCode);
+
 #[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
 async fn owners_read_their_budgets_and_only_admins_adjust(db: PgPool) {
     let app = TestApp::spawn(db).await;
@@ -323,7 +326,7 @@ async fn owners_read_their_budgets_and_only_admins_adjust(db: PgPool) {
         )
         .await);
     let body = json!({"amount": 1, "reason": "r"});
-    let cases: Vec<(String, Vec<(&str, StatusCode, StatusCode)>)> = vec![
+    let cases: Vec<(String, Vec<Expect>)> = vec![
         // (path, [(token, GET standing and list, POST adjustment)])
         (
             format!("/api/v1/keys/{key}/budget"),
