@@ -211,7 +211,14 @@ async fn admits(l: &RedisLimiter, scope: &Scope, max: usize) -> usize {
 }
 
 fn sync(scope: &Scope, windows: Vec<(i64, i64, i64)>, floor: Option<(i64, i64, i64)>) -> ScopeSync {
-    ScopeSync { scope: scope.clone(), id: Uuid::new_v4().to_string(), windows, spend_nanos: 0, settled_from: now(), floor }
+    ScopeSync {
+        scope: scope.clone(),
+        id: Uuid::new_v4().to_string(),
+        windows,
+        spend_nanos: 0,
+        settled_from: now(),
+        floor,
+    }
 }
 
 #[tokio::test]
