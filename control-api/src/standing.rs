@@ -18,7 +18,7 @@ use serde::Serialize;
 use sqlx::PgPool;
 use tokio::sync::Mutex;
 use tollgate_core::{
-    limiter::{nanos_round, period_id, period_start, RedisConn, Scope, ScopeKind},
+    limiter::{period_id, period_start, pg_spent_nanos, RedisConn, Scope, ScopeKind},
     limits::{BudgetPeriod, Limits},
 };
 use utoipa::ToSchema;
@@ -283,40 +283,6 @@ pub fn current_period(limits: &Limits, now: DateTime<Utc>) -> (String, Option<Na
     (id, start, next)
 }
 
-/// A scope's spend in a period from PostgreSQL: usage_daily's costs from `start` (to `end`,
-/// exclusive, when the period ends) plus the period's adjustments, in nano-USD.
-pub async fn pg_spent_nanos(
-    db: &PgPool,
-    scope: &Scope,
-    period: &str,
-    start: Option<NaiveDate>,
-    end: Option<NaiveDate>,
-) -> Result<i64, sqlx::Error> {
-    let column = match scope.kind {
-        ScopeKind::Key => "key_id",
-        ScopeKind::User => "user_id",
-        ScopeKind::Team => "team_id",
-        ScopeKind::Subscription => "subscription_id",
-    };
-    let sql = format!(
-        "SELECT (SELECT coalesce(sum(cost), 0) FROM usage_daily
-                 WHERE {column} = $1 AND day >= $2 AND ($3::date IS NULL OR day < $3)),
-                (SELECT coalesce(sum(amount_nanos), 0)::bigint FROM budget_adjustments
-                 WHERE scope = $4 AND scope_id = $1 AND period = $5)"
-    );
-    // `all` counts from 1970-01-01, as the gateway's seed does.
-    let since = start.unwrap_or_default();
-    let (cost, adjusted): (Decimal, i64) = sqlx::query_as(&sql)
-        .bind(scope.id)
-        .bind(since)
-        .bind(end)
-        .bind(scope.kind.as_str())
-        .bind(period)
-        .fetch_one(db)
-        .await?;
-    Ok(nanos_round(cost).saturating_add(adjusted))
-}
-
 /// The standings of `scopes`, read together: one Redis TIME, then each scope from Redis, or from
 /// PostgreSQL where Redis cannot answer.
 pub async fn standings(db: &PgPool, redis: &LimiterRedis, clock: &Clock, scopes: &[Scope]) -> ApiResult<Vec<Standing>> {
@@ -360,7 +326,8 @@ async fn standing(
             Some(s) => s,
             None => {
                 source = Source::Postgres;
-                pg_spent_nanos(db, scope, &period, start, next).await?
+                // `all` counts from 1970-01-01, as the gateway's seed does.
+                pg_spent_nanos(db, scope, &period, start.unwrap_or_default(), next).await?
             }
         };
         spent = Some(usd(settled));

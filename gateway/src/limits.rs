@@ -14,12 +14,11 @@ use std::{
 
 use async_trait::async_trait;
 use chrono::{NaiveDate, NaiveTime};
-use rust_decimal::Decimal;
 use sqlx::PgPool;
 use tollgate_core::{
     limiter::{
-        nanos_ceil, period_id, Demand, Limiter, Observations, Reason, RedisConn, RedisLimiter, Reservation,
-        ResilientLimiter, Scope, ScopeKind, SpendSource, Standing,
+        nanos_ceil, period_id, pg_spent_nanos, Demand, Limiter, Observations, Reason, RedisConn, RedisLimiter,
+        Reservation, ResilientLimiter, Scope, ScopeKind, SpendSource, Standing,
     },
     limits::Enforcement,
 };
@@ -177,29 +176,14 @@ pub struct PgSpend {
 #[async_trait]
 impl SpendSource for PgSpend {
     async fn spent_nanos(&self, scope: &Scope, since: NaiveDate) -> Result<i64, String> {
-        let column = match scope.kind {
-            ScopeKind::Key => "key_id",
-            ScopeKind::User => "user_id",
-            ScopeKind::Team => "team_id",
-            ScopeKind::Subscription => "subscription_id",
-        };
-        let sql = format!(
-            "SELECT (SELECT coalesce(sum(cost), 0) FROM usage_daily WHERE {column} = $1 AND day >= $2),
-                    (SELECT coalesce(sum(amount_nanos), 0)::bigint FROM budget_adjustments
-                     WHERE scope = $3 AND scope_id = $1 AND period = $4)"
-        );
         // The period starting on `since`, named as the limiter and the adjustments name it.
         let period = period_id(scope.limits.budget_period, since.and_time(NaiveTime::MIN).and_utc());
-        let (db, id, kind) = (self.db.clone(), scope.id, scope.kind.as_str());
-        let (spent, adjusted): (Decimal, i64) = self
-            .support
-            .spawn(
-                async move { sqlx::query_as(&sql).bind(id).bind(since).bind(kind).bind(period).fetch_one(&db).await },
-            )
+        let (db, scope) = (self.db.clone(), scope.clone());
+        self.support
+            .spawn(async move { pg_spent_nanos(&db, &scope, &period, since, None).await })
             .await
             .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
-        Ok(tollgate_core::limiter::nanos_round(spent).saturating_add(adjusted))
+            .map_err(|e| e.to_string())
     }
 }
 

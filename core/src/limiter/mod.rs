@@ -237,6 +237,40 @@ pub fn nanos_round(usd: rust_decimal::Decimal) -> i64 {
     (usd * rust_decimal::Decimal::from(NANOS_PER_USD)).round().to_i64().unwrap_or(i64::MAX)
 }
 
+/// A scope's spend in `period` from PostgreSQL, in nano-USD: usage_daily's costs from `since` (to
+/// `end`, exclusive, when given) plus the period's budget adjustments. The gateway's seed and
+/// budget reconcile and the control API's standings read it alike, so that all count adjustments
+/// (or a reconcile would undo a credit).
+pub async fn pg_spent_nanos(
+    db: &sqlx::PgPool,
+    scope: &Scope,
+    period: &str,
+    since: NaiveDate,
+    end: Option<NaiveDate>,
+) -> Result<i64, sqlx::Error> {
+    let column = match scope.kind {
+        ScopeKind::Key => "key_id",
+        ScopeKind::User => "user_id",
+        ScopeKind::Team => "team_id",
+        ScopeKind::Subscription => "subscription_id",
+    };
+    let sql = format!(
+        "SELECT (SELECT coalesce(sum(cost), 0) FROM usage_daily
+                 WHERE {column} = $1 AND day >= $2 AND ($3::date IS NULL OR day < $3)),
+                (SELECT coalesce(sum(amount_nanos), 0)::bigint FROM budget_adjustments
+                 WHERE scope = $4 AND scope_id = $1 AND period = $5)"
+    );
+    let (cost, adjusted): (rust_decimal::Decimal, i64) = sqlx::query_as(&sql)
+        .bind(scope.id)
+        .bind(since)
+        .bind(end)
+        .bind(scope.kind.as_str())
+        .bind(period)
+        .fetch_one(db)
+        .await?;
+    Ok(nanos_round(cost).saturating_add(adjusted))
+}
+
 pub(crate) fn period_arg(p: BudgetPeriod) -> &'static str {
     match p {
         BudgetPeriod::None => "none",
