@@ -135,15 +135,8 @@ fn remove(path: &Path) {
 mod tests {
     use super::*;
 
-    fn files(dir: &Path) -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(dir)
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with("journal-"))
-            .collect();
-        names.sort();
-        names
+    fn files(dir: &Path) -> Vec<std::path::PathBuf> {
+        crate::spool::files(dir, &["journal-"])
     }
 
     #[test]
@@ -172,11 +165,11 @@ mod tests {
         let line = Journal::encode(&row).unwrap();
         let numbers: Vec<u64> = (0..3).map(|_| journal.record(Some(&line), |n| n).0).collect();
         assert_eq!(numbers, [1, 2, 3]);
-        let on_disk = std::fs::read_to_string(dir.join(&files(&dir)[0])).unwrap();
+        let on_disk = std::fs::read_to_string(&files(&dir)[0]).unwrap();
         assert_eq!(on_disk.lines().count(), 3);
         assert_eq!(serde_json::from_str::<UsageRow>(on_disk.lines().next().unwrap()).unwrap(), row);
         // The file is locked while this process holds it: nobody else replays it.
-        let other = File::open(dir.join(&files(&dir)[0])).unwrap();
+        let other = File::open(&files(&dir)[0]).unwrap();
         assert!(other.try_lock().is_err());
         journal.done_through(2);
         assert_eq!(files(&dir).len(), 1, "row 3 still waits");

@@ -128,7 +128,7 @@ fn replayable(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// `.jsonl` files in `dir` whose names start with one of `prefixes`, oldest first.
-fn files(dir: &Path, prefixes: &[&str]) -> Vec<PathBuf> {
+pub(crate) fn files(dir: &Path, prefixes: &[&str]) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
     let mut found: Vec<(SystemTime, PathBuf)> = entries
         .flatten()
