@@ -120,6 +120,18 @@ async fn priced_key(stack: &Stack, email: &str) -> (String, String, String) {
     made
 }
 
+/// A stack whose control API, and a second one on the same database, send alerts to a webhook
+/// receiver in the test; and what the receiver gets.
+async fn two_scanners_and_a_receiver(db: PgPool) -> (Stack, Received) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let got = serve_receiver(listener);
+    let env = alert_env(&url);
+    let stack = Stack::start_with(db, env.clone()).await;
+    second_control_api(&stack, &env);
+    (stack, got)
+}
+
 async fn listed(stack: &Stack, query: &str) -> Value {
     stack.admin(reqwest::Method::GET, &format!("/events{query}"), Value::Null).await
 }
@@ -130,12 +142,7 @@ fn usd(v: &Value) -> f64 {
 
 #[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
 async fn each_threshold_crossing_is_sent_once_across_replicas(db: PgPool) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/hook", listener.local_addr().unwrap());
-    let got = serve_receiver(listener);
-    let env = alert_env(&url);
-    let stack = Stack::start_with(db, env.clone()).await;
-    second_control_api(&stack, &env);
+    let (stack, got) = two_scanners_and_a_receiver(db).await;
     let (key, key_id, _) = priced_key(&stack, "alerts@example.com").await;
     // $0.30 a month: ten requests of $0.03; 80% after eight.
     stack.patch(&format!("/keys/{key_id}"), json!({"limits": {"max_budget": 0.3, "budget_period": "monthly"}})).await;
@@ -181,28 +188,14 @@ async fn each_threshold_crossing_is_sent_once_across_replicas(db: PgPool) {
     }
     assert_eq!(listed(&stack, "?status=pending").await["total"], 0);
     assert_eq!(listed(&stack, "?type=limit.exceeded").await["total"], 0, "a hard budget is not exceeded");
-    let metrics = stack
-        .http
-        .get(format!("{}/metrics", stack.api))
-        .bearer_auth(&stack.admin_key)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = stack.api_metrics().await;
     // This replica's counters: it recorded and delivered some of the two, its twin the rest.
     assert!(metrics.contains("tollgate_control_api_events_pending 0"), "{metrics}");
 }
 
 #[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
 async fn a_soft_budget_passed_sends_one_limit_exceeded(db: PgPool) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/hook", listener.local_addr().unwrap());
-    let got = serve_receiver(listener);
-    let env = alert_env(&url);
-    let stack = Stack::start_with(db, env.clone()).await;
-    second_control_api(&stack, &env);
+    let (stack, got) = two_scanners_and_a_receiver(db).await;
     let (key, _, uid) = priced_key(&stack, "soft@example.com").await;
     // A user's soft budget of $0.06 a day, with its own single threshold at half of it.
     let limits =

@@ -314,11 +314,7 @@ async fn settlements_unsent_at_shutdown_are_taken_up_by_the_next_start(db: PgPoo
 
     // Stopped while Redis is still cut off: the settlement is saved beside the spool.
     assert!(stack.gateway.terminate().await.success());
-    let saved: Vec<String> = std::fs::read_dir(&spool.0)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("settlements-"))
-        .collect();
+    let saved = files_starting(&spool.0, "settlements-");
     assert_eq!(saved.len(), 1, "{saved:?}");
     let (in_redis, in_pg) = spend_both_sides(&stack, &redis, &key_id).await;
     assert!(in_redis < in_pg);
@@ -332,10 +328,7 @@ async fn settlements_unsent_at_shutdown_are_taken_up_by_the_next_start(db: PgPoo
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     assert_eq!(spend_both_sides(&stack, &redis, &key_id).await, (in_pg, in_pg));
-    let left = std::fs::read_dir(&spool.0)
-        .unwrap()
-        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("settlements-"));
-    assert_eq!(left.count(), 0, "the settlements file was not removed");
+    assert!(files_starting(&spool.0, "settlements-").is_empty(), "the settlements file was not removed");
     drop(next);
 }
 
@@ -437,11 +430,7 @@ fn database_url_via(db: &PgPool, addr: &str) -> String {
 
 /// The usage spool segments in `dir`.
 fn segments_in(dir: &std::path::Path) -> Vec<String> {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("usage-") && n.ends_with(".jsonl"))
-        .collect()
+    files_starting(dir, "usage-").into_iter().filter(|n| n.ends_with(".jsonl")).collect()
 }
 
 #[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
@@ -511,24 +500,7 @@ async fn replicas_sharing_a_spool_lose_and_double_no_row_through_a_postgres_outa
 #[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
 async fn a_segment_left_by_a_stopped_replica_is_replayed_and_its_bad_lines_quarantined(db: PgPool) {
     let spool = TempDir::new();
-    let row = |i: u32| tollgate_gateway::usage::UsageRow {
-        request_id: format!("left-behind-{i}"),
-        created_at: chrono::Utc::now(),
-        key_id: uuid::Uuid::new_v4(),
-        user_id: uuid::Uuid::new_v4(),
-        team_id: uuid::Uuid::new_v4(),
-        model_id: "m".into(),
-        subscription_id: None,
-        endpoint: "/v1/chat/completions".into(),
-        status: 200,
-        prompt_tokens: 3,
-        completion_tokens: 4,
-        cost: rust_decimal::Decimal::new(11, 6),
-        latency_ms: 5,
-        ttfb_ms: Some(2),
-        stream: false,
-        error_kind: None,
-    };
+    let row = |i: u32| usage_row(format!("left-behind-{i}"), "m", 5, 200);
     // A crashed replica's segment: two rows, a torn line between them, and a torn last line.
     let mut text = serde_json::to_string(&row(1)).unwrap() + "\n";
     text += "{\"request_id\":\"torn\n";
@@ -597,11 +569,7 @@ async fn rows_queued_when_a_gateway_is_killed_are_replayed_from_its_journal(db: 
     let mut child = stack.gateway.child.take().unwrap();
     child.kill().unwrap();
     child.wait().unwrap();
-    let journals = std::fs::read_dir(&spool.0)
-        .unwrap()
-        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("journal-"))
-        .count();
-    assert_eq!(journals, 1);
+    assert_eq!(files_starting(&spool.0, "journal-").len(), 1);
 
     // The next gateway on that directory replays the journal: every row once, in the rollups too.
     let next = stack.replica(vec![("TOLLGATE_SPOOL_DIR", spool_dir.as_str())]).await;
@@ -612,8 +580,7 @@ async fn rows_queued_when_a_gateway_is_killed_are_replayed_from_its_journal(db: 
         .unwrap();
     assert_eq!(rolled, 5);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while std::fs::read_dir(&spool.0).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().starts_with("journal-"))
-    {
+    while !files_starting(&spool.0, "journal-").is_empty() {
         assert!(std::time::Instant::now() < deadline, "the replayed journal was not removed");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }

@@ -4,7 +4,7 @@
 
 use std::{
     net::TcpListener as StdListener,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command},
     time::{Duration, Instant},
 };
@@ -305,20 +305,24 @@ impl Stack {
         made
     }
 
+    /// The gateway's `GET /v1/models` as `key` sees it.
+    pub async fn models(&self, key: &str) -> Value {
+        self.http
+            .get(format!("{}/v1/models", self.gateway.base))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     /// Waits until the gateway's catalogue knows `model` (it learns through invalidation).
     pub async fn wait_model(&self, key: &str, model: &str) {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let v: Value = self
-                .http
-                .get(format!("{}/v1/models", self.gateway.base))
-                .bearer_auth(key)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let v = self.models(key).await;
             if v["data"].as_array().is_some_and(|d| d.iter().any(|m| m["id"] == model)) {
                 return;
             }
@@ -363,10 +367,48 @@ impl Stack {
         self.metric_of(&self.gateway, series).await
     }
 
+    /// The control API's /metrics, read with the admin key.
+    pub async fn api_metrics(&self) -> String {
+        let request = self.http.get(format!("{}/metrics", self.api)).bearer_auth(&self.admin_key);
+        request.send().await.unwrap().text().await.unwrap()
+    }
+
     /// One series of another gateway's /metrics (a replica's).
     pub async fn metric_of(&self, gateway: &Gateway, series: &str) -> Option<f64> {
         let text = self.http.get(format!("{}/metrics", gateway.admin)).send().await.unwrap().text().await.unwrap();
         text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+    }
+}
+
+/// The names of the files in `dir` that start with `prefix`.
+pub fn files_starting(dir: &Path, prefix: &str) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(prefix))
+        .collect()
+}
+
+/// A usage row as the gateway's writer queues it: one token each way, $0.000003, on the
+/// Default Team.
+pub fn usage_row(request_id: String, model: &str, latency_ms: i32, status: i16) -> tollgate_gateway::usage::UsageRow {
+    tollgate_gateway::usage::UsageRow {
+        request_id,
+        created_at: chrono::Utc::now(),
+        key_id: uuid::Uuid::from_u128(7),
+        user_id: uuid::Uuid::from_u128(8),
+        team_id: tollgate_core::DEFAULT_TEAM_ID,
+        model_id: model.into(),
+        subscription_id: None,
+        endpoint: "/v1/chat/completions".into(),
+        status,
+        prompt_tokens: 1,
+        completion_tokens: 1,
+        cost: rust_decimal::Decimal::new(3, 6),
+        latency_ms,
+        ttfb_ms: Some(1),
+        stream: false,
+        error_kind: None,
     }
 }
 

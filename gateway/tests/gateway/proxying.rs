@@ -146,16 +146,7 @@ async fn models_list_embeddings_and_completions(db: PgPool) {
     stack.model("hidden").await;
     let (key, _, _) = stack.key_for("a@example.com", &["m", "e"]).await;
     stack.wait_model(&key, "e").await;
-    let models: Value = stack
-        .http
-        .get(format!("{}/v1/models", stack.gateway.base))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models = stack.models(&key).await;
     let mut ids: Vec<&str> = models["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
     ids.sort();
     assert_eq!(ids, ["e", "m"]);

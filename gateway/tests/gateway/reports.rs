@@ -8,27 +8,6 @@ use tollgate_core::latency::{bucket, quantile, BUCKETS, LATENCY_BOUNDS_MS};
 
 use crate::harness::*;
 
-fn row(i: usize, model: &str, latency_ms: i32, status: i16) -> tollgate_gateway::usage::UsageRow {
-    tollgate_gateway::usage::UsageRow {
-        request_id: format!("lat-{model}-{i}"),
-        created_at: chrono::Utc::now(),
-        key_id: uuid::Uuid::from_u128(7),
-        user_id: uuid::Uuid::from_u128(8),
-        team_id: tollgate_core::DEFAULT_TEAM_ID,
-        model_id: model.into(),
-        subscription_id: None,
-        endpoint: "/v1/chat/completions".into(),
-        status,
-        prompt_tokens: 1,
-        completion_tokens: 1,
-        cost: rust_decimal::Decimal::new(3, 6),
-        latency_ms,
-        ttfb_ms: Some(1),
-        stream: false,
-        error_kind: None,
-    }
-}
-
 /// The true `q`-quantile of sorted latencies (the `ceil(q n)`-th).
 fn true_quantile(sorted: &[i64], q: f64) -> i64 {
     sorted[((q * sorted.len() as f64).ceil() as usize).max(1) - 1]
@@ -48,13 +27,16 @@ async fn rollups_keep_a_latency_histogram_and_errors(db: PgPool) {
     // Known latencies: a spread for one model, all slow for another; a few errors; written in two
     // batches (the second adds to the rows of the first) and one batch replayed (counted once).
     let fast: Vec<i32> = (0..200).map(|i| 3 + (i * i) % 997).collect();
-    let rows: Vec<_> =
-        fast.iter().enumerate().map(|(i, &ms)| row(i, "fast", ms, if i % 10 == 0 { 502 } else { 200 })).collect();
+    let rows: Vec<_> = fast
+        .iter()
+        .enumerate()
+        .map(|(i, &ms)| usage_row(format!("lat-fast-{i}"), "fast", ms, if i % 10 == 0 { 502 } else { 200 }))
+        .collect();
     let (first, second) = rows.split_at(120);
     tollgate_gateway::usage::insert(&db, first).await.unwrap();
     tollgate_gateway::usage::insert(&db, second).await.unwrap();
     tollgate_gateway::usage::insert(&db, second).await.unwrap();
-    let slow: Vec<_> = (0..5).map(|i| row(i, "slow", 45_000 + i as i32, 200)).collect();
+    let slow: Vec<_> = (0..5).map(|i| usage_row(format!("lat-slow-{i}"), "slow", 45_000 + i, 200)).collect();
     tollgate_gateway::usage::insert(&db, &slow).await.unwrap();
 
     for (table, model, latencies, errors) in [
@@ -101,16 +83,7 @@ async fn usage_report_latency_matches_the_requests_served(db: PgPool) {
     let mut latencies: Vec<i64> =
         sqlx::query_scalar("SELECT latency_ms::bigint FROM usage_logs ORDER BY 1").fetch_all(&db).await.unwrap();
     latencies.sort_unstable();
-    let report: Value = stack
-        .http
-        .get(format!("{}/api/v1/usage?group_by=model", stack.api))
-        .bearer_auth(&stack.admin_key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let report = stack.admin(reqwest::Method::GET, "/usage?group_by=model", Value::Null).await;
     let m = &report["data"][0];
     assert_eq!(
         (m["group"].as_str(), m["requests"].as_i64(), m["errors"].as_i64()),
