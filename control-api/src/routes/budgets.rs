@@ -422,147 +422,90 @@ async fn my_budgets(State(state): State<AppState>, caller: Caller) -> ApiResult<
 
 // One handler per path, for the OpenAPI document; each is the scope's kind and a shared body.
 
-/// A key's budget standing in its current period, and its RPM/TPM windows.
-#[utoipa::path(get, path = "/api/v1/keys/{id}/budget", tag = "budgets", params(("id" = Uuid, Path)),
-    responses((status = 200, body = Standing)))]
-async fn key_standing(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<Uuid>,
-) -> ApiResult<Json<Standing>> {
-    get_standing(state, caller, ScopeKind::Key, id).await
+/// The three handlers of one kind of scope: its standing (`GET .../budget`), an adjustment
+/// (`POST .../budget/adjustments`) and the list of its adjustments (`GET` on the same path).
+macro_rules! scope_handlers {
+    (
+        $kind:expr;
+        $(#[doc = $standing_doc:tt])* $standing:ident: $standing_path:tt;
+        $(#[doc = $adjust_doc:tt])* $adjust:ident: $adjustments_path:tt;
+        $(#[doc = $list_doc:tt])* $list:ident;
+    ) => {
+        $(#[doc = $standing_doc])*
+        #[utoipa::path(get, path = $standing_path, tag = "budgets", params(("id" = Uuid, Path)),
+            responses((status = 200, body = Standing)))]
+        async fn $standing(
+            State(state): State<AppState>,
+            caller: Caller,
+            Path(id): Path<Uuid>,
+        ) -> ApiResult<Json<Standing>> {
+            get_standing(state, caller, $kind, id).await
+        }
+
+        $(#[doc = $adjust_doc])*
+        #[utoipa::path(post, path = $adjustments_path, tag = "budgets", params(("id" = Uuid, Path)),
+            request_body = NewAdjustment, responses((status = 201, body = AdjustmentMade)))]
+        async fn $adjust(
+            State(state): State<AppState>,
+            caller: Caller,
+            Path(id): Path<Uuid>,
+            Json(body): Json<NewAdjustment>,
+        ) -> ApiResult<Created<AdjustmentMade>> {
+            adjust(state, caller, $kind, id, body).await
+        }
+
+        $(#[doc = $list_doc])*
+        #[utoipa::path(get, path = $adjustments_path, tag = "budgets",
+            params(("id" = Uuid, Path), PageParams, AdjustmentFilter), responses((status = 200, body = AdjustmentPage)))]
+        async fn $list(
+            State(state): State<AppState>,
+            caller: Caller,
+            Path(id): Path<Uuid>,
+            Query(page): Query<PageParams>,
+            Query(filter): Query<AdjustmentFilter>,
+        ) -> ApiResult<Json<AdjustmentPage>> {
+            list_adjustments(state, caller, $kind, id, page, filter).await
+        }
+    };
 }
 
-/// A user's budget standing in its current period, and its RPM/TPM windows.
-#[utoipa::path(get, path = "/api/v1/users/{id}/budget", tag = "budgets", params(("id" = Uuid, Path)),
-    responses((status = 200, body = Standing)))]
-async fn user_standing(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<Uuid>,
-) -> ApiResult<Json<Standing>> {
-    get_standing(state, caller, ScopeKind::User, id).await
+scope_handlers! {
+    ScopeKind::Key;
+    /// A key's budget standing in its current period, and its RPM/TPM windows.
+    key_standing: "/api/v1/keys/{id}/budget";
+    /// Adjust a key's spend in its current budget period (administrators only).
+    key_adjust: "/api/v1/keys/{id}/budget/adjustments";
+    /// A key's budget adjustments, oldest first.
+    key_adjustments;
 }
 
-/// A team's budget standing in its current period, and its RPM/TPM windows (administrators and
-/// the team's admins).
-#[utoipa::path(get, path = "/api/v1/teams/{id}/budget", tag = "budgets", params(("id" = Uuid, Path)),
-    responses((status = 200, body = Standing)))]
-async fn team_standing(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<Uuid>,
-) -> ApiResult<Json<Standing>> {
-    get_standing(state, caller, ScopeKind::Team, id).await
+scope_handlers! {
+    ScopeKind::User;
+    /// A user's budget standing in its current period, and its RPM/TPM windows.
+    user_standing: "/api/v1/users/{id}/budget";
+    /// Adjust a user's spend in its current budget period (administrators only).
+    user_adjust: "/api/v1/users/{id}/budget/adjustments";
+    /// A user's budget adjustments, oldest first.
+    user_adjustments;
 }
 
-/// A subscription's budget standing in its current period, and its RPM/TPM windows.
-#[utoipa::path(get, path = "/api/v1/subscriptions/{id}/budget", tag = "budgets", params(("id" = Uuid, Path)),
-    responses((status = 200, body = Standing)))]
-async fn subscription_standing(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<Uuid>,
-) -> ApiResult<Json<Standing>> {
-    get_standing(state, caller, ScopeKind::Subscription, id).await
+scope_handlers! {
+    ScopeKind::Team;
+    /// A team's budget standing in its current period, and its RPM/TPM windows (administrators and
+    /// the team's admins).
+    team_standing: "/api/v1/teams/{id}/budget";
+    /// Adjust a team's spend in its current budget period (administrators only).
+    team_adjust: "/api/v1/teams/{id}/budget/adjustments";
+    /// A team's budget adjustments, oldest first.
+    team_adjustments;
 }
 
-/// Adjust a key's spend in its current budget period (administrators only).
-#[utoipa::path(post, path = "/api/v1/keys/{id}/budget/adjustments", tag = "budgets", params(("id" = Uuid, Path)),
-    request_body = NewAdjustment, responses((status = 201, body = AdjustmentMade)))]
-async fn key_adjust(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<Uuid>,
-    Json(body): Json<NewAdjustment>,
-) -> ApiResult<Created<AdjustmentMade>> {
-    adjust(state, caller, ScopeKind::Key, id, body).await
-}
-
-/// Adjust a user's spend in its current budget period (administrators only).
-#[utoipa::path(post, path = "/api/v1/users/{id}/budget/adjustments", tag = "budgets", params(("id" = Uuid, Path)),
-    request_body = NewAdjustment, responses((status = 201, body = AdjustmentMade)))]
-async fn user_adjust(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<Uuid>,
-    Json(body): Json<NewAdjustment>,
-) -> ApiResult<Created<AdjustmentMade>> {
-    adjust(state, caller, ScopeKind::User, id, body).await
-}
-
-/// Adjust a team's spend in its current budget period (administrators only).
-#[utoipa::path(post, path = "/api/v1/teams/{id}/budget/adjustments", tag = "budgets", params(("id" = Uuid, Path)),
-    request_body = NewAdjustment, responses((status = 201, body = AdjustmentMade)))]
-async fn team_adjust(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<Uuid>,
-    Json(body): Json<NewAdjustment>,
-) -> ApiResult<Created<AdjustmentMade>> {
-    adjust(state, caller, ScopeKind::Team, id, body).await
-}
-
-/// Adjust a subscription's spend in its current budget period (administrators only).
-#[utoipa::path(post, path = "/api/v1/subscriptions/{id}/budget/adjustments", tag = "budgets",
-    params(("id" = Uuid, Path)), request_body = NewAdjustment, responses((status = 201, body = AdjustmentMade)))]
-async fn subscription_adjust(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<Uuid>,
-    Json(body): Json<NewAdjustment>,
-) -> ApiResult<Created<AdjustmentMade>> {
-    adjust(state, caller, ScopeKind::Subscription, id, body).await
-}
-
-/// A key's budget adjustments, oldest first.
-#[utoipa::path(get, path = "/api/v1/keys/{id}/budget/adjustments", tag = "budgets",
-    params(("id" = Uuid, Path), PageParams, AdjustmentFilter), responses((status = 200, body = AdjustmentPage)))]
-async fn key_adjustments(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<Uuid>,
-    Query(page): Query<PageParams>,
-    Query(filter): Query<AdjustmentFilter>,
-) -> ApiResult<Json<AdjustmentPage>> {
-    list_adjustments(state, caller, ScopeKind::Key, id, page, filter).await
-}
-
-/// A user's budget adjustments, oldest first.
-#[utoipa::path(get, path = "/api/v1/users/{id}/budget/adjustments", tag = "budgets",
-    params(("id" = Uuid, Path), PageParams, AdjustmentFilter), responses((status = 200, body = AdjustmentPage)))]
-async fn user_adjustments(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<Uuid>,
-    Query(page): Query<PageParams>,
-    Query(filter): Query<AdjustmentFilter>,
-) -> ApiResult<Json<AdjustmentPage>> {
-    list_adjustments(state, caller, ScopeKind::User, id, page, filter).await
-}
-
-/// A team's budget adjustments, oldest first.
-#[utoipa::path(get, path = "/api/v1/teams/{id}/budget/adjustments", tag = "budgets",
-    params(("id" = Uuid, Path), PageParams, AdjustmentFilter), responses((status = 200, body = AdjustmentPage)))]
-async fn team_adjustments(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<Uuid>,
-    Query(page): Query<PageParams>,
-    Query(filter): Query<AdjustmentFilter>,
-) -> ApiResult<Json<AdjustmentPage>> {
-    list_adjustments(state, caller, ScopeKind::Team, id, page, filter).await
-}
-
-/// A subscription's budget adjustments, oldest first.
-#[utoipa::path(get, path = "/api/v1/subscriptions/{id}/budget/adjustments", tag = "budgets",
-    params(("id" = Uuid, Path), PageParams, AdjustmentFilter), responses((status = 200, body = AdjustmentPage)))]
-async fn subscription_adjustments(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<Uuid>,
-    Query(page): Query<PageParams>,
-    Query(filter): Query<AdjustmentFilter>,
-) -> ApiResult<Json<AdjustmentPage>> {
-    list_adjustments(state, caller, ScopeKind::Subscription, id, page, filter).await
+scope_handlers! {
+    ScopeKind::Subscription;
+    /// A subscription's budget standing in its current period, and its RPM/TPM windows.
+    subscription_standing: "/api/v1/subscriptions/{id}/budget";
+    /// Adjust a subscription's spend in its current budget period (administrators only).
+    subscription_adjust: "/api/v1/subscriptions/{id}/budget/adjustments";
+    /// A subscription's budget adjustments, oldest first.
+    subscription_adjustments;
 }
