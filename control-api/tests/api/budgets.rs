@@ -295,8 +295,8 @@ async fn adjustments_refuse_bad_input_naming_the_field(db: PgPool) {
     assert_eq!(app.count("budget_adjustments").await, 0);
 }
 
-/// A caller's token and what it gets: GET (standing and list), POST (an adjustment).
-type Expect<'a> = (&'a str, StatusCode, StatusCode);
+/// A caller's token and what it gets: (GET of the standing and the list, POST of an adjustment).
+type Expect<'a> = (&'a str, (StatusCode, StatusCode));
 
 #[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
 async fn owners_read_their_budgets_and_only_admins_adjust(db: PgPool) {
@@ -326,47 +326,28 @@ async fn owners_read_their_budgets_and_only_admins_adjust(db: PgPool) {
         )
         .await);
     let body = json!({"amount": 1, "reason": "r"});
+    // What a caller gets: (GET standing and list, POST adjustment).
+    let reads = (StatusCode::OK, StatusCode::FORBIDDEN);
+    let hidden = (StatusCode::NOT_FOUND, StatusCode::NOT_FOUND);
+    let forbidden = (StatusCode::FORBIDDEN, StatusCode::FORBIDDEN);
     let cases: Vec<(String, Vec<Expect>)> = vec![
-        // (path, [(token, GET standing and list, POST adjustment)])
+        // (path, [(token, outcome)])
         (
             format!("/api/v1/keys/{key}/budget"),
-            vec![
-                (&owner, StatusCode::OK, StatusCode::FORBIDDEN),
-                (&lead, StatusCode::OK, StatusCode::FORBIDDEN),
-                (&member, StatusCode::NOT_FOUND, StatusCode::NOT_FOUND),
-                (&other, StatusCode::NOT_FOUND, StatusCode::NOT_FOUND),
-                (&ro, StatusCode::OK, StatusCode::FORBIDDEN),
-            ],
+            vec![(&owner, reads), (&lead, reads), (&member, hidden), (&other, hidden), (&ro, reads)],
         ),
         (
             format!("/api/v1/users/{owner_id}/budget"),
-            vec![
-                (&owner, StatusCode::OK, StatusCode::FORBIDDEN),
-                (&lead, StatusCode::NOT_FOUND, StatusCode::NOT_FOUND),
-                (&other, StatusCode::NOT_FOUND, StatusCode::NOT_FOUND),
-                (&ro, StatusCode::OK, StatusCode::FORBIDDEN),
-            ],
+            vec![(&owner, reads), (&lead, hidden), (&other, hidden), (&ro, reads)],
         ),
-        (
-            format!("/api/v1/subscriptions/{sub}/budget"),
-            vec![
-                (&owner, StatusCode::OK, StatusCode::FORBIDDEN),
-                (&other, StatusCode::NOT_FOUND, StatusCode::NOT_FOUND),
-                (&ro, StatusCode::OK, StatusCode::FORBIDDEN),
-            ],
-        ),
+        (format!("/api/v1/subscriptions/{sub}/budget"), vec![(&owner, reads), (&other, hidden), (&ro, reads)]),
         (
             format!("/api/v1/teams/{team}/budget"),
-            vec![
-                (&lead, StatusCode::OK, StatusCode::FORBIDDEN),
-                (&member, StatusCode::FORBIDDEN, StatusCode::FORBIDDEN),
-                (&other, StatusCode::NOT_FOUND, StatusCode::NOT_FOUND),
-                (&ro, StatusCode::OK, StatusCode::FORBIDDEN),
-            ],
+            vec![(&lead, reads), (&member, forbidden), (&other, hidden), (&ro, reads)],
         ),
     ];
     for (path, who) in &cases {
-        for (token, read, write) in who {
+        for (token, (read, write)) in who {
             let (status, v) = app.get(path, token).await;
             assert_eq!(status, *read, "GET {path}: {v}");
             let (status, v) = app.get(&format!("{path}/adjustments"), token).await;
