@@ -51,14 +51,9 @@ type Range = (Option<DateTime<Utc>>, Option<DateTime<Utc>>);
 /// The time range of a filter, checked: 422 naming the field when malformed, out of range or
 /// `from` after `to`.
 fn range(filter: &AuditFilter) -> ApiResult<Range> {
-    let time = |field: &str, value: &str| {
-        parse_time(field, value).map_err(|e| match e {
-            ApiError::BadRequest { field: Some(field), message } => ApiError::Invalid { field, message },
-            other => other,
-        })
-    };
-    let from = filter.from.as_deref().map(|v| time("from", v)).transpose()?;
-    let to = filter.to.as_deref().map(|v| time("to", v)).transpose()?;
+    // A malformed time is a 400 naming it, as in usage reports; a range that cannot be, 422.
+    let from = filter.from.as_deref().map(|v| parse_time("from", v)).transpose()?;
+    let to = filter.to.as_deref().map(|v| parse_time("to", v)).transpose()?;
     if let (Some(f), Some(t)) = (from, to) {
         if f > t {
             return Err(ApiError::invalid("from", "must not be after `to`"));

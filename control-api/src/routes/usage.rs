@@ -168,8 +168,10 @@ fn parse_group_by(value: Option<&str>) -> ApiResult<Vec<GroupBy>> {
     let mut dims = Vec::new();
     for part in value.split(',') {
         let part = part.trim();
-        let dim = GroupBy::ALL.into_iter().find(|d| d.name() == part).ok_or_else(|| {
-            ApiError::invalid("group_by", "each dimension is one of day, hour, model, key, user, team, subscription")
+        // Not a dimension: a malformed query (400), like any other; a combination that cannot be: 422.
+        let dim = GroupBy::ALL.into_iter().find(|d| d.name() == part).ok_or_else(|| ApiError::BadRequest {
+            field: Some("group_by".into()),
+            message: "each dimension is one of day, hour, model, key, user, team, subscription".into(),
         })?;
         if dims.contains(&dim) {
             return Err(ApiError::invalid("group_by", format!("`{part}` is named twice")));
