@@ -2,6 +2,11 @@
 //! `format`. RFC 4180: a header line, CRLF line ends, a field quoted (`"`, inner quotes doubled)
 //! when it holds a comma, a quote, CR or LF, or starts or ends with a space.
 //!
+//! Exports carry text users choose (key and user names, emails, user agents, reasons) and are
+//! opened in spreadsheets, which run a cell that starts with `=`, `+`, `-`, `@`, a tab or a CR
+//! as a formula: such a field gets a leading `'` (as OWASP advises against CSV injection), unless
+//! it is a plain number (a credit's negative cost stays a number).
+//!
 //! A CSV answer is streamed: a task reads the rows (a cursor, or pages) and sends the text in
 //! chunks through a small channel, so that a large export never sits in memory whole and a slow
 //! client holds the reader back. An error before the first chunk is answered as the usual JSON
@@ -46,8 +51,20 @@ pub fn wanted(format: Option<Format>, headers: &HeaderMap) -> bool {
     }
 }
 
+/// Whether a spreadsheet would read `value` as a formula.
+fn formula_like(value: &str) -> bool {
+    value.starts_with(['=', '+', '-', '@', '\t', '\r']) && value.parse::<f64>().is_err()
+}
+
 /// Appends `value` to `out` as one CSV field.
 pub fn push_field(out: &mut String, value: &str) {
+    let defused;
+    let value = if formula_like(value) {
+        defused = format!("'{value}");
+        defused.as_str()
+    } else {
+        value
+    };
     let quote = value.contains([',', '"', '\r', '\n']) || value.starts_with(' ') || value.ends_with(' ');
     if quote {
         out.push('"');
@@ -142,6 +159,19 @@ mod tests {
         let mut out = String::new();
         push_line(&mut out, &["plain", "a,b", "say \"hi\"", "two\nlines", "", " pad"]);
         assert_eq!(out, "plain,\"a,b\",\"say \"\"hi\"\"\",\"two\nlines\",,\" pad\"\r\n");
+    }
+
+    #[test]
+    fn cells_a_spreadsheet_would_run_are_defused_and_numbers_are_not() {
+        let mut out = String::new();
+        push_line(
+            &mut out,
+            &["=HYPERLINK(\"http://x\")", "+cmd|' /C calc'!A0", "-2+3", "@SUM(A1)", "\tx", "-0.500000", "+1", "a=b"],
+        );
+        assert_eq!(
+            out,
+            "\"'=HYPERLINK(\"\"http://x\"\")\",'+cmd|' /C calc'!A0,'-2+3,'@SUM(A1),'\tx,-0.500000,+1,a=b\r\n"
+        );
     }
 
     #[test]
