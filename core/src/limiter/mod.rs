@@ -19,7 +19,7 @@ use uuid::Uuid;
 use crate::limits::{BudgetPeriod, Enforcement, Limits};
 
 pub use fallback::{FallbackLimiter, LastKnown, Observations, ScopeSync};
-pub use redis_limiter::{RedisConn, RedisLimiter, SCOPE_SCRIPT};
+pub use redis_limiter::{Op, RedisConn, RedisLimiter, ScopeReply, Status, Windows, SCOPE_SCRIPT};
 pub use resilient::ResilientLimiter;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -79,6 +79,21 @@ impl Reason {
             Reason::Rpm => "rpm",
             Reason::Tpm => "tpm",
             Reason::Budget => "budget",
+        }
+    }
+}
+
+/// The limiter script's reason codes (see [`ScopeReply`]): 1 rpm, 2 tpm, 3 budget; 0, no
+/// reason, is `None` in [`ScopeReply::reason`].
+impl TryFrom<i64> for Reason {
+    type Error = LimiterError;
+
+    fn try_from(code: i64) -> Result<Self, LimiterError> {
+        match code {
+            1 => Ok(Reason::Rpm),
+            2 => Ok(Reason::Tpm),
+            3 => Ok(Reason::Budget),
+            other => Err(LimiterError::Protocol(format!("unknown reason {other}"))),
         }
     }
 }

@@ -12,7 +12,7 @@ use redis::{
     aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig},
     cluster::ClusterClientBuilder,
     cluster_async::ClusterConnection,
-    Cmd, ErrorKind, Pipeline, RedisFuture, RedisResult, Value,
+    Cmd, ErrorKind, FromRedisValue, Pipeline, RedisError, RedisFuture, RedisResult, Value,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -99,8 +99,192 @@ pub struct RedisLimiter {
 /// Keeps this replica in the live set and answers how many replicas are live.
 static HEARTBEAT_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(include_str!("heartbeat.lua")));
 
-/// One scope's answer to `reserve`.
-type Reply = (i64, i64, i64, String, i64, i64, i64, i64, i64, i64, i64);
+/// What a call asks the script to do: `ARGV[1]` of `scope.lua`, whose header describes each op's
+/// arguments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// Takes a request against every scope's RPM, TPM and budget, or against none.
+    Reserve,
+    /// Gives a reservation back whole.
+    Refund,
+    /// Replaces a reservation with what was really used.
+    Settle,
+    /// Tells Redis what the fallback admitted while Redis was away.
+    Sync,
+    /// A settlement or refund sent again after a call that failed: applied once.
+    Resettle,
+    /// Raises a budget's spend to what PostgreSQL recorded.
+    Reconcile,
+}
+
+impl Op {
+    /// The op's name in the script.
+    pub fn wire_name(self) -> &'static str {
+        match self {
+            Op::Reserve => "reserve",
+            Op::Refund => "refund",
+            Op::Settle => "settle",
+            Op::Sync => "sync",
+            Op::Resettle => "resettle",
+            Op::Reconcile => "reconcile",
+        }
+    }
+}
+
+/// How the script judged one scope of a reservation (the first field of a [`ScopeReply`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// `1`: admitted, and applied.
+    Admitted,
+    /// `2`: admitted over a soft or monitor limit (the reply's reason says which), and applied.
+    AdmittedOver,
+    /// `0`: refused (the reply's reason says why, its `retry_after` when to ask again).
+    Refused,
+    /// `-1`: the scope's budget is not in Redis; reserve again with its spend so far as the seed.
+    NeedsSeed,
+    /// `3`: would have been admitted, but another scope of the request refused or needs a seed,
+    /// so nothing of the request was applied.
+    NotApplied,
+}
+
+impl TryFrom<i64> for Status {
+    type Error = LimiterError;
+
+    fn try_from(code: i64) -> Result<Self, LimiterError> {
+        match code {
+            1 => Ok(Status::Admitted),
+            2 => Ok(Status::AdmittedOver),
+            0 => Ok(Status::Refused),
+            -1 => Ok(Status::NeedsSeed),
+            3 => Ok(Status::NotApplied),
+            other => Err(LimiterError::Protocol(format!("unknown status {other}"))),
+        }
+    }
+}
+
+/// Which of a scope's windows existed in Redis before a call (the last field of a
+/// [`ScopeReply`]): a bitmask of [`Windows::RPM`] and [`Windows::TPM`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Windows(u8);
+
+impl Windows {
+    pub const NONE: Windows = Windows(0);
+    pub const RPM: Windows = Windows(1);
+    pub const TPM: Windows = Windows(2);
+
+    /// Whether every window in `w` is in `self`.
+    pub fn contains(self, w: Windows) -> bool {
+        self.0 & w.0 == w.0
+    }
+}
+
+impl TryFrom<i64> for Windows {
+    type Error = LimiterError;
+
+    fn try_from(bits: i64) -> Result<Self, LimiterError> {
+        match u8::try_from(bits) {
+            Ok(b) if b <= (Windows::RPM.0 | Windows::TPM.0) => Ok(Windows(b)),
+            _ => Err(LimiterError::Protocol(format!("unknown windows {bits}"))),
+        }
+    }
+}
+
+/// One scope's answer to [`Op::Reserve`]: the script replies, per request, per scope, an array of
+/// these eleven fields in this order (`scope.lua` points here). Seconds are Redis seconds (TIME
+/// plus the clock offset); counts are what the windows hold after the call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScopeReply {
+    /// `1` admitted, `2` admitted over a soft or monitor limit, `0` refused, `-1` the budget must
+    /// be seeded, `3` not applied because another scope refused or needs a seed.
+    pub status: Status,
+    /// `0` none, `1` rpm, `2` tpm, `3` budget: why it was refused, or which soft limit it went over.
+    pub reason: Option<Reason>,
+    /// The second the script ran in.
+    pub now: i64,
+    /// The budget period the call fell in (e.g. `m202611`), or `""` without a budget.
+    pub period: String,
+    /// Requests in the RPM window.
+    pub rpm_used: i64,
+    /// Seconds until the oldest request leaves the RPM window (0: empty).
+    pub rpm_reset: i64,
+    /// Tokens in the TPM window.
+    pub tpm_used: i64,
+    /// Seconds until the oldest tokens leave the TPM window (0: empty).
+    pub tpm_reset: i64,
+    /// Nano-USD left in the budget (-1 without a budget).
+    pub budget_left: i64,
+    /// When refused, seconds until a retry may succeed (0: not within this budget period).
+    pub retry_after: i64,
+    /// Which windows existed before the call: a window a replica saw in use within the minute
+    /// that no longer exists means Redis lost its data.
+    pub windows: Windows,
+}
+
+/// The fields of a [`ScopeReply`], in the script's order.
+const REPLY_FIELDS: [&str; 11] = [
+    "status",
+    "reason",
+    "now",
+    "period",
+    "rpm_used",
+    "rpm_reset",
+    "tpm_used",
+    "tpm_reset",
+    "budget_left",
+    "retry_after",
+    "windows",
+];
+
+impl ScopeReply {
+    /// Decodes one scope's reply, naming what was wrong when it is malformed.
+    pub fn decode(v: &Value) -> Result<Self, LimiterError> {
+        let items = match v {
+            Value::Array(items) => items,
+            other => return Err(LimiterError::Protocol(format!("scope reply is not an array: {other:?}"))),
+        };
+        if items.len() != REPLY_FIELDS.len() {
+            return Err(LimiterError::Protocol(format!(
+                "scope reply has {} fields, expected {}",
+                items.len(),
+                REPLY_FIELDS.len()
+            )));
+        }
+        let field = |i: usize| -> Result<i64, LimiterError> {
+            redis::from_redis_value(&items[i])
+                .map_err(|_| LimiterError::Protocol(format!("{} is not an integer: {:?}", REPLY_FIELDS[i], items[i])))
+        };
+        let reason = match field(1)? {
+            0 => None,
+            code => Some(Reason::try_from(code)?),
+        };
+        Ok(ScopeReply {
+            status: Status::try_from(field(0)?)?,
+            reason,
+            now: field(2)?,
+            period: redis::from_redis_value(&items[3])
+                .map_err(|_| LimiterError::Protocol(format!("period is not a string: {:?}", items[3])))?,
+            rpm_used: field(4)?,
+            rpm_reset: field(5)?,
+            tpm_used: field(6)?,
+            tpm_reset: field(7)?,
+            budget_left: field(8)?,
+            retry_after: field(9)?,
+            windows: Windows::try_from(field(10)?)?,
+        })
+    }
+}
+
+impl FromRedisValue for ScopeReply {
+    fn from_redis_value(v: &Value) -> RedisResult<Self> {
+        ScopeReply::decode(v).map_err(|e| {
+            let detail = match e {
+                LimiterError::Protocol(detail) => detail,
+                other => other.to_string(),
+            };
+            RedisError::from((ErrorKind::TypeError, "malformed limiter reply", detail))
+        })
+    }
+}
 
 /// One request's part of a script call: its scopes, with each scope's extra fields
 /// (see scope.lua: `a`, `b`, `c`).
@@ -114,9 +298,9 @@ struct Call {
 
 /// A call waiting to be sent with others.
 struct Pending {
-    op: &'static str,
+    op: Op,
     call: Call,
-    done: oneshot::Sender<Result<Vec<Reply>, String>>,
+    done: oneshot::Sender<Result<Vec<ScopeReply>, String>>,
 }
 
 /// The most calls one script invocation carries.
@@ -163,7 +347,7 @@ impl RedisLimiter {
             cost: sync.spend_nanos,
             entries: vec![(sync.scope.clone(), sync.settled_from.to_string(), windows.join(","), floor)],
         };
-        let inv = invocation("sync", std::slice::from_ref(&call), self.lease_secs, self.clock_offset_secs);
+        let inv = invocation(Op::Sync, std::slice::from_ref(&call), self.lease_secs, self.clock_offset_secs);
         run(&self.conn, self.timeout, &inv).await.map(|_: Value| ())
     }
 
@@ -171,7 +355,7 @@ impl RedisLimiter {
     /// counts once, however many of its calls reached Redis (see `resettle` in scope.lua).
     pub async fn resettle(&self, reservation: &Reservation, cost_nanos: Option<i64>) -> Result<(), LimiterError> {
         let d = &reservation.demand;
-        self.undo("resettle", &reservation.held, d, 0, cost_nanos.unwrap_or(0)).await
+        self.undo(Op::Resettle, &reservation.held, d, 0, cost_nanos.unwrap_or(0)).await
     }
 
     /// Raises `scope`'s spend in budget period `period` (e.g. `m202611`) to `spent_nanos`, less
@@ -184,7 +368,7 @@ impl RedisLimiter {
             cost: spent_nanos,
             entries: vec![(scope.clone(), period.to_string(), String::new(), String::new())],
         };
-        let inv = invocation("reconcile", std::slice::from_ref(&call), self.lease_secs, self.clock_offset_secs);
+        let inv = invocation(Op::Reconcile, std::slice::from_ref(&call), self.lease_secs, self.clock_offset_secs);
         let value: Value = run(&self.conn, self.timeout, &inv).await?;
         let added: Vec<i64> = redis::from_redis_value(&value).map_err(LimiterError::Redis)?;
         Ok(added.first().copied().unwrap_or(0))
@@ -210,7 +394,7 @@ impl RedisLimiter {
 
     /// One request's call, answered per scope. On one node it joins the coalescer's next batch;
     /// on a cluster each scope is its own call (one slot each), all at once.
-    async fn call(&self, op: &'static str, call: Call) -> Result<Vec<Reply>, LimiterError> {
+    async fn call(&self, op: Op, call: Call) -> Result<Vec<ScopeReply>, LimiterError> {
         if let Some(tx) = &self.coalescer {
             let (done, answer) = oneshot::channel();
             tx.send(Pending { op, call, done }).await.map_err(|_| LimiterError::Protocol("limiter stopped".into()))?;
@@ -229,7 +413,8 @@ impl RedisLimiter {
                 Ok::<_, LimiterError>(replies_of(op, &value, 1)?.pop().unwrap_or_default())
             }
         });
-        let per_scope: Vec<Vec<Reply>> = futures::future::join_all(each).await.into_iter().collect::<Result<_, _>>()?;
+        let per_scope: Vec<Vec<ScopeReply>> =
+            futures::future::join_all(each).await.into_iter().collect::<Result<_, _>>()?;
         Ok(per_scope.into_iter().flatten().collect())
     }
 
@@ -254,21 +439,14 @@ impl RedisLimiter {
         }
     }
 
-    async fn undo(
-        &self,
-        op: &'static str,
-        held: &[Held],
-        demand: &Demand,
-        tokens: u64,
-        cost: i64,
-    ) -> Result<(), LimiterError> {
+    async fn undo(&self, op: Op, held: &[Held], demand: &Demand, tokens: u64, cost: i64) -> Result<(), LimiterError> {
         // A settlement changes only tokens and spend, a repeated one only spend: scopes with
         // neither need no call.
         let held: Vec<&Held> = held
             .iter()
             .filter(|h| match op {
-                "settle" => h.scope.limits.tpm.is_some() || h.scope.limits.max_budget.is_some(),
-                "resettle" => h.scope.limits.max_budget.is_some(),
+                Op::Settle => h.scope.limits.tpm.is_some() || h.scope.limits.max_budget.is_some(),
+                Op::Resettle => h.scope.limits.max_budget.is_some(),
                 _ => true,
             })
             .collect();
@@ -324,10 +502,10 @@ async fn run(conn: &RedisConn, timeout: Duration, inv: &redis::ScriptInvocation<
 }
 
 /// The script invocation for a batch of calls (see scope.lua for the layout).
-fn invocation<'a>(op: &str, calls: &[Call], lease_secs: u64, offset: i64) -> redis::ScriptInvocation<'a> {
+fn invocation<'a>(op: Op, calls: &[Call], lease_secs: u64, offset: i64) -> redis::ScriptInvocation<'a> {
     let mut inv = SCOPE_SCRIPT.prepare_invoke();
     let mut keys: Vec<String> = Vec::new();
-    inv.arg(op).arg(lease_secs).arg(offset).arg(calls.len());
+    inv.arg(op.wire_name()).arg(lease_secs).arg(offset).arg(calls.len());
     for call in calls {
         inv.arg(&call.request_id).arg(call.tokens).arg(call.cost).arg(call.entries.len());
         for (scope, a, b, c) in &call.entries {
@@ -358,11 +536,33 @@ fn invocation<'a>(op: &str, calls: &[Call], lease_secs: u64, offset: i64) -> red
 }
 
 /// Per-call replies: scope replies for `reserve`, nothing for the other ops.
-fn replies_of(op: &str, value: &Value, calls: usize) -> Result<Vec<Vec<Reply>>, LimiterError> {
-    if op != "reserve" {
+fn replies_of(op: Op, value: &Value, calls: usize) -> Result<Vec<Vec<ScopeReply>>, LimiterError> {
+    if op != Op::Reserve {
         return Ok(vec![Vec::new(); calls]);
     }
-    redis::from_redis_value::<Vec<Vec<Reply>>>(value).map_err(LimiterError::Redis)
+    let calls_replies = match value {
+        Value::Array(items) if items.len() == calls => items,
+        Value::Array(items) => {
+            return Err(LimiterError::Protocol(format!("reply for {} requests, expected {calls}", items.len())))
+        }
+        other => return Err(LimiterError::Protocol(format!("reply is not an array: {other:?}"))),
+    };
+    calls_replies
+        .iter()
+        .map(|call| match call {
+            Value::Array(scopes) => scopes.iter().map(ScopeReply::decode).collect(),
+            other => Err(LimiterError::Protocol(format!("request's reply is not an array: {other:?}"))),
+        })
+        .collect()
+}
+
+/// A reply for each scope asked about, or a protocol error.
+fn expect_scopes(replies: &[ScopeReply], scopes: usize) -> Result<(), LimiterError> {
+    if replies.len() == scopes {
+        Ok(())
+    } else {
+        Err(LimiterError::Protocol(format!("{} scope replies for {scopes} scopes", replies.len())))
+    }
 }
 
 /// Sends the calls of concurrent requests to Redis together: whatever arrived while the previous
@@ -385,7 +585,7 @@ impl Coalescer {
                     Err(_) => break,
                 }
             }
-            for op in ["reserve", "settle", "refund", "resettle"] {
+            for op in [Op::Reserve, Op::Settle, Op::Refund, Op::Resettle] {
                 let (group, rest): (Vec<Pending>, Vec<Pending>) = batch.into_iter().partition(|p| p.op == op);
                 batch = rest;
                 if group.is_empty() {
@@ -425,14 +625,16 @@ impl Limiter for RedisLimiter {
             });
         }
         let no_seed = |_: usize, _: &Scope| (String::new(), String::new(), String::new());
-        let mut replies = self.call("reserve", self.call_for(&scopes, demand, no_seed)).await?;
+        let mut replies = self.call(Op::Reserve, self.call_for(&scopes, demand, no_seed)).await?;
+        expect_scopes(&replies, scopes.len())?;
         // Budgets Redis no longer holds are seeded from PostgreSQL's rollups, then reserved.
-        let missing: Vec<usize> = replies.iter().enumerate().filter(|(_, r)| r.0 == -1).map(|(i, _)| i).collect();
+        let missing: Vec<usize> =
+            replies.iter().enumerate().filter(|(_, r)| r.status == Status::NeedsSeed).map(|(i, _)| i).collect();
         if !missing.is_empty() {
             let mut seeds = HashMap::new();
             for &i in &missing {
-                let since = period_start(&replies[i].3)
-                    .ok_or_else(|| LimiterError::Protocol(format!("period {}", replies[i].3)))?;
+                let since = period_start(&replies[i].period)
+                    .ok_or_else(|| LimiterError::Protocol(format!("period {}", replies[i].period)))?;
                 seeds.insert(i, self.seed.spent_nanos(scopes[i], since).await.map_err(LimiterError::Seed)?);
             }
             if self.coalescer.is_some() {
@@ -440,12 +642,14 @@ impl Limiter for RedisLimiter {
                 let with_seeds = |i: usize, _: &Scope| {
                     (seeds.get(&i).map(|s| s.to_string()).unwrap_or_default(), String::new(), String::new())
                 };
-                replies = self.call("reserve", self.call_for(&scopes, demand, with_seeds)).await?;
+                replies = self.call(Op::Reserve, self.call_for(&scopes, demand, with_seeds)).await?;
+                expect_scopes(&replies, scopes.len())?;
             } else {
                 // Cluster: each scope stands alone; reserve the seeded ones now.
                 let only: Vec<&Scope> = missing.iter().map(|&i| scopes[i]).collect();
                 let with_seeds = |j: usize, _: &Scope| (seeds[&missing[j]].to_string(), String::new(), String::new());
-                let again = self.call("reserve", self.call_for(&only, demand, with_seeds)).await?;
+                let again = self.call(Op::Reserve, self.call_for(&only, demand, with_seeds)).await?;
+                expect_scopes(&again, only.len())?;
                 for (j, &i) in missing.iter().enumerate() {
                     replies[i] = again[j].clone();
                 }
@@ -458,13 +662,24 @@ impl Limiter for RedisLimiter {
         let mut standing = Standing::default();
         let mut lost = false;
         for (scope, r) in scopes.iter().zip(&replies) {
-            let (status, reason, now, period, rpm_used, rpm_reset, tpm_used, tpm_reset, left, retry, windows) =
-                r.clone();
+            let ScopeReply {
+                status,
+                reason,
+                now,
+                ref period,
+                rpm_used,
+                rpm_reset,
+                tpm_used,
+                tpm_reset,
+                budget_left,
+                retry_after,
+                windows,
+            } = *r;
             // A window this replica saw in use within the minute is gone: Redis lost its data.
             if let Some(seen) = self.observations.last(&scope.redis_prefix()).filter(|o| now - o.at < 60) {
-                let gone = |had: i64, bit: i64| had > 0 && windows & bit == 0;
-                let rpm_gone = scope.limits.rpm.is_some() && gone(seen.rpm_used, 1);
-                let tpm_gone = scope.limits.tpm.is_some() && gone(seen.tpm_used, 2);
+                let gone = |had: i64, window: Windows| had > 0 && !windows.contains(window);
+                let rpm_gone = scope.limits.rpm.is_some() && gone(seen.rpm_used, Windows::RPM);
+                let tpm_gone = scope.limits.tpm.is_some() && gone(seen.tpm_used, Windows::TPM);
                 lost |= rpm_gone || tpm_gone;
             }
             self.observations.record(
@@ -473,22 +688,16 @@ impl Limiter for RedisLimiter {
                     at: now,
                     rpm_used,
                     tpm_used,
-                    budget_left: scope.limits.max_budget.map(|_| left),
+                    budget_left: scope.limits.max_budget.map(|_| budget_left),
                     ..LastKnown::default()
                 },
             );
-            let reason = match reason {
-                1 => Some(Reason::Rpm),
-                2 => Some(Reason::Tpm),
-                3 => Some(Reason::Budget),
-                _ => None,
-            };
             standing.tighten(Reason::Rpm, scope.limits.rpm, rpm_used, rpm_reset);
             standing.tighten(Reason::Tpm, scope.limits.tpm, tpm_used, tpm_reset);
             match status {
-                0 => {
+                Status::Refused => {
                     if refusal.is_none() {
-                        let (reason, retry_after) = (reason.unwrap_or(Reason::Rpm), retry.max(0) as u64);
+                        let (reason, retry_after) = (reason.unwrap_or(Reason::Rpm), retry_after.max(0) as u64);
                         let (limit, used) = match reason {
                             Reason::Tpm => (scope.limits.tpm, tpm_used),
                             _ => (scope.limits.rpm, rpm_used),
@@ -497,25 +706,28 @@ impl Limiter for RedisLimiter {
                         refusal = Some(Refusal { scope: scope.kind, reason, retry_after });
                     }
                 }
-                1 | 2 => {
-                    if let (2, Some(reason)) = (status, reason) {
+                Status::Admitted | Status::AdmittedOver => {
+                    if let (Status::AdmittedOver, Some(reason)) = (status, reason) {
                         warnings.push((scope.kind, reason));
                     }
                     held.push(Held { scope: (*scope).clone(), made_at: now, period: period.clone() });
                 }
                 // Not applied because another scope of the request refused.
-                3 => {}
-                other => return Err(LimiterError::Protocol(format!("status {other}"))),
+                Status::NotApplied => {}
+                // Asked again with a seed: the script seeds a missing budget before judging.
+                Status::NeedsSeed => {
+                    return Err(LimiterError::Protocol(format!("{} scope needs a seed again", scope.kind.as_str())))
+                }
             }
         }
         if lost {
             // What this call applied goes back; the caller restores the windows and asks again.
-            self.undo("refund", &held, demand, demand.tokens, demand.cost_nanos).await?;
+            self.undo(Op::Refund, &held, demand, demand.tokens, demand.cost_nanos).await?;
             return Err(LimiterError::Lost);
         }
         if refusal.is_some() {
             // Only a cluster applies scopes one by one; on one node `held` is empty here.
-            self.undo("refund", &held, demand, demand.tokens, demand.cost_nanos).await?;
+            self.undo(Op::Refund, &held, demand, demand.tokens, demand.cost_nanos).await?;
             return Ok(Admission { refusal, warnings, standing, reservation: None });
         }
         Ok(Admission {
@@ -527,11 +739,132 @@ impl Limiter for RedisLimiter {
     }
 
     async fn settle(&self, reservation: &Reservation, tokens: u64, cost_nanos: i64) -> Result<(), LimiterError> {
-        self.undo("settle", &reservation.held, &reservation.demand, tokens, cost_nanos).await
+        self.undo(Op::Settle, &reservation.held, &reservation.demand, tokens, cost_nanos).await
     }
 
     async fn release(&self, reservation: &Reservation) -> Result<(), LimiterError> {
         let d = &reservation.demand;
-        self.undo("refund", &reservation.held, d, d.tokens, d.cost_nanos).await
+        self.undo(Op::Refund, &reservation.held, d, d.tokens, d.cost_nanos).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn int(i: i64) -> Value {
+        Value::Int(i)
+    }
+
+    fn reply(status: i64, reason: i64, windows: i64) -> Vec<Value> {
+        vec![
+            int(status),
+            int(reason),
+            int(1_700_000_000),
+            Value::BulkString(b"m202611".to_vec()),
+            int(3),
+            int(42),
+            int(1_500),
+            int(17),
+            int(9_000_000_000),
+            int(0),
+            int(windows),
+        ]
+    }
+
+    fn protocol_error(v: Value) -> String {
+        match ScopeReply::decode(&v) {
+            Err(LimiterError::Protocol(detail)) => {
+                let via_redis = redis::from_redis_value::<ScopeReply>(&v).unwrap_err();
+                assert_eq!(via_redis.kind(), ErrorKind::TypeError);
+                assert_eq!(via_redis.detail(), Some(detail.as_str()));
+                detail
+            }
+            other => panic!("expected a protocol error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_good_reply_decodes_into_its_fields() {
+        let decoded: ScopeReply = redis::from_redis_value(&Value::Array(reply(2, 2, 3))).unwrap();
+        assert_eq!(
+            decoded,
+            ScopeReply {
+                status: Status::AdmittedOver,
+                reason: Some(Reason::Tpm),
+                now: 1_700_000_000,
+                period: "m202611".into(),
+                rpm_used: 3,
+                rpm_reset: 42,
+                tpm_used: 1_500,
+                tpm_reset: 17,
+                budget_left: 9_000_000_000,
+                retry_after: 0,
+                windows: Windows::try_from(3).unwrap(),
+            }
+        );
+        assert!(decoded.windows.contains(Windows::RPM) && decoded.windows.contains(Windows::TPM));
+        let mut no_budget = reply(1, 0, 1);
+        no_budget[3] = Value::BulkString(Vec::new());
+        let decoded = ScopeReply::decode(&Value::Array(no_budget)).unwrap();
+        assert_eq!((decoded.status, decoded.reason, decoded.period.as_str()), (Status::Admitted, None, ""));
+        assert!(decoded.windows.contains(Windows::RPM) && !decoded.windows.contains(Windows::TPM));
+    }
+
+    #[test]
+    fn statuses_and_reasons_decode_from_the_scripts_codes() {
+        for (code, status) in [
+            (1, Status::Admitted),
+            (2, Status::AdmittedOver),
+            (0, Status::Refused),
+            (-1, Status::NeedsSeed),
+            (3, Status::NotApplied),
+        ] {
+            assert_eq!(Status::try_from(code).unwrap(), status);
+        }
+        for (code, reason) in [(1, Reason::Rpm), (2, Reason::Tpm), (3, Reason::Budget)] {
+            assert_eq!(Reason::try_from(code).unwrap(), reason);
+        }
+        assert!(Reason::try_from(0).is_err());
+        let decoded = ScopeReply::decode(&Value::Array(reply(0, 3, 0))).unwrap();
+        assert_eq!((decoded.status, decoded.reason), (Status::Refused, Some(Reason::Budget)));
+        assert_eq!(decoded.windows, Windows::NONE);
+    }
+
+    #[test]
+    fn a_short_reply_is_a_protocol_error() {
+        let mut short = reply(1, 0, 0);
+        short.pop();
+        assert_eq!(protocol_error(Value::Array(short)), "scope reply has 10 fields, expected 11");
+        assert!(protocol_error(int(1)).starts_with("scope reply is not an array"));
+    }
+
+    #[test]
+    fn a_field_of_the_wrong_type_is_a_protocol_error() {
+        let mut wrong = reply(1, 0, 0);
+        wrong[4] = Value::BulkString(b"many".to_vec());
+        assert!(protocol_error(Value::Array(wrong)).starts_with("rpm_used is not an integer"));
+        let mut wrong = reply(1, 0, 0);
+        wrong[3] = Value::Array(vec![]);
+        assert!(protocol_error(Value::Array(wrong)).starts_with("period is not a string"));
+    }
+
+    #[test]
+    fn unknown_codes_are_protocol_errors() {
+        assert_eq!(protocol_error(Value::Array(reply(7, 0, 0))), "unknown status 7");
+        assert_eq!(protocol_error(Value::Array(reply(0, 9, 0))), "unknown reason 9");
+        assert_eq!(protocol_error(Value::Array(reply(1, 0, 4))), "unknown windows 4");
+    }
+
+    #[test]
+    fn replies_are_read_per_request_for_reserve_only() {
+        let two = Value::Array(vec![Value::Array(vec![Value::Array(reply(1, 0, 1))]), Value::Array(vec![])]);
+        let replies = replies_of(Op::Reserve, &two, 2).unwrap();
+        assert_eq!((replies.len(), replies[0].len(), replies[1].len()), (2, 1, 0));
+        assert!(matches!(replies_of(Op::Reserve, &two, 3), Err(LimiterError::Protocol(_))));
+        assert_eq!(replies_of(Op::Settle, &int(1), 2).unwrap(), vec![Vec::new(), Vec::new()]);
+        let ops = [Op::Reserve, Op::Refund, Op::Settle, Op::Sync, Op::Resettle, Op::Reconcile];
+        let names: Vec<&str> = ops.iter().map(|o| o.wire_name()).collect();
+        assert_eq!(names, ["reserve", "refund", "settle", "sync", "resettle", "reconcile"]);
     }
 }

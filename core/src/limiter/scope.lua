@@ -33,13 +33,14 @@
 -- holds settled spend; reservations in flight are "<prefix>:nres" (request id -> nano-USD, and
 -- "__total") with leases in "<prefix>:nlease", swept on every call.
 --
--- reserve returns, per request, per scope: {status, reason, now, period, rpm_used, rpm_reset,
--- tpm_used, tpm_reset, budget_left, retry_after, windows}; windows: 1 if the RPM window existed
--- before this call, plus 2 if the TPM one did (a window a replica saw in use within the minute
--- that no longer exists means Redis lost its data). Status 1: admitted; 2: admitted over a soft or
--- monitor limit (reason says which); 0: refused (reason 1 rpm, 2 tpm, 3 budget); -1: the budget
--- must be seeded; 3: would have been admitted, but another scope of the request refused or needs
--- a seed, so nothing of the request was applied.
+-- reserve returns, per request, per scope, the 11 fields of `ScopeReply` (redis_limiter.rs, which
+-- documents each): {status, reason, now, period, rpm_used, rpm_reset, tpm_used, tpm_reset,
+-- budget_left, retry_after, windows}. status (`Status`): 1 admitted; 2 admitted over a soft or
+-- monitor limit (reason says which); 0 refused; -1 the budget must be seeded; 3 would have been
+-- admitted, but another scope of the request refused or needs a seed, so nothing of the request
+-- was applied. reason (`Reason`): 0 none, 1 rpm, 2 tpm, 3 budget. windows (`Windows`): 1 if the
+-- RPM window existed before this call, plus 2 if the TPM one did (a window a replica saw in use
+-- within the minute that no longer exists means Redis lost its data). The ops are `Op`.
 
 local op = ARGV[1]
 local lease = tonumber(ARGV[2])
