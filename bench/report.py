@@ -15,7 +15,16 @@ import sys
 
 work, quick, seconds, repeats = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]), int(sys.argv[4])
 TARGETS = ["mock", "bare", "gateway", "litellm"]
-CASES = ["c1", "c32", "c128", "rate2000"]
+# near_limit: the gateway only (c=32 on a key whose rpm is half of what c=32 served: about half 429s).
+CASES = ["c1", "c32", "c128", "rate2000", "near_limit"]
+# Counters read from the gateway before and after each of its cases (bench/run's gw_probe): the
+# Prometheus names summed over their labels, and the context switches of its threads.
+PROBES = {
+    "redis_round_trips_per_request": "tollgate_gateway_redis_round_trips_total",
+    "lease_admissions_per_request": "tollgate_gateway_lease_admissions_total",
+    "wakeups_per_request": "bench_ctxt_switches",
+}
+PROBE_SPECS = {"redis_round_trips_per_request": "{:.3f}", "lease_admissions_per_request": "{:.3f}", "wakeups_per_request": "{:.2f}"}
 
 
 def spread(values):
@@ -26,14 +35,52 @@ def spread(values):
 
 
 def oha_runs(target, case):
+    """The case's oha results, each with the stem of its files (TARGET.CASE.I) in "_stem"."""
     runs = []
     for path in sorted(glob.glob(os.path.join(work, f"{target}.{case}.*.json"))):
         try:
             with open(path) as f:
-                runs.append(json.load(f))
+                run = json.load(f)
         except (OSError, ValueError):
-            pass
+            continue
+        if isinstance(run, dict):
+            run["_stem"] = path[: -len(".json")]
+            runs.append(run)
     return runs
+
+
+def read_probe(path):
+    """A counters file (Prometheus text): {name: value summed over label sets}, None if absent."""
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    values = {}
+    for line in lines:
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name = line.split("{", 1)[0].split(None, 1)[0]
+        try:
+            value = float(line.rsplit(None, 1)[-1])
+        except ValueError:
+            continue
+        values[name] = values.get(name, 0.0) + value
+    return values
+
+
+def per_request(stem, requests):
+    """Each PROBES figure for one measurement: the counter's delta over its requests (None when
+    the counter, a probe file or the request count is missing)."""
+    before, after = read_probe(stem + ".before.txt"), read_probe(stem + ".after.txt")
+    out = {}
+    for field, name in PROBES.items():
+        if before is None or after is None or name not in before or name not in after or not requests:
+            out[field] = None
+        else:
+            out[field] = (after[name] - before[name]) / requests
+    return out
 
 
 def figure(runs, pick):
@@ -55,6 +102,24 @@ def ok_rate(r):
     return r.get("summary", {}).get("successRate")
 
 
+def sent(r):
+    """Requests oha sent: every answer and every error (the count behind requestsPerSec)."""
+    dist, errors = r.get("statusCodeDistribution"), r.get("errorDistribution")
+    if isinstance(dist, dict):
+        return sum(dist.values()) + (sum(errors.values()) if isinstance(errors, dict) else 0)
+    s = r.get("summary") or {}
+    if s.get("requestsPerSec") is not None and s.get("total") is not None:
+        return round(s["requestsPerSec"] * s["total"])
+    return None
+
+
+def share_429(r):
+    dist = r.get("statusCodeDistribution")
+    if not isinstance(dist, dict) or not sum(dist.values()):
+        return None
+    return dist.get("429", 0) / sum(dist.values())
+
+
 results = {}
 for target in TARGETS:
     cases = {}
@@ -66,7 +131,13 @@ for target in TARGETS:
                 "p50_ms": figure(runs, pct("p50")),
                 "p99_ms": figure(runs, pct("p99")),
                 "success_rate": figure(runs, ok_rate),
+                "requests": figure(runs, sent),
+                "share_429": figure(runs, share_429),
             }
+            if target == "gateway":
+                probes = [per_request(r["_stem"], sent(r)) for r in runs]
+                for field in PROBES:
+                    cases[case][field] = spread([p[field] for p in probes])
     ttfb_path = os.path.join(work, f"{target}.ttfb.txt")
     if os.path.exists(ttfb_path):
         with open(ttfb_path) as f:
@@ -77,6 +148,10 @@ for target in TARGETS:
                 "p99_ms": samples[min(len(samples) - 1, int(len(samples) * 0.99))],
                 "samples": len(samples),
             }
+            if target == "gateway":
+                probe = per_request(os.path.join(work, "gateway.ttfb"), len(samples))
+                for field in PROBES:
+                    cases["ttfb"][field] = probe[field]
     if cases:
         results[target] = cases
 
@@ -103,6 +178,7 @@ def load(name):
 
 rss = load("gateway.rss.json")
 usage = load("usage_writer.json")
+near = load("near_limit.json")
 commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 with open("/proc/meminfo") as f:
     mem_kb = int(next(l for l in f if l.startswith("MemTotal")).split()[1])
@@ -127,6 +203,7 @@ targets = [
     ("streaming TTFB added", added_ttfb_ms, "<= 1 ms", lambda v: v <= 1.0, "{:.2f} ms"),
     (f"RSS with {rss['keys'] if rss else '?'} keys cached", (rss["rss_kb"] / 1024.0) if rss else None, "<= 150 MB (100k keys)", lambda v: v <= 150, "{:.0f} MB"),
     ("usage writer", usage["rows_per_second"] if usage else None, ">= 20,000 rows/s", lambda v: v >= 20000, "{:,.0f} rows/s"),
+    ("near-limit throughput vs far-from-limit at c=32", ratio(med("gateway", "near_limit", "rps"), med("gateway", "c32", "rps")), ">= 0.5x (within 2x)", lambda v: v >= 0.5, "{:.2f}x"),
 ]
 
 report = {
@@ -139,6 +216,7 @@ report = {
     "results": results,
     "gateway_rss": rss,
     "usage_writer": usage,
+    "near_limit": near,
     "targets": [{"figure": n, "value": v, "target": t, "met": None if v is None else bool(ok(v))} for n, v, t, ok, _ in targets],
 }
 
@@ -170,6 +248,10 @@ rows = [
     ("2,000 req/s: achieved (req/s)", "rate2000", "rps", "{:.0f}"),
     ("2,000 req/s: p50 (ms)", "rate2000", "p50_ms", "{:.3f}"),
     ("2,000 req/s: p99 (ms)", "rate2000", "p99_ms", "{:.3f}"),
+    ("near the limit, c=32: throughput, 200s and 429s (req/s)", "near_limit", "rps", "{:.0f}"),
+    ("near the limit, c=32: p50 (ms)", "near_limit", "p50_ms", "{:.2f}"),
+    ("near the limit, c=32: p99 (ms)", "near_limit", "p99_ms", "{:.2f}"),
+    ("near the limit, c=32: share of 429 answers", "near_limit", "share_429", "{:.1%}"),
     ("streaming TTFB p50 (ms)", "ttfb", "p50_ms", "{:.3f}"),
     ("streaming TTFB p99 (ms)", "ttfb", "p99_ms", "{:.3f}"),
 ]
@@ -187,6 +269,32 @@ for label, case, field, spec in rows:
     lines.append(f"| {label} | " + " | ".join(cell(t, case, field, spec) for t in present) + f" | {fmt(g_b)} | {fmt(g_l)} |")
 if "litellm" not in results:
     lines += ["", "LiteLLM: not measured in this run (it could not be installed or started, or was skipped)."]
+if near:
+    lines += ["", f"Near the limit: the key's rpm is {near['rpm']:,}, half of the {near['far_requests']:,} requests the "
+              f"c=32 case served in {seconds} s (a fresh key each repeat)."]
+gw_cases = [
+    ("c=1", "c1"),
+    ("c=32", "c32"),
+    ("c=128", "c128"),
+    ("2,000 req/s", "rate2000"),
+    ("near the limit, c=32", "near_limit"),
+    ("streaming (curl, sequential)", "ttfb"),
+]
+if "gateway" in results:
+    lines += [
+        "",
+        "| gateway case | requests | Redis round trips / request | lease admissions / request | wake-ups / request |",
+        "|---|---|---|---|---|",
+    ]
+    for label, case in gw_cases:
+        if case not in results["gateway"]:
+            continue
+        count = "requests" if case != "ttfb" else "samples"
+        lines.append(
+            f"| {label} | {cell('gateway', case, count, '{:.0f}')} | "
+            + " | ".join(cell("gateway", case, field, PROBE_SPECS[field]) for field in PROBES)
+            + " |"
+        )
 lines += ["", "| target | measured | goal | met |", "|---|---|---|---|"]
 for name, value, goal, ok, spec in targets:
     met = "n/a" if value is None else ("yes" if ok(value) else "no")
