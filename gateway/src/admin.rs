@@ -14,6 +14,7 @@ pub fn router(state: Arc<GatewayState>) -> Router {
             get(|State(s): State<Arc<GatewayState>>| async move {
                 s.metrics.key_cache_entries.set(s.keys.len() as i64);
                 s.metrics.auth_throttle_addresses.set(s.auth_failures.len() as i64);
+                s.limiter.count_redis_use(&s.metrics);
                 ([("content-type", "text/plain; version=0.0.4")], s.metrics.render())
             }),
         )

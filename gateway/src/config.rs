@@ -102,6 +102,9 @@ pub struct GatewayConfig {
     pub expected_replicas: u32,
     /// Most settlements kept while Redis does not take them (then the oldest are given up).
     pub settlement_queue_capacity: usize,
+    /// How long a quota lease (a slice of a scope's limits this replica admits from without a
+    /// Redis call) lasts, in milliseconds; 0: no leases, every limited request asks Redis.
+    pub lease_slice_ms: u64,
     /// How often budgets in Redis are compared with PostgreSQL's rollups and raised where they
     /// missed spend; 0: never.
     pub budget_reconcile_seconds: u64,
@@ -158,6 +161,7 @@ impl Default for GatewayConfig {
             expected_replicas: 1,
             settlement_queue_capacity: 100_000,
             budget_reconcile_seconds: 60,
+            lease_slice_ms: 1000,
             access_log: true,
             access_log_sample_rate: 1.0,
         }
@@ -202,6 +206,7 @@ pub const SPEC: ConfigSpec<'static> = ConfigSpec {
         ("FAIL_CLOSED", "fail_closed"),
         ("EXPECTED_REPLICAS", "expected_replicas"),
         ("BUDGET_RECONCILE_SECONDS", "budget_reconcile_seconds"),
+        ("LEASE_SLICE_MS", "lease_slice_ms"),
         ("ACCESS_LOG", "access_log"),
         ("ACCESS_LOG_SAMPLE_RATE", "access_log_sample_rate"),
     ],

@@ -17,8 +17,8 @@ use chrono::{NaiveDate, NaiveTime};
 use sqlx::PgPool;
 use tollgate_core::{
     limiter::{
-        nanos_ceil, period_id, pg_spent_nanos, Demand, Limiter, Observations, Reason, RedisConn, RedisLimiter,
-        Reservation, ResilientLimiter, Scope, ScopeKind, SpendSource, Standing,
+        nanos_ceil, period_id, pg_spent_nanos, take_round_trips, Demand, LeaseBook, Limiter, Observations, Reason,
+        RedisConn, RedisLimiter, Reservation, ResilientLimiter, Scope, ScopeKind, SpendSource, Standing,
     },
     limits::Enforcement,
 };
@@ -114,6 +114,7 @@ pub async fn reserve(
     metrics.redis_latency.observe(started.elapsed().as_secs_f64());
     metrics.fallback_active.set(limiter.fallback_active() as i64);
     metrics.redis_errors.inc_by(limiter.take_failures());
+    state.limiter.count_redis_use(metrics);
     let admission = result.map_err(|e| {
         // Under fail_closed, or when PostgreSQL cannot seed a budget: otherwise the fallback answers.
         tracing::warn!(error = %e, "limits could not be checked");
@@ -196,6 +197,8 @@ pub struct LimiterHandle {
     pub unsettled: Arc<UnsettledQueue>,
     /// Budgets served lately, reconciled with PostgreSQL every `budget_reconcile_seconds`.
     pub budget_scopes: Arc<BudgetScopes>,
+    /// This replica's quota leases, kept across reconnects to Redis.
+    pub leases: Arc<LeaseBook>,
     metrics: Arc<Metrics>,
 }
 
@@ -204,6 +207,8 @@ const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 const RETRY_EVERY: Duration = Duration::from_secs(1);
 /// A replica not heard from for this long no longer counts as live.
 const HEARTBEAT_WINDOW: Duration = Duration::from_secs(5);
+/// How often quota leases are looked at for returns that are due.
+const LEASE_RETURNS_EVERY: Duration = Duration::from_millis(100);
 
 impl LimiterHandle {
     pub fn start(
@@ -225,13 +230,20 @@ impl LimiterHandle {
         ));
         let (url, timeout) = (config.redis_url.clone(), Duration::from_millis(config.redis_timeout_ms.max(1)));
         let lease = config.reservation_lease_seconds;
+        let leases = Arc::new(LeaseBook::new(
+            Duration::from_millis(config.lease_slice_ms),
+            live.clone(),
+            config.expected_replicas,
+        ));
         let reconcile_spend = spend.clone();
+        let book = leases.clone();
         let connect = move || {
-            let (url, spend, observations) = (url.clone(), spend.clone(), observations.clone());
+            let (url, spend, observations, book) = (url.clone(), spend.clone(), observations.clone(), book.clone());
             async move {
                 // Connecting may take longer than a request's Redis budget.
                 let conn = RedisConn::connect(&url, Duration::from_secs(2)).await.map_err(|e| e.to_string())?;
-                let redis = RedisLimiter::new(conn, timeout, lease, 0, spend).with_observations(observations);
+                let redis =
+                    RedisLimiter::new(conn, timeout, lease, 0, spend).with_observations(observations).with_leases(book);
                 match tokio::time::timeout(Duration::from_secs(2), redis.load_script()).await {
                     Ok(Ok(())) => Ok(Arc::new(redis)),
                     Ok(Err(e)) => Err(e.to_string()),
@@ -270,6 +282,17 @@ impl LimiterHandle {
                 }
             });
         }
+        let l = limiter.clone();
+        support.spawn(async move {
+            loop {
+                tokio::time::sleep(LEASE_RETURNS_EVERY).await;
+                if let Some(redis) = l.primary() {
+                    if let Err(e) = redis.flush_leases(false).await {
+                        tracing::debug!(error = %e, "quota lease returns failed; sent again next round");
+                    }
+                }
+            }
+        });
         let replica = uuid::Uuid::new_v4().to_string();
         let l = limiter.clone();
         support.spawn(async move {
@@ -294,13 +317,28 @@ impl LimiterHandle {
                 tokio::time::sleep(HEARTBEAT_EVERY).await;
             }
         });
-        Arc::new(Self { limiter, unsettled, budget_scopes, metrics })
+        Arc::new(Self { limiter, unsettled, budget_scopes, leases, metrics })
+    }
+
+    /// Brings the Redis round-trip and lease counters up to date.
+    pub fn count_redis_use(&self, metrics: &Metrics) {
+        metrics.redis_round_trips.inc_by(take_round_trips());
+        let (admissions, grants, returns) = self.leases.stats.take();
+        metrics.lease_admissions.inc_by(admissions);
+        metrics.lease_grants.inc_by(grants);
+        metrics.lease_returns.inc_by(returns);
     }
 
     /// At shutdown: waits for settlements under way, sends the kept ones once more, and saves
     /// what Redis still did not take in `spool_dir` for the next start.
     pub async fn shut_down(&self, spool_dir: &str) {
         self.unsettled.drain_in_flight(Duration::from_secs(2)).await;
+        // Slices go back whole; what their requests used reaches Redis with them.
+        if let Some(redis) = self.limiter.primary() {
+            if let Err(e) = redis.flush_leases(true).await {
+                tracing::warn!(error = %e, "quota leases could not be returned; Redis frees them when they expire");
+            }
+        }
         if self.unsettled.is_empty() {
             return;
         }

@@ -50,6 +50,12 @@ pub struct Metrics {
     pub invalidations: IntCounterVec,
     pub redis_latency: Histogram,
     pub redis_errors: IntCounter,
+    /// Limiter script calls sent to Redis (a coalesced batch is one).
+    pub redis_round_trips: IntCounter,
+    /// Requests admitted from quota leases, with no Redis call.
+    pub lease_admissions: IntCounter,
+    pub lease_grants: IntCounter,
+    pub lease_returns: IntCounter,
     /// 1 while the limiter cannot reach Redis.
     pub fallback_active: IntGauge,
     /// Requests whose real cost exceeded what their budgets reserved.
@@ -184,6 +190,16 @@ impl Metrics {
             invalidations: counter_vec("invalidations_total", "Invalidation messages received, by kind", &["kind"]),
             redis_latency: histogram("redis_duration_seconds", "Latency of the limiter's Redis round trips"),
             redis_errors: counter("redis_errors_total", "Limiter calls to Redis that failed or timed out"),
+            redis_round_trips: counter(
+                "redis_round_trips_total",
+                "Limiter script calls sent to Redis (one coalesced batch counts once)",
+            ),
+            lease_admissions: counter(
+                "lease_admissions_total",
+                "Requests admitted from this replica's quota leases without a Redis call",
+            ),
+            lease_grants: counter("lease_grants_total", "Quota lease slices Redis granted to this replica"),
+            lease_returns: counter("lease_returns_total", "Quota lease slices given back to Redis (expired or idle)"),
             fallback_active,
             reservation_overruns: counter(
                 "reservation_overruns_total",

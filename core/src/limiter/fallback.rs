@@ -329,7 +329,7 @@ impl FallbackLimiter {
         let held = scopes
             .iter()
             .filter(|s| !s.limits.is_empty())
-            .map(|s| Held { scope: s.clone(), made_at: now, period: String::new() })
+            .map(|s| Held { scope: s.clone(), made_at: now, period: String::new(), lease: None })
             .collect();
         let reservation = Reservation { demand: demand.clone(), held, local: true };
         if for_redis {

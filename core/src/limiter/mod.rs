@@ -8,6 +8,7 @@
 //! refuses, the others are refunded. Settling replaces the reservation with the real amounts.
 
 mod fallback;
+mod lease;
 mod redis_limiter;
 mod resilient;
 
@@ -19,7 +20,8 @@ use uuid::Uuid;
 use crate::limits::{BudgetPeriod, Enforcement, Limits};
 
 pub use fallback::{FallbackLimiter, LastKnown, Observations, ScopeSync};
-pub use redis_limiter::{Op, RedisConn, RedisLimiter, ScopeReply, Status, Windows, SCOPE_SCRIPT};
+pub use lease::{LeaseBook, LeaseStats, Plan, Return};
+pub use redis_limiter::{take_round_trips, Op, RedisConn, RedisLimiter, ScopeReply, Status, Windows, SCOPE_SCRIPT};
 pub use resilient::ResilientLimiter;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -141,6 +143,19 @@ impl Standing {
         (*l, *r, *secs) = (Some(limit as u64), Some((limit - used).max(0) as u64), retry_after);
     }
 
+    /// Takes in another part's standing, dimension by dimension, where it is tighter.
+    pub fn merge(&mut self, other: &Standing) {
+        for reason in [Reason::Rpm, Reason::Tpm] {
+            let mut theirs = *other;
+            let (l, r, secs) = theirs.figures(reason);
+            let (l, r, secs) = (*l, *r, *secs);
+            let (ml, mr, msecs) = self.figures(reason);
+            if r.is_some() && mr.is_none_or(|mine| r < Some(mine)) {
+                (*ml, *mr, *msecs) = (l, r, secs);
+            }
+        }
+    }
+
     fn figures(&mut self, reason: Reason) -> (&mut Option<u64>, &mut Option<u64>, &mut u64) {
         match reason {
             Reason::Tpm => (&mut self.limit_tokens, &mut self.remaining_tokens, &mut self.reset_tokens_secs),
@@ -157,6 +172,9 @@ pub struct Held {
     pub made_at: i64,
     /// The budget period it was made in, e.g. `d20261122`.
     pub period: String,
+    /// The quota lease it was admitted from, if any: settled through the lease, not one by one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

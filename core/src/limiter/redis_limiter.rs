@@ -3,7 +3,10 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, LazyLock},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, LazyLock,
+    },
     time::Duration,
 };
 
@@ -94,6 +97,16 @@ pub struct RedisLimiter {
     observations: Arc<Observations>,
     /// On one node, calls of concurrent requests go to Redis together (see [`Coalescer`]).
     coalescer: Option<mpsc::Sender<Pending>>,
+    /// This replica's quota leases (off unless [`RedisLimiter::with_leases`]).
+    leases: Arc<LeaseBook>,
+}
+
+/// Script calls made to Redis (round trips), for the gateway's metrics.
+static ROUND_TRIPS: AtomicU64 = AtomicU64::new(0);
+
+/// How many limiter script calls went to Redis since the last time this was asked.
+pub fn take_round_trips() -> u64 {
+    ROUND_TRIPS.swap(0, Ordering::Relaxed)
 }
 
 /// Keeps this replica in the live set and answers how many replicas are live.
@@ -115,6 +128,8 @@ pub enum Op {
     Resettle,
     /// Raises a budget's spend to what PostgreSQL recorded.
     Reconcile,
+    /// Tells Redis what became of a quota lease (see lease.rs).
+    Return,
 }
 
 impl Op {
@@ -127,6 +142,7 @@ impl Op {
             Op::Sync => "sync",
             Op::Resettle => "resettle",
             Op::Reconcile => "reconcile",
+            Op::Return => "return",
         }
     }
 }
@@ -190,7 +206,7 @@ impl TryFrom<i64> for Windows {
 }
 
 /// One scope's answer to [`Op::Reserve`]: the script replies, per request, per scope, an array of
-/// these eleven fields in this order (`scope.lua` points here). Seconds are Redis seconds (TIME
+/// these thirteen fields in this order (`scope.lua` points here). Seconds are Redis seconds (TIME
 /// plus the clock offset); counts are what the windows hold after the call.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ScopeReply {
@@ -218,10 +234,14 @@ pub struct ScopeReply {
     /// Which windows existed before the call: a window a replica saw in use within the minute
     /// that no longer exists means Redis lost its data.
     pub windows: Windows,
+    /// Requests like this one granted to the lease the call asked for (0: none; see lease.rs).
+    pub lease_slots: i64,
+    /// The second the granted slice is counted in (its last second).
+    pub lease_bucket: i64,
 }
 
 /// The fields of a [`ScopeReply`], in the script's order.
-const REPLY_FIELDS: [&str; 11] = [
+const REPLY_FIELDS: [&str; 13] = [
     "status",
     "reason",
     "now",
@@ -233,6 +253,8 @@ const REPLY_FIELDS: [&str; 11] = [
     "budget_left",
     "retry_after",
     "windows",
+    "lease_slots",
+    "lease_bucket",
 ];
 
 impl ScopeReply {
@@ -270,6 +292,8 @@ impl ScopeReply {
             budget_left: field(8)?,
             retry_after: field(9)?,
             windows: Windows::try_from(field(10)?)?,
+            lease_slots: field(11)?,
+            lease_bucket: field(12)?,
         })
     }
 }
@@ -314,8 +338,16 @@ impl RedisLimiter {
         clock_offset_secs: i64,
         seed: Arc<dyn SpendSource>,
     ) -> Self {
-        let mut limiter =
-            Self { conn, timeout, lease_secs, clock_offset_secs, seed, observations: Arc::default(), coalescer: None };
+        let mut limiter = Self {
+            conn,
+            timeout,
+            lease_secs,
+            clock_offset_secs,
+            seed,
+            observations: Arc::default(),
+            coalescer: None,
+            leases: Arc::new(LeaseBook::off()),
+        };
         if let RedisConn::Single(_) = limiter.conn {
             let (tx, rx) = mpsc::channel(4096);
             tokio::spawn(Coalescer { conn: limiter.conn.clone(), timeout, lease_secs, clock_offset_secs }.run(rx));
@@ -327,6 +359,44 @@ impl RedisLimiter {
     pub fn with_observations(mut self, observations: Arc<Observations>) -> Self {
         self.observations = observations;
         self
+    }
+
+    /// Admits from quota leases kept in `leases` (see lease.rs).
+    pub fn with_leases(mut self, leases: Arc<LeaseBook>) -> Self {
+        self.leases = leases;
+        self
+    }
+
+    pub fn leases(&self) -> &LeaseBook {
+        &self.leases
+    }
+
+    /// Tells Redis what became of the quota leases that are due (`all`: every one, at
+    /// shutdown). Returns how many returns Redis took; one that failed is sent again next time.
+    pub async fn flush_leases(&self, all: bool) -> Result<usize, LimiterError> {
+        let due = self.leases.due(all);
+        let calls: Vec<Call> = due
+            .iter()
+            .map(|r| Call {
+                request_id: r.request_id.clone(),
+                tokens: 0,
+                cost: r.spend,
+                entries: vec![(r.scope.clone(), r.fields.clone(), String::new(), r.period.clone())],
+            })
+            .collect();
+        // One node takes many in one call; on a cluster each scope is its own slot.
+        let per_call = if self.coalescer.is_some() { MAX_BATCH } else { 1 };
+        let mut result = Ok(0);
+        for (returns, calls) in due.chunks(per_call).zip(calls.chunks(per_call)) {
+            let inv = invocation(Op::Return, calls, self.lease_secs, self.clock_offset_secs);
+            let sent = run(&self.conn, self.timeout, &inv).await;
+            self.leases.acknowledge(returns, sent.is_ok());
+            match sent {
+                Ok(_) => result = result.map(|n| n + returns.len()),
+                Err(e) => result = Err(e),
+            }
+        }
+        result
     }
 
     /// Tells Redis what a replica's fallback admitted in one scope while Redis was away: its
@@ -441,9 +511,10 @@ impl RedisLimiter {
 
     async fn undo(&self, op: Op, held: &[Held], demand: &Demand, tokens: u64, cost: i64) -> Result<(), LimiterError> {
         // A settlement changes only tokens and spend, a repeated one only spend: scopes with
-        // neither need no call.
+        // neither need no call. Scopes admitted from a lease settle through it.
         let held: Vec<&Held> = held
             .iter()
+            .filter(|h| h.lease.is_none())
             .filter(|h| match op {
                 Op::Settle => h.scope.limits.tpm.is_some() || h.scope.limits.max_budget.is_some(),
                 Op::Resettle => h.scope.limits.max_budget.is_some(),
@@ -489,6 +560,7 @@ async fn run(conn: &RedisConn, timeout: Duration, inv: &redis::ScriptInvocation<
     let mut c = conn.clone();
     let mut pipe = redis::pipe();
     pipe.invoke_script(inv);
+    ROUND_TRIPS.fetch_add(1, Ordering::Relaxed);
     let first: Result<(Value,), LimiterError> = bounded(timeout, pipe.query_async(&mut c)).await;
     match first {
         Ok((v,)) => Ok(v),
@@ -615,16 +687,54 @@ impl Coalescer {
 #[async_trait]
 impl Limiter for RedisLimiter {
     async fn reserve(&self, scopes: &[Scope], demand: &Demand) -> Result<Admission, LimiterError> {
-        let scopes: Vec<&Scope> = scopes.iter().filter(|s| !s.limits.is_empty()).collect();
-        if scopes.is_empty() {
-            return Ok(Admission {
+        let all: Vec<&Scope> = scopes.iter().filter(|s| !s.limits.is_empty()).collect();
+        // Scopes whose slice holds the request are admitted here; the others ask Redis.
+        let plan = self.leases.plan(&all, demand);
+        let remote: Vec<&Scope> = plan.remote.iter().map(|&i| all[i]).collect();
+        let result = if remote.is_empty() {
+            Ok(Admission {
                 refusal: None,
                 warnings: vec![],
                 standing: Standing::default(),
                 reservation: Some(Reservation { demand: demand.clone(), held: vec![], local: false }),
-            });
+            })
+        } else {
+            self.reserve_remote(&remote, demand, &plan).await
+        };
+        match result {
+            Ok(mut admission) => {
+                admission.standing.merge(&plan.standing);
+                match admission.reservation.as_mut() {
+                    Some(r) => r.held.extend(plan.held),
+                    None => self.leases.untake(&plan.held, demand),
+                }
+                Ok(admission)
+            }
+            Err(e) => {
+                self.leases.untake(&plan.held, demand);
+                self.leases.unask(&all, &plan);
+                Err(e)
+            }
         }
-        let no_seed = |_: usize, _: &Scope| (String::new(), String::new(), String::new());
+    }
+
+    async fn settle(&self, reservation: &Reservation, tokens: u64, cost_nanos: i64) -> Result<(), LimiterError> {
+        self.leases.settle(&reservation.held, &reservation.demand, Some((tokens, cost_nanos)));
+        self.undo(Op::Settle, &reservation.held, &reservation.demand, tokens, cost_nanos).await
+    }
+
+    async fn release(&self, reservation: &Reservation) -> Result<(), LimiterError> {
+        let d = &reservation.demand;
+        self.leases.settle(&reservation.held, d, None);
+        self.undo(Op::Refund, &reservation.held, d, d.tokens, d.cost_nanos).await
+    }
+}
+
+impl RedisLimiter {
+    /// Reserves in Redis for `scopes` (those no lease held), asking for the leases in `plan`.
+    async fn reserve_remote(&self, scopes: &[&Scope], demand: &Demand, plan: &Plan) -> Result<Admission, LimiterError> {
+        let ask = |i: usize| plan.asks[i].as_ref().map(|(_, arg)| arg.clone()).unwrap_or_default();
+        let no_seed = |i: usize, _: &Scope| (String::new(), ask(i), String::new());
         let mut replies = self.call(Op::Reserve, self.call_for(&scopes, demand, no_seed)).await?;
         expect_scopes(&replies, scopes.len())?;
         // Budgets Redis no longer holds are seeded from PostgreSQL's rollups, then reserved.
@@ -640,14 +750,14 @@ impl Limiter for RedisLimiter {
             if self.coalescer.is_some() {
                 // One node: nothing of the request was applied; reserve it whole again.
                 let with_seeds = |i: usize, _: &Scope| {
-                    (seeds.get(&i).map(|s| s.to_string()).unwrap_or_default(), String::new(), String::new())
+                    (seeds.get(&i).map(|s| s.to_string()).unwrap_or_default(), ask(i), String::new())
                 };
                 replies = self.call(Op::Reserve, self.call_for(&scopes, demand, with_seeds)).await?;
                 expect_scopes(&replies, scopes.len())?;
             } else {
                 // Cluster: each scope stands alone; reserve the seeded ones now.
                 let only: Vec<&Scope> = missing.iter().map(|&i| scopes[i]).collect();
-                let with_seeds = |j: usize, _: &Scope| (seeds[&missing[j]].to_string(), String::new(), String::new());
+                let with_seeds = |j: usize, _: &Scope| (seeds[&missing[j]].to_string(), ask(missing[j]), String::new());
                 let again = self.call(Op::Reserve, self.call_for(&only, demand, with_seeds)).await?;
                 expect_scopes(&again, only.len())?;
                 for (j, &i) in missing.iter().enumerate() {
@@ -661,7 +771,7 @@ impl Limiter for RedisLimiter {
         let mut warnings = Vec::new();
         let mut standing = Standing::default();
         let mut lost = false;
-        for (scope, r) in scopes.iter().zip(&replies) {
+        for (i, (scope, r)) in scopes.iter().zip(&replies).enumerate() {
             let ScopeReply {
                 status,
                 reason,
@@ -674,7 +784,11 @@ impl Limiter for RedisLimiter {
                 budget_left,
                 retry_after,
                 windows,
+                ..
             } = *r;
+            if let (Some((lease, _)), Some(asked_at)) = (&plan.asks[i], plan.asked_at) {
+                self.leases.answered(scope, lease, r, demand, asked_at);
+            }
             // A window this replica saw in use within the minute is gone: Redis lost its data.
             if let Some(seen) = self.observations.last(&scope.redis_prefix()).filter(|o| now - o.at < 60) {
                 let gone = |had: i64, window: Windows| had > 0 && !windows.contains(window);
@@ -710,7 +824,7 @@ impl Limiter for RedisLimiter {
                     if let (Status::AdmittedOver, Some(reason)) = (status, reason) {
                         warnings.push((scope.kind, reason));
                     }
-                    held.push(Held { scope: (*scope).clone(), made_at: now, period: period.clone() });
+                    held.push(Held { scope: (*scope).clone(), made_at: now, period: period.clone(), lease: None });
                 }
                 // Not applied because another scope of the request refused.
                 Status::NotApplied => {}
@@ -737,15 +851,6 @@ impl Limiter for RedisLimiter {
             reservation: Some(Reservation { demand: demand.clone(), held, local: false }),
         })
     }
-
-    async fn settle(&self, reservation: &Reservation, tokens: u64, cost_nanos: i64) -> Result<(), LimiterError> {
-        self.undo(Op::Settle, &reservation.held, &reservation.demand, tokens, cost_nanos).await
-    }
-
-    async fn release(&self, reservation: &Reservation) -> Result<(), LimiterError> {
-        let d = &reservation.demand;
-        self.undo(Op::Refund, &reservation.held, d, d.tokens, d.cost_nanos).await
-    }
 }
 
 #[cfg(test)]
@@ -769,6 +874,8 @@ mod tests {
             int(9_000_000_000),
             int(0),
             int(windows),
+            int(0),
+            int(0),
         ]
     }
 
@@ -801,6 +908,8 @@ mod tests {
                 budget_left: 9_000_000_000,
                 retry_after: 0,
                 windows: Windows::try_from(3).unwrap(),
+                lease_slots: 0,
+                lease_bucket: 0,
             }
         );
         assert!(decoded.windows.contains(Windows::RPM) && decoded.windows.contains(Windows::TPM));
@@ -835,7 +944,7 @@ mod tests {
     fn a_short_reply_is_a_protocol_error() {
         let mut short = reply(1, 0, 0);
         short.pop();
-        assert_eq!(protocol_error(Value::Array(short)), "scope reply has 10 fields, expected 11");
+        assert_eq!(protocol_error(Value::Array(short)), "scope reply has 12 fields, expected 13");
         assert!(protocol_error(int(1)).starts_with("scope reply is not an array"));
     }
 
@@ -863,8 +972,8 @@ mod tests {
         assert_eq!((replies.len(), replies[0].len(), replies[1].len()), (2, 1, 0));
         assert!(matches!(replies_of(Op::Reserve, &two, 3), Err(LimiterError::Protocol(_))));
         assert_eq!(replies_of(Op::Settle, &int(1), 2).unwrap(), vec![Vec::new(), Vec::new()]);
-        let ops = [Op::Reserve, Op::Refund, Op::Settle, Op::Sync, Op::Resettle, Op::Reconcile];
+        let ops = [Op::Reserve, Op::Refund, Op::Settle, Op::Sync, Op::Resettle, Op::Reconcile, Op::Return];
         let names: Vec<&str> = ops.iter().map(|o| o.wire_name()).collect();
-        assert_eq!(names, ["reserve", "refund", "settle", "sync", "resettle", "reconcile"]);
+        assert_eq!(names, ["reserve", "refund", "settle", "sync", "resettle", "reconcile", "return"]);
     }
 }

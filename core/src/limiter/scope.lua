@@ -2,7 +2,7 @@
 -- Every key a scope uses starts with its prefix in KEYS (e.g. "tg:{key:<uuid>}"), whose braces
 -- make it one Redis Cluster slot; on a cluster a call carries one scope of one request.
 --
--- ARGV[1] op: "reserve" | "refund" | "settle" | "sync" | "resettle" | "reconcile"
+-- ARGV[1] op: "reserve" | "refund" | "settle" | "sync" | "resettle" | "reconcile" | "return"
 -- ARGV[2] lease seconds (reserve)      ARGV[3] clock offset seconds (added to Redis TIME; 0 outside tests)
 -- ARGV[4] number of requests, then per request:
 --   request id, tokens, cost (nano-USD), number of scopes, then per scope 9 fields:
@@ -13,7 +13,11 @@
 --      settled
 --   b: sync: what the fallback admitted by second, "<sec>:<requests>:<tokens>,..."
 --   c: sync: what Redis last counted before the outage, "<sec>:<requests>:<tokens>" ("" if none)
+--   b: reserve: a quota lease asked with the request, "<lease id>:<slots>:<replicas>:<slice ms>"
+--      ("" for none); see "Leases" below
 --   b: refund/settle: tokens reserved        c: settle/resettle: the budget period reserved in
+--   a: return: "<lease id>:<seq>:<granted second>:<bucket>:<slots back>:<tokens delta>:<unused
+--      nano-USD>:<in-flight nano-USD>"; c: the lease's budget period; cost: spend settled from it
 --   a: reconcile: the period the spend in `cost` was summed over (PostgreSQL's rollups)
 -- For settle and resettle, tokens and cost are what was really used; for sync, cost is the
 -- spend and the request id names the sync (applied once: "<prefix>:sync:<id>" marks it).
@@ -33,9 +37,21 @@
 -- holds settled spend; reservations in flight are "<prefix>:nres" (request id -> nano-USD, and
 -- "__total") with leases in "<prefix>:nlease", swept on every call.
 --
--- reserve returns, per request, per scope, the 11 fields of `ScopeReply` (redis_limiter.rs, which
+-- Leases: a reserve that asks for one and is admitted in full under hard enforcement also grants
+-- up to <slots> more requests like this one (its tokens and cost each), for the replica to admit
+-- locally during the slice. A grant takes at most 1/(LEASE_SHARE x replicas) of each limited
+-- dimension's headroom, so it shrinks to nothing near the limit (and the replica asks per request
+-- again). Granted requests count in the windows at once, in the bucket of the second the slice
+-- ends (no request admitted from it can be later), so no sliding minute holds more than the limit.
+-- Granted budget is a reservation "<lease id>" that expires LEASE_GRACE after the slice. `return`
+-- tells Redis what became of a lease: requests it did not use (or refunded) leave the window,
+-- settled token counts replace reserved ones, settled spend is added, and the reservations are
+-- set to what is unused ("<lease id>") and in flight ("<lease id>:f", which gets the request
+-- lease). Each return applies once, in order ("<prefix>:ret:<lease id>" holds the last seq).
+--
+-- reserve returns, per request, per scope, the 13 fields of `ScopeReply` (redis_limiter.rs, which
 -- documents each): {status, reason, now, period, rpm_used, rpm_reset, tpm_used, tpm_reset,
--- budget_left, retry_after, windows}. status (`Status`): 1 admitted; 2 admitted over a soft or
+-- budget_left, retry_after, windows, lease_slots, lease_bucket}. status (`Status`): 1 admitted; 2 admitted over a soft or
 -- monitor limit (reason says which); 0 refused; -1 the budget must be seeded; 3 would have been
 -- admitted, but another scope of the request refused or needs a seed, so nothing of the request
 -- was applied. reason (`Reason`): 0 none, 1 rpm, 2 tpm, 3 budget. windows (`Windows`): 1 if the
@@ -46,7 +62,12 @@ local op = ARGV[1]
 local lease = tonumber(ARGV[2])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(ARGV[3])
+local now_us = now * 1000000 + tonumber(t[2])
 local WINDOW = 60
+-- A lease takes at most this fraction (times the live replicas) of a dimension's headroom.
+local LEASE_SHARE = 4
+-- Seconds a lease's unused budget outlives its slice (the holder returns it before then).
+local LEASE_GRACE = 2
 
 -- Civil date (proleptic Gregorian) of a day number since 1970-01-01.
 local function civil(days)
@@ -210,6 +231,28 @@ local function release(res_key, lease_key, rid)
   end
 end
 
+-- Whether a window still holds what was added to it at second `since` (not made anew since).
+local function intact(key, since)
+  local st = redis.call('HMGET', key, 't', 'b')
+  return st[1] ~= false and tonumber(st[2] or '0') <= since
+end
+
+-- Sets a reservation to `amount` (removing it at 0); `expires` nil keeps its expiry and never
+-- brings back one that already expired.
+local function hold(s, id, amount, expires)
+  local old = redis.call('HGET', s.res_key, id)
+  if not old and not expires then return end
+  old = tonumber(old or '0')
+  if amount > 0 then
+    redis.call('HSET', s.res_key, id, amount)
+    if expires then redis.call('ZADD', s.lease_key, expires, id) end
+  else
+    redis.call('HDEL', s.res_key, id)
+    redis.call('ZREM', s.lease_key, id)
+  end
+  redis.call('HINCRBY', s.res_key, '__total', amount - old)
+end
+
 -- Reads the batch.
 local requests = {}
 local pos = 5
@@ -232,7 +275,7 @@ end
 
 -- Judges one scope of a reservation without changing anything but expired state.
 local function judge(r, s)
-  local reply = {1, 0, now, '', 0, 0, 0, 0, -1, 0, 0}
+  local reply = {1, 0, now, '', 0, 0, 0, 0, -1, 0, 0, 0, 0}
   local ends = 0
   s.ttl = 0
   if s.budget >= 0 then
@@ -312,6 +355,32 @@ local function apply(r, s, reply)
   end
 end
 
+-- Grants the lease a reservation asked for (see "Leases"), after the request itself was applied.
+local function grant(r, s, reply)
+  local id, want, replicas, slice_ms = string.match(s.b, '^([^:]+):(%d+):(%d+):(%d+)$')
+  if not id or reply[1] ~= 1 or s.enforcement ~= 'hard' then return end
+  local parts = LEASE_SHARE * math.max(tonumber(replicas), 1)
+  local n = tonumber(want)
+  if s.rpm >= 0 then n = math.min(n, math.floor((s.rpm - reply[5]) / parts)) end
+  if s.tpm >= 0 and r.tokens > 0 then n = math.min(n, math.floor((s.tpm - reply[7]) / (r.tokens * parts))) end
+  if s.budget >= 0 and r.cost > 0 then n = math.min(n, math.floor(reply[9] / (r.cost * parts))) end
+  if n < 1 then return end
+  local bucket = math.floor((now_us + tonumber(slice_ms) * 1000) / 1000000)
+  if s.rpm >= 0 then
+    window_add(s.rpm_key, bucket, n, s.rpm_swept)
+    reply[5] = reply[5] + n
+  end
+  if s.tpm >= 0 then
+    window_add(s.tpm_key, bucket, n * r.tokens, s.tpm_swept)
+    reply[7] = reply[7] + n * r.tokens
+  end
+  if s.budget >= 0 then
+    hold(s, id, n * r.cost, bucket + LEASE_GRACE)
+    reply[9] = reply[9] - n * r.cost
+  end
+  reply[12], reply[13] = n, bucket
+end
+
 if op == 'reserve' then
   local out = {}
   for _, r in ipairs(requests) do
@@ -323,6 +392,7 @@ if op == 'reserve' then
     for i, s in ipairs(r.scopes) do
       if all_ok then
         apply(r, s, replies[i])
+        grant(r, s, replies[i])
       elseif replies[i][1] == 1 or replies[i][1] == 2 then
         replies[i][1] = 3
       end
@@ -374,6 +444,23 @@ for _, r in ipairs(requests) do
         sweep(s.res_key, s.lease_key)
         release(s.res_key, s.lease_key, r.id)
         add_spend(s, s.c, r.cost)
+      end
+    elseif op == 'return' then
+      local id, seq, granted, bucket, slots, tokens, unused, inflight = string.match(s.a,
+        '^([^:]+):(%d+):(%-?%d+):(%-?%d+):(%-?%d+):(%-?%d+):(%-?%d+):(%-?%d+)$')
+      local mark = s.prefix .. ':ret:' .. (id or '')
+      if id and tonumber(seq) > tonumber(redis.call('GET', mark) or '-1') then
+        redis.call('SET', mark, seq, 'EX', 3600)
+        granted, bucket = tonumber(granted), tonumber(bucket)
+        slots, tokens = tonumber(slots), tonumber(tokens)
+        if s.rpm >= 0 and slots ~= 0 and intact(s.rpm_key, granted) then window_add(s.rpm_key, bucket, -slots) end
+        if s.tpm >= 0 and tokens ~= 0 and intact(s.tpm_key, granted) then window_add(s.tpm_key, bucket, tokens) end
+        if s.budget >= 0 then
+          sweep(s.res_key, s.lease_key)
+          hold(s, id, tonumber(unused), nil)
+          hold(s, id .. ':f', tonumber(inflight), now + lease)
+          add_spend(s, s.c, r.cost)
+        end
       end
     elseif op == 'sync' then
       -- What a replica's fallback admitted while Redis was away, once per sync id.

@@ -10,6 +10,7 @@ mod downstream;
 mod errors;
 mod faults;
 mod integrity;
+mod leases;
 mod limits;
 mod load;
 mod observability;
