@@ -23,7 +23,8 @@ local function used(key)
   local total = 0
   for i = 1, #fields, 2 do
     local sec = tonumber(fields[i])
-    if sec and sec > now - WINDOW and sec <= now then
+    -- A second after now is a quota lease's slice, counted from its grant (scope.lua).
+    if sec and sec > now - WINDOW then
       total = total + tonumber(fields[i + 1])
     end
   end

@@ -105,6 +105,9 @@ pub struct GatewayConfig {
     /// How long a quota lease (a slice of a scope's limits this replica admits from without a
     /// Redis call) lasts, in milliseconds; 0: no leases, every limited request asks Redis.
     pub lease_slice_ms: u64,
+    /// true: each worker thread calls Redis over a connection of its own, on its own runtime
+    /// (one Redis node only); false: every call goes through one shared connection.
+    pub redis_worker_connections: bool,
     /// How often budgets in Redis are compared with PostgreSQL's rollups and raised where they
     /// missed spend; 0: never.
     pub budget_reconcile_seconds: u64,
@@ -162,6 +165,7 @@ impl Default for GatewayConfig {
             settlement_queue_capacity: 100_000,
             budget_reconcile_seconds: 60,
             lease_slice_ms: 1000,
+            redis_worker_connections: true,
             access_log: true,
             access_log_sample_rate: 1.0,
         }
@@ -207,6 +211,7 @@ pub const SPEC: ConfigSpec<'static> = ConfigSpec {
         ("EXPECTED_REPLICAS", "expected_replicas"),
         ("BUDGET_RECONCILE_SECONDS", "budget_reconcile_seconds"),
         ("LEASE_SLICE_MS", "lease_slice_ms"),
+        ("REDIS_WORKER_CONNECTIONS", "redis_worker_connections"),
         ("ACCESS_LOG", "access_log"),
         ("ACCESS_LOG_SAMPLE_RATE", "access_log_sample_rate"),
     ],

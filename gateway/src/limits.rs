@@ -150,6 +150,10 @@ pub fn settle(state: &GatewayState, reservation: Reservation, used: Option<(u64,
         // Charged in full: a budget can end over its limit by this one request's excess.
         state.metrics.reservation_overruns.inc();
     }
+    // Admitted from leases alone: settled in memory, with no task to spawn.
+    if state.limiter.limiter.settle_leased(&reservation, used) {
+        return;
+    }
     let handle = state.limiter.clone();
     state.support.spawn(async move {
         let _settling = handle.unsettled.begin();
@@ -237,13 +241,17 @@ impl LimiterHandle {
         ));
         let reconcile_spend = spend.clone();
         let book = leases.clone();
+        let per_worker = config.redis_worker_connections;
         let connect = move || {
             let (url, spend, observations, book) = (url.clone(), spend.clone(), observations.clone(), book.clone());
             async move {
                 // Connecting may take longer than a request's Redis budget.
                 let conn = RedisConn::connect(&url, Duration::from_secs(2)).await.map_err(|e| e.to_string())?;
-                let redis =
+                let mut redis =
                     RedisLimiter::new(conn, timeout, lease, 0, spend).with_observations(observations).with_leases(book);
+                if per_worker {
+                    redis = redis.with_worker_connections(&url);
+                }
                 match tokio::time::timeout(Duration::from_secs(2), redis.load_script()).await {
                     Ok(Ok(())) => Ok(Arc::new(redis)),
                     Ok(Err(e)) => Err(e.to_string()),

@@ -34,6 +34,9 @@ const MAX_SLOTS: u64 = 1024;
 pub const IDLE: Duration = Duration::from_millis(200);
 /// A live slice tells Redis what its requests settled at least this often.
 pub const REPORT_EVERY: Duration = Duration::from_millis(500);
+/// A slice with requests in flight tells Redis at least this often (Redis holds their budget
+/// for 10 s past the last word, so that a dead replica's claim goes soon).
+pub const KEEPALIVE: Duration = Duration::from_secs(2);
 /// An ask with no answer for this long no longer stops another.
 const ASK_STALE: Duration = Duration::from_secs(2);
 
@@ -400,8 +403,10 @@ impl LeaseBook {
                     out.push(r.clone());
                     continue;
                 }
-                let report = !slice.live || now.duration_since(slice.last_report) >= REPORT_EVERY;
-                if !(slice.dirty && report) {
+                let since = now.duration_since(slice.last_report);
+                let report = !slice.live || since >= REPORT_EVERY;
+                let keepalive = slice.inflight > 0 && since >= KEEPALIVE;
+                if !(slice.dirty && report || keepalive) {
                     continue;
                 }
                 slice.seq += 1;

@@ -2,12 +2,13 @@
 //! of a request in one pipeline, every call bounded by a short timeout.
 
 use std::{
+    cell::RefCell,
     collections::HashMap,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc, LazyLock,
+        Arc, LazyLock, OnceLock,
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use async_trait::async_trait;
@@ -99,7 +100,29 @@ pub struct RedisLimiter {
     coalescer: Option<mpsc::Sender<Pending>>,
     /// This replica's quota leases (off unless [`RedisLimiter::with_leases`]).
     leases: Arc<LeaseBook>,
+    /// Set: each thread that calls gets a connection and coalescer of its own, on its own
+    /// runtime (see [`RedisLimiter::with_worker_connections`]).
+    worker_url: Option<String>,
+    /// Tells this limiter's per-thread links from another's.
+    id: u64,
 }
+
+static NEXT_LIMITER: AtomicU64 = AtomicU64::new(0);
+
+/// A thread's own way to Redis for one limiter: its coalescer, once its connection is up.
+struct WorkerLink {
+    limiter: u64,
+    ready: Arc<OnceLock<mpsc::Sender<Pending>>>,
+    tried: Instant,
+}
+
+thread_local! {
+    static WORKER_LINKS: RefCell<Vec<WorkerLink>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A thread whose connection could not be made tries again after this long (meanwhile it uses
+/// the shared one).
+const WORKER_RETRY: Duration = Duration::from_secs(5);
 
 /// Script calls made to Redis (round trips), for the gateway's metrics.
 static ROUND_TRIPS: AtomicU64 = AtomicU64::new(0);
@@ -347,10 +370,14 @@ impl RedisLimiter {
             observations: Arc::default(),
             coalescer: None,
             leases: Arc::new(LeaseBook::off()),
+            worker_url: None,
+            id: NEXT_LIMITER.fetch_add(1, Ordering::Relaxed),
         };
         if let RedisConn::Single(_) = limiter.conn {
             let (tx, rx) = mpsc::channel(4096);
-            tokio::spawn(Coalescer { conn: limiter.conn.clone(), timeout, lease_secs, clock_offset_secs }.run(rx));
+            let shared =
+                Coalescer { conn: limiter.conn.clone(), timeout, lease_secs, clock_offset_secs, keepalive: false };
+            tokio::spawn(shared.run(rx));
             limiter.coalescer = Some(tx);
         }
         limiter
@@ -369,6 +396,53 @@ impl RedisLimiter {
 
     pub fn leases(&self) -> &LeaseBook {
         &self.leases
+    }
+
+    /// On one node: each thread that reserves (pingora's workers) gets its own connection to
+    /// `url` and its own coalescer, spawned on that thread's runtime, so that a limiter call
+    /// never leaves the worker's runtime (no wake-up of another runtime's thread, and back).
+    /// Until a thread's connection is up, and if it cannot be made, the shared one serves.
+    pub fn with_worker_connections(mut self, url: &str) -> Self {
+        self.worker_url = Some(url.to_string());
+        self
+    }
+
+    /// The coalescer for a call made on this thread (see [`RedisLimiter::with_worker_connections`]).
+    fn coalescer_here(&self) -> Option<mpsc::Sender<Pending>> {
+        let shared = self.coalescer.clone()?;
+        let Some(url) = &self.worker_url else { return Some(shared) };
+        let ready = WORKER_LINKS.with(|links| {
+            let mut links = links.borrow_mut();
+            links.retain(|l| !l.ready.get().is_some_and(|tx| tx.is_closed()));
+            if let Some(l) = links.iter_mut().find(|l| l.limiter == self.id) {
+                if l.ready.get().is_some() || l.tried.elapsed() < WORKER_RETRY {
+                    return l.ready.clone();
+                }
+                l.tried = Instant::now();
+            } else {
+                links.push(WorkerLink { limiter: self.id, ready: Arc::default(), tried: Instant::now() });
+            }
+            let link = links.iter().find(|l| l.limiter == self.id).map(|l| l.ready.clone()).unwrap_or_default();
+            let Ok(runtime) = tokio::runtime::Handle::try_current() else { return link };
+            let (url, ready) = (url.clone(), link.clone());
+            let (timeout, lease_secs, clock_offset_secs) = (self.timeout, self.lease_secs, self.clock_offset_secs);
+            runtime.spawn(async move {
+                match RedisConn::connect(&url, Duration::from_secs(2)).await {
+                    Ok(conn) => {
+                        let (tx, rx) = mpsc::channel(4096);
+                        if ready.set(tx).is_ok() {
+                            Coalescer { conn, timeout, lease_secs, clock_offset_secs, keepalive: true }.run(rx).await;
+                        }
+                    }
+                    Err(e) => tracing::debug!(error = %e, "worker's own redis connection failed; using the shared one"),
+                }
+            });
+            link
+        });
+        match ready.get() {
+            Some(tx) if !tx.is_closed() => Some(tx.clone()),
+            _ => Some(shared),
+        }
     }
 
     /// Tells Redis what became of the quota leases that are due (`all`: every one, at
@@ -465,7 +539,7 @@ impl RedisLimiter {
     /// One request's call, answered per scope. On one node it joins the coalescer's next batch;
     /// on a cluster each scope is its own call (one slot each), all at once.
     async fn call(&self, op: Op, call: Call) -> Result<Vec<ScopeReply>, LimiterError> {
-        if let Some(tx) = &self.coalescer {
+        if let Some(tx) = &self.coalescer_here() {
             let (done, answer) = oneshot::channel();
             tx.send(Pending { op, call, done }).await.map_err(|_| LimiterError::Protocol("limiter stopped".into()))?;
             return match tokio::time::timeout(self.timeout * 2, answer).await {
@@ -645,11 +719,31 @@ struct Coalescer {
     timeout: Duration,
     lease_secs: u64,
     clock_offset_secs: i64,
+    /// A worker's own connection PINGs Redis every second, as the heartbeat does on the shared
+    /// one: a Redis that restarted is found (and the connection made anew) by the PING, not by
+    /// the next request, which would fall back for a second.
+    keepalive: bool,
 }
+
+const KEEPALIVE_EVERY: Duration = Duration::from_secs(1);
 
 impl Coalescer {
     async fn run(self, mut rx: mpsc::Receiver<Pending>) {
-        while let Some(first) = rx.recv().await {
+        let mut idle = tokio::time::interval(KEEPALIVE_EVERY);
+        idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let first = tokio::select! {
+                p = rx.recv() => match p {
+                    Some(p) => p,
+                    None => return,
+                },
+                _ = idle.tick(), if self.keepalive => {
+                    let mut conn = self.conn.clone();
+                    let ping = redis::cmd("PING");
+                    let _ = bounded(self.timeout, async move { ping.query_async::<Value>(&mut conn).await }).await;
+                    continue;
+                }
+            };
             let mut batch = vec![first];
             while batch.len() < MAX_BATCH {
                 match rx.try_recv() {
@@ -735,7 +829,7 @@ impl RedisLimiter {
     async fn reserve_remote(&self, scopes: &[&Scope], demand: &Demand, plan: &Plan) -> Result<Admission, LimiterError> {
         let ask = |i: usize| plan.asks[i].as_ref().map(|(_, arg)| arg.clone()).unwrap_or_default();
         let no_seed = |i: usize, _: &Scope| (String::new(), ask(i), String::new());
-        let mut replies = self.call(Op::Reserve, self.call_for(&scopes, demand, no_seed)).await?;
+        let mut replies = self.call(Op::Reserve, self.call_for(scopes, demand, no_seed)).await?;
         expect_scopes(&replies, scopes.len())?;
         // Budgets Redis no longer holds are seeded from PostgreSQL's rollups, then reserved.
         let missing: Vec<usize> =
@@ -752,7 +846,7 @@ impl RedisLimiter {
                 let with_seeds = |i: usize, _: &Scope| {
                     (seeds.get(&i).map(|s| s.to_string()).unwrap_or_default(), ask(i), String::new())
                 };
-                replies = self.call(Op::Reserve, self.call_for(&scopes, demand, with_seeds)).await?;
+                replies = self.call(Op::Reserve, self.call_for(scopes, demand, with_seeds)).await?;
                 expect_scopes(&replies, scopes.len())?;
             } else {
                 // Cluster: each scope stands alone; reserve the seeded ones now.

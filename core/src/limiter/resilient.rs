@@ -235,6 +235,20 @@ fn stalled(elapsed: Duration, timeout: Duration) -> bool {
 }
 
 impl ResilientLimiter {
+    /// Settles (`Some((tokens, nano-USD))`) or releases (`None`) a reservation that was admitted
+    /// wholly from quota leases, here and now: no Redis call, nothing to wait for. Returns false
+    /// (and does nothing) for any other reservation.
+    pub fn settle_leased(&self, reservation: &Reservation, used: Option<(u64, i64)>) -> bool {
+        let leased = !reservation.local && reservation.held.iter().all(|h| h.lease.is_some());
+        match self.primary.get() {
+            Some(p) if leased => {
+                p.leases().settle(&reservation.held, &reservation.demand, used);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Sends again a Redis settlement (`Some(cost)`) or release (`None`) whose call failed.
     pub async fn resettle(&self, reservation: &Reservation, cost_nanos: Option<i64>) -> Result<(), LimiterError> {
         match self.usable_primary() {

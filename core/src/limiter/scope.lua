@@ -46,8 +46,8 @@
 -- Granted budget is a reservation "<lease id>" that expires LEASE_GRACE after the slice. `return`
 -- tells Redis what became of a lease: requests it did not use (or refunded) leave the window,
 -- settled token counts replace reserved ones, settled spend is added, and the reservations are
--- set to what is unused ("<lease id>") and in flight ("<lease id>:f", which gets the request
--- lease). Each return applies once, in order ("<prefix>:ret:<lease id>" holds the last seq).
+-- set to what is unused ("<lease id>") and in flight ("<lease id>:f", for INFLIGHT_TTL). Each
+-- return applies once, in order ("<prefix>:ret:<lease id>" holds the last seq).
 --
 -- reserve returns, per request, per scope, the 13 fields of `ScopeReply` (redis_limiter.rs, which
 -- documents each): {status, reason, now, period, rpm_used, rpm_reset, tpm_used, tpm_reset,
@@ -68,6 +68,9 @@ local WINDOW = 60
 local LEASE_SHARE = 4
 -- Seconds a lease's unused budget outlives its slice (the holder returns it before then).
 local LEASE_GRACE = 2
+-- Seconds a lease's in-flight budget outlives its holder's last return (at most the request
+-- lease); a live holder sends one at least every 2 s while it has requests in flight.
+local INFLIGHT_TTL = 10
 
 -- Civil date (proleptic Gregorian) of a day number since 1970-01-01.
 local function civil(days)
@@ -458,8 +461,11 @@ for _, r in ipairs(requests) do
         if s.budget >= 0 then
           sweep(s.res_key, s.lease_key)
           hold(s, id, tonumber(unused), nil)
-          hold(s, id .. ':f', tonumber(inflight), now + lease)
-          add_spend(s, s.c, r.cost)
+          hold(s, id .. ':f', tonumber(inflight), now + math.min(lease, INFLIGHT_TTL))
+          -- Spend goes to the budget the slice was carved from; one seeded since (Redis lost it)
+          -- was read from PostgreSQL, and the budget reconcile adds what its rows lacked.
+          local seeded = tonumber(redis.call('GET', s.prefix .. ':nb:' .. s.c .. ':seeded') or '0')
+          if seeded <= granted then add_spend(s, s.c, r.cost) end
         end
       end
     elseif op == 'sync' then

@@ -51,10 +51,10 @@ async fn lease_admissions(stack: &Stack, gateways: &[&Gateway]) -> f64 {
 #[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
 async fn three_leasing_replicas_never_admit_more_than_the_limit_in_any_sliding_minute(db: PgPool) {
     const RPM: usize = 150;
-    let stack = Stack::start(db).await;
+    let mut stack = Stack::start(db).await;
     let (key, key_id, _) = stack.ready_key("slide@example.com", &["m"]).await;
     stack.patch(&format!("/keys/{key_id}"), json!({"limits": {"rpm": RPM}})).await;
-    let (r2, r3) = (stack.replica(vec![]).await, stack.replica(vec![]).await);
+    let (mut r2, mut r3) = (stack.replica(vec![]).await, stack.replica(vec![]).await);
     let body = json!({"model": "m", "messages": user_msg("hi")});
     // 60 requests a second for 68 s against 150 a minute: the window fills within seconds, then
     // slides past its first minute while every replica keeps asking.
@@ -80,6 +80,10 @@ async fn three_leasing_replicas_never_admit_more_than_the_limit_in_any_sliding_m
     assert!(admitted > RPM, "the window slid: {admitted} admitted in 68 s");
     let leased = lease_admissions(&stack, &[&stack.gateway, &r2, &r3]).await;
     assert!(leased > 0.0, "replicas admitted from their slices");
+    // Busy replicas take a moment to drain: done before the test database is dropped.
+    for g in [&mut r2, &mut r3, &mut stack.gateway] {
+        g.terminate().await;
+    }
 }
 
 #[sqlx::test(migrator = "tollgate_core::MIGRATOR")]
