@@ -73,9 +73,23 @@ pub struct LeaseBook {
 struct ScopeBook {
     scope: Scope,
     live: Option<String>,
+    /// Granted while the live slice ran low: it serves once the live one cannot.
+    next: Option<String>,
+    /// Slots the ask in flight asked for.
+    wanted: u64,
     asking: Option<Instant>,
     rate: Arrivals,
     slices: HashMap<String, Slice>,
+}
+
+impl ScopeBook {
+    /// The slice waiting to take over becomes the live one (none if none waits).
+    fn promote(&mut self, now: Instant) {
+        self.live = self.next.take();
+        if let Some(next) = self.live.as_ref().and_then(|id| self.slices.get_mut(id)) {
+            next.last_take = now;
+        }
+    }
 }
 
 /// Requests seen in the current and the previous second.
@@ -109,6 +123,9 @@ struct Slice {
     expires: Instant,
     last_take: Instant,
     live: bool,
+    granted: u64,
+    /// Redis granted all that was asked: the scope is far from its limits.
+    whole: bool,
     slots_left: u64,
     tokens_left: u64,
     nanos_left: i64,
@@ -148,6 +165,19 @@ impl Slice {
         }
         (self.slots_left, self.tokens_left, self.nanos_left) = (0, 0, 0);
         self.dirty = true;
+    }
+
+    fn take(&mut self, demand: &Demand, now: Instant) {
+        self.slots_left -= 1;
+        if self.limits.tpm.is_some() {
+            self.tokens_left -= demand.tokens;
+        }
+        if self.limits.max_budget.is_some() {
+            self.nanos_left -= demand.cost_nanos;
+            self.inflight += demand.cost_nanos;
+        }
+        self.outstanding += 1;
+        self.last_take = now;
     }
 
     fn fits(&self, demand: &Demand, now: Instant) -> bool {
@@ -225,6 +255,8 @@ impl LeaseBook {
             let book = books.entry(scope.redis_prefix()).or_insert_with(|| ScopeBook {
                 scope: (*scope).clone(),
                 live: None,
+                next: None,
+                wanted: 0,
                 asking: None,
                 rate: Arrivals { since: now, this: 0, last: 0 },
                 slices: HashMap::new(),
@@ -233,19 +265,29 @@ impl LeaseBook {
             if book.scope.limits != scope.limits {
                 book.scope = (*scope).clone();
             }
-            let live = book.live.as_ref().and_then(|id| book.slices.get_mut(id));
-            match live {
-                Some(slice) if slice.limits == scope.limits && slice.fits(demand, now) => {
-                    slice.slots_left -= 1;
-                    if slice.limits.tpm.is_some() {
-                        slice.tokens_left -= demand.tokens;
+            let want = (book.rate.per_second() as u128 * self.slice.as_millis() / 1000) as u64;
+            let asking = book.asking.is_some_and(|at| now.duration_since(at) < ASK_STALE);
+            let may_ask = scope.limits.enforcement == Enforcement::Hard && want >= MIN_SLOTS && !asking;
+            // The live slice serves; one that can no longer is retired and the next takes over.
+            let (mut renew, mut taken) = (false, false);
+            if book.live.is_none() {
+                book.promote(now);
+            }
+            for _ in 0..2 {
+                let Some(slice) = book.live.as_ref().and_then(|id| book.slices.get_mut(id)) else { break };
+                if slice.limits == scope.limits && slice.fits(demand, now) {
+                    // Running low (a quarter left, in slots or time): this request asks Redis for
+                    // the next slice while the others keep taking from this one, so that the
+                    // scope never waits for a renewal with nothing in hand.
+                    // Only far from the limits (the last grant was whole): near them, two slices
+                    // per replica would leave more room stranded (see "Bounds").
+                    let low = slice.slots_left * 4 <= slice.granted || now + self.slice / 4 >= slice.expires;
+                    if low && slice.whole && book.next.is_none() && may_ask {
+                        renew = true;
+                        break;
                     }
-                    if slice.limits.max_budget.is_some() {
-                        slice.nanos_left -= demand.cost_nanos;
-                        slice.inflight += demand.cost_nanos;
-                    }
-                    slice.outstanding += 1;
-                    slice.last_take = now;
+                    slice.take(demand, now);
+                    taken = true;
                     plan.standing.tighten(
                         Reason::Rpm,
                         scope.limits.rpm,
@@ -264,19 +306,18 @@ impl LeaseBook {
                         period: slice.period.clone(),
                         lease: book.live.clone(),
                     });
-                    continue;
+                    break;
                 }
-                Some(slice) => {
-                    slice.retire();
-                    book.live = None;
-                }
-                None => {}
+                slice.retire();
+                book.promote(now);
+            }
+            if taken {
+                continue;
             }
             plan.remote.push(i);
-            let want = (book.rate.per_second() as u128 * self.slice.as_millis() / 1000) as u64;
-            let asking = book.asking.is_some_and(|at| now.duration_since(at) < ASK_STALE);
-            if scope.limits.enforcement == Enforcement::Hard && want >= MIN_SLOTS && !asking {
+            if may_ask && (book.live.is_none() || renew) {
                 book.asking = Some(now);
+                book.wanted = want.min(MAX_SLOTS);
                 let id = format!("{}-{}", self.replica, self.next_id.fetch_add(1, Ordering::Relaxed));
                 let arg = format!("{id}:{}:{}:{}", want.min(MAX_SLOTS), self.replicas(), self.slice.as_millis());
                 plan.asks.push(Some((id, arg)));
@@ -299,8 +340,15 @@ impl LeaseBook {
         if reply.lease_slots <= 0 {
             return;
         }
-        if let Some(old) = book.live.take().and_then(|id| book.slices.get_mut(&id)) {
+        // Asked while the live slice ran low: the new one waits for it (an older waiting one goes).
+        let serving = book.live.as_ref().and_then(|id| book.slices.get(id)).is_some_and(|s| s.live);
+        if let Some(old) = book.next.take().and_then(|id| book.slices.get_mut(&id)) {
             old.retire();
+        }
+        if !serving {
+            if let Some(old) = book.live.take().and_then(|id| book.slices.get_mut(&id)) {
+                old.retire();
+            }
         }
         let n = reply.lease_slots as u64;
         book.slices.insert(
@@ -314,6 +362,8 @@ impl LeaseBook {
                 expires: asked_at + self.slice,
                 last_take: Instant::now(),
                 live: true,
+                granted: n,
+                whole: n >= book.wanted,
                 slots_left: n,
                 tokens_left: n * demand.tokens,
                 nanos_left: n as i64 * demand.cost_nanos,
@@ -333,7 +383,11 @@ impl LeaseBook {
                 tpm_reset: reply.tpm_reset,
             },
         );
-        book.live = Some(lease.to_string());
+        if serving {
+            book.next = Some(lease.to_string());
+        } else {
+            book.live = Some(lease.to_string());
+        }
         self.stats.grants.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -392,11 +446,23 @@ impl LeaseBook {
         let mut out = Vec::new();
         let mut books = crate::sync::lock(&self.scopes);
         books.retain(|_, book| {
+            // A live slice that expired or went idle hands over to the one waiting, if any.
+            let spent = |s: &Slice| all || now >= s.expires || now.duration_since(s.last_take) >= IDLE;
+            if let Some(live) = book.live.as_ref().and_then(|id| book.slices.get_mut(id)).filter(|s| spent(s)) {
+                live.retire();
+                book.promote(now);
+            }
             for (id, slice) in book.slices.iter_mut() {
-                if slice.live && (all || now >= slice.expires || now.duration_since(slice.last_take) >= IDLE) {
+                // A slice waiting to take over is not idle.
+                let waiting = book.live.is_some() && book.next.as_deref() == Some(id.as_str());
+                let idle = !waiting && now.duration_since(slice.last_take) >= IDLE;
+                if slice.live && (all || now >= slice.expires || idle) {
                     slice.retire();
                     if book.live.as_deref() == Some(id.as_str()) {
                         book.live = None;
+                    }
+                    if book.next.as_deref() == Some(id.as_str()) {
+                        book.next = None;
                     }
                 }
                 if let Some(r) = &slice.sending {
@@ -523,6 +589,28 @@ mod tests {
         }
         assert_eq!(book.plan(&[&s], &demand(20)).remote, vec![0], "used up");
         assert_eq!(book.stats.admissions.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn a_slice_running_low_asks_for_the_next_one_which_takes_over_when_it_is_used_up() {
+        let book = LeaseBook::new(Duration::from_secs(1), Arc::default(), 1);
+        let s = scope(1000);
+        for n in 0..MIN_SLOTS as u32 {
+            book.plan(&[&s], &demand(n));
+        }
+        book.answered(&s, "first", &granted(8), &demand(0), Instant::now());
+        for n in 0..6 {
+            assert!(book.plan(&[&s], &demand(10 + n)).remote.is_empty());
+        }
+        // A quarter left: this request goes to Redis with an ask; the others keep taking.
+        let asking = book.plan(&[&s], &demand(20));
+        assert_eq!(asking.remote, vec![0]);
+        let (next, _) = asking.asks[0].clone().expect("asks for the next slice");
+        book.answered(&s, &next, &granted(8), &demand(0), Instant::now());
+        let leases: Vec<String> = (0..4)
+            .map(|n| book.plan(&[&s], &demand(30 + n)).held.first().and_then(|h| h.lease.clone()).unwrap_or_default())
+            .collect();
+        assert_eq!(leases, ["first", "first", next.as_str(), next.as_str()], "the live one's last two, then the next");
     }
 
     #[test]
