@@ -66,7 +66,7 @@ pub struct LeaseBook {
     next_id: AtomicU64,
     live_replicas: Arc<AtomicU32>,
     expected_replicas: u32,
-    scopes: Mutex<HashMap<String, ScopeBook>>,
+    scopes: Mutex<HashMap<(ScopeKind, uuid::Uuid), ScopeBook>>,
     pub stats: LeaseStats,
 }
 
@@ -80,6 +80,11 @@ struct ScopeBook {
     asking: Option<Instant>,
     rate: Arrivals,
     slices: HashMap<String, Slice>,
+}
+
+/// A scope's entry in the book: its kind and id (no string built per request).
+fn book_key(scope: &Scope) -> (ScopeKind, uuid::Uuid) {
+    (scope.kind, scope.id)
 }
 
 impl ScopeBook {
@@ -252,7 +257,7 @@ impl LeaseBook {
         let now = Instant::now();
         let mut books = crate::sync::lock(&self.scopes);
         for (i, scope) in scopes.iter().enumerate() {
-            let book = books.entry(scope.redis_prefix()).or_insert_with(|| ScopeBook {
+            let book = books.entry(book_key(scope)).or_insert_with(|| ScopeBook {
                 scope: (*scope).clone(),
                 live: None,
                 next: None,
@@ -335,7 +340,7 @@ impl LeaseBook {
     /// Redis answered an ask: a granted slice becomes the scope's live one.
     pub fn answered(&self, scope: &Scope, lease: &str, reply: &ScopeReply, demand: &Demand, asked_at: Instant) {
         let mut books = crate::sync::lock(&self.scopes);
-        let Some(book) = books.get_mut(&scope.redis_prefix()) else { return };
+        let Some(book) = books.get_mut(&book_key(scope)) else { return };
         book.asking = None;
         if reply.lease_slots <= 0 {
             return;
@@ -396,7 +401,7 @@ impl LeaseBook {
         let mut books = crate::sync::lock(&self.scopes);
         for (&i, ask) in plan.remote.iter().zip(&plan.asks) {
             if ask.is_some() {
-                if let Some(book) = books.get_mut(&scopes[i].redis_prefix()) {
+                if let Some(book) = books.get_mut(&book_key(scopes[i])) {
                     book.asking = None;
                 }
             }
@@ -413,7 +418,7 @@ impl LeaseBook {
         let mut books = crate::sync::lock(&self.scopes);
         for h in held {
             let Some(lease) = &h.lease else { continue };
-            let Some(slice) = books.get_mut(&h.scope.redis_prefix()).and_then(|b| b.slices.get_mut(lease)) else {
+            let Some(slice) = books.get_mut(&book_key(&h.scope)).and_then(|b| b.slices.get_mut(lease)) else {
                 continue;
             };
             let l = &slice.limits;
@@ -513,7 +518,7 @@ impl LeaseBook {
         }
         let mut books = crate::sync::lock(&self.scopes);
         for r in returns {
-            let Some(book) = books.get_mut(&r.scope.redis_prefix()) else { continue };
+            let Some(book) = books.get_mut(&book_key(&r.scope)) else { continue };
             let Some(slice) = book.slices.get_mut(&r.lease) else { continue };
             if slice.sending.as_ref().is_some_and(|s| s.request_id == r.request_id) {
                 slice.sending = None;
@@ -611,6 +616,23 @@ mod tests {
             .map(|n| book.plan(&[&s], &demand(30 + n)).held.first().and_then(|h| h.lease.clone()).unwrap_or_default())
             .collect();
         assert_eq!(leases, ["first", "first", next.as_str(), next.as_str()], "the live one's last two, then the next");
+    }
+
+    #[test]
+    fn a_request_larger_than_the_slice_holds_never_takes_from_it() {
+        let book = LeaseBook::new(Duration::from_secs(1), Arc::default(), 1);
+        let s = Scope { limits: Limits { tpm: Some(1_000_000), ..scope(1000).limits }, ..scope(1000) };
+        book.plan(&[&s], &demand(0));
+        // Sized by 10-token requests: 5 slots, 50 tokens.
+        book.answered(&s, "small", &granted(5), &demand(0), Instant::now());
+        let big = Demand { request_id: "big".into(), tokens: 51, cost_nanos: 0 };
+        let plan = book.plan(&[&s], &big);
+        assert_eq!(plan.remote, vec![0], "51 tokens do not fit 50: Redis judges it");
+        assert!(plan.held.is_empty());
+        // The slice retired: its 5 slots and 50 tokens go back, nothing was taken from it.
+        let returns = book.due(false);
+        assert_eq!(returns.len(), 1);
+        assert_eq!(returns[0].fields, "small:1:100:101:5:-50:0:0");
     }
 
     #[test]
